@@ -1,0 +1,50 @@
+"""Backend choice shared by every op: Triton where it can run, the torch path elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("triton", "torch")
+
+
+def triton_interpret() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, read at import of triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_backend(x: torch.Tensor, backend: Optional[str]) -> str:
+    """Pick the backend for an op whose main input is ``x``.
+
+    ``backend=None`` means: Triton for CUDA tensors, and for CPU tensors when the Triton
+    interpreter is on (that is how CI exercises the kernels); the torch path otherwise.
+    ``"triton"`` / ``"torch"`` force one; forcing Triton where it cannot run is an error.
+    The environment variable ``FLEXLORA_BACKEND`` ("triton" / "torch") sets the default that
+    ``None`` resolves to (the test-suite uses it to keep model-level tests off the slow
+    interpreter while kernel tests force ``backend="triton"``).
+    """
+    if backend is None:
+        backend = os.environ.get("FLEXLORA_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    can_triton = triton_available() and (x.is_cuda or (x.device.type == "cpu" and triton_interpret()))
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not can_triton:
+            raise RuntimeError(
+                "backend='triton' needs triton installed and a CUDA tensor, or TRITON_INTERPRET=1 "
+                f"for CPU tensors (got a {x.device.type} tensor, triton installed: {triton_available()}, "
+                f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
+            )
+        return "triton"
+    return "triton" if can_triton else "torch"

@@ -1,0 +1,149 @@
+"""`FlexLinear`: a drop-in `nn.Linear` with a FlexLoRA adapter over a max-rank buffer.
+
+ΔW = s·P·diag(λ⊙mask)·Q with P [out, r_max], λ [r_max], Q [r_max, in] allocated once; a rank
+change flips ``mask`` (a bool buffer), so parameters, optimizer state and compiled graphs stay
+valid. The scaling s = alpha / r_init is fixed for the module's life: rescaling by the current
+rank (as plain LoRA would) moves the output at every rank change and hurts (AdaLoRA and the
+authors' code keep it fixed too).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.flex_linear import flex_linear
+
+
+class FlexLinear(nn.Module):
+    """``y = x Wᵀ + b + s·((dropout(x) Qᵀ) ⊙ (λ⊙mask)) Pᵀ``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        r_max: buffer rank (>= 1); r_init: slots active at start (0..r_max, the first ones).
+        alpha: s = alpha / r_init (alpha when r_init = 0).
+        bias: whether the base layer has a bias.
+        dropout: dropout probability on the adapter input.
+        init_std: std of the Gaussian init of P and Q (λ starts at 0, so the output equals the
+            base layer's at init).
+        device, dtype: of the base weight; adapter parameters are float32 unless
+            ``adapter_dtype`` says otherwise.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r_max: int,
+        r_init: int,
+        alpha: float,
+        bias: bool = True,
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+        device=None,
+        dtype=None,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_adapter(base.weight, base.bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r_max: int,
+        r_init: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> "FlexLinear":
+        """Wrap an existing ``nn.Linear``: its weight and bias tensors are reused (frozen, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FlexLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_adapter(linear.weight, linear.bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype)
+        return self
+
+    def _init_adapter(self, weight, bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype) -> None:
+        _check_args(r_max, r_init, alpha, dropout, init_std)
+        out_features, in_features = weight.shape
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r_max = int(r_max)
+        self.r_init = int(r_init)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r_init if self.r_init > 0 else self.alpha
+        self.init_std = float(init_std)
+        self.merged = False
+
+        weight.requires_grad_(False)
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            bias.requires_grad_(False)
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+        dev = weight.device
+        adt = adapter_dtype or torch.float32
+        self.P = nn.Parameter(torch.randn(out_features, r_max, device=dev, dtype=adt) * init_std)
+        self.lam = nn.Parameter(torch.zeros(r_max, device=dev, dtype=adt))
+        self.Q = nn.Parameter(torch.randn(r_max, in_features, device=dev, dtype=adt) * init_std)
+        mask = torch.zeros(r_max, dtype=torch.bool, device=dev)
+        mask[: self.r_init] = True
+        self.register_buffer("mask", mask)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        """Number of active slots (a host sync on GPU)."""
+        return int(self.mask.sum().item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features], in x's dtype."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"FlexLinear expects a floating-point input, got dtype {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FlexLinear expected input with last dimension in_features={self.in_features}, "
+                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        return flex_linear(
+            x, self.weight, self.bias, self.P, self.lam, self.Q, self.mask, self.scaling, x_lora=x_lora
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·P·diag(λ⊙mask)·Q: [out_features, in_features], in the adapter dtype."""
+        g = self.lam * self.mask.to(self.lam.dtype) * self.scaling
+        return (self.P * g) @ self.Q
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, r_max={self.r_max}, bias={self.bias is not None}"
+        )
+
+
+def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(r_max) or r_max < 1:
+        raise ValueError(f"FlexLinear: r_max must be an int >= 1, got {r_max!r}")
+    if not is_int(r_init) or not 0 <= r_init <= r_max:
+        raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"FlexLinear: alpha must be a number > 0, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"FlexLinear: dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(init_std, (int, float)) or init_std <= 0:
+        raise ValueError(f"FlexLinear: init_std must be a number > 0, got {init_std!r}")
