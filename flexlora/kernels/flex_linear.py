@@ -53,54 +53,73 @@ def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tens
     return g * scaling
 
 
+def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
+    """Torch-path forward on 2-D inputs.
+
+    x2: [M, K]; xl2: [M, K] or None (then x2 feeds the adapter); weight: [N, K]; bias: [N] or
+    None; P: [N, R]; lam, mask: [R]; Q: [R, K]; scaling: float or 0-d tensor.
+    Returns (y [M, N] in x2's dtype, u = xl2·Qᵀ [M, R], saved for backward).
+    """
+    dt = x2.dtype
+    xl = x2 if xl2 is None else xl2
+    g = _gate(lam, mask, scaling)
+    u = xl @ Q.to(dt).t()  # [M, R]
+    y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
+    y.addmm_(u * g.to(dt), P.to(dt).t())
+    return y, u
+
+
+def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
+    """Torch-path backward on 2-D inputs.
+
+    dy: [M, N]; the other tensors as in :func:`_torch_fwd` (u from it); needs: 7 bools, whether
+    a gradient is wanted for (x, x_lora, weight, bias, P, lam, Q).
+    Returns (dx, dx_lora, dweight, dbias, dP, dlam, dQ), None where not needed.
+    """
+    s = scaling
+    dt = dy.dtype
+    xl = x2 if xl2 is None else xl2
+    maskf = mask.to(lam.dtype)
+    g = (lam * maskf * s).to(dt)
+    dy = dy.contiguous()
+    dv = dy @ P.to(dt)  # [M, R]
+    dvg = dv * g
+    dx = dxl = dW = db = dP = dlam = dQ = None
+    if needs[0]:
+        dx = dy @ weight.to(dt)
+        if xl2 is None:
+            dx.addmm_(dvg, Q.to(dt))
+    if needs[1] and xl2 is not None:
+        dxl = dvg @ Q.to(dt)
+    if needs[2]:
+        dW = (dy.t() @ x2).to(weight.dtype)
+    if needs[3]:
+        db = dy.sum(0).to(weight.dtype)
+    if needs[4]:
+        dP = (dy.t() @ (u * g)).to(P.dtype)
+    if needs[5]:
+        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j], reduced in fp32 for low-precision inputs.
+        dlam = ((u.float() * dv.float()).sum(0) * (maskf.float() * s)).to(lam.dtype)
+    if needs[6]:
+        dQ = (dvg.t() @ xl).to(Q.dtype)
+    return dx, dxl, dW, db, dP, dlam, dQ
+
+
 class _FlexLinearTorch(torch.autograd.Function):
     """Torch-path autograd for 2-D inputs. Saves x, x_lora and u = x_lora Qᵀ ([M, R]), nothing [M, N]."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, P, lam, Q, mask, scaling):
-        dt = x.dtype
-        xl = x if x_lora is None else x_lora
-        g = _gate(lam, mask, scaling)
-        Pc, Qc = P.to(dt), Q.to(dt)
-        u = xl @ Qc.t()  # [M, R]
-        y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
-        y.addmm_(u * g.to(dt), Pc.t())
+        y, u = _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, scaling)
         ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, u)
         ctx.scaling = scaling
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, x_lora, weight, P, lam, Q, mask, u = ctx.saved_tensors
-        s = ctx.scaling
-        dt = dy.dtype
-        xl = x if x_lora is None else x_lora
-        maskf = mask.to(lam.dtype)
-        g = (lam * maskf * s).to(dt)
-        dy = dy.contiguous()
-        dv = dy @ P.to(dt)  # [M, R]
-        dvg = dv * g
-        needs = ctx.needs_input_grad
-        dx = dxl = dW = db = dP = dlam = dQ = None
-        if needs[0]:
-            dx = dy @ weight.to(dt)
-            if x_lora is None:
-                dx.addmm_(dvg, Q.to(dt))
-        if needs[1]:
-            dxl = dvg @ Q.to(dt)
-        if needs[2]:
-            dW = (dy.t() @ x).to(weight.dtype)
-        if ctx.has_bias and needs[3]:
-            db = dy.sum(0).to(weight.dtype if True else dt)
-        if needs[4]:
-            dP = (dy.t() @ (u * g)).to(P.dtype)
-        if needs[5]:
-            # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j], reduced in fp32 for low-precision inputs.
-            dlam = ((u.float() * dv.float()).sum(0) * (maskf.float() * s)).to(lam.dtype)
-        if needs[6]:
-            dQ = (dvg.t() @ xl).to(Q.dtype)
-        return dx, dxl, dW, db, dP, dlam, dQ, None, None
+        grads = _torch_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, ctx.scaling, ctx.needs_input_grad[:7])
+        return (*grads, None, None)
 
 
 def flex_linear_torch(
