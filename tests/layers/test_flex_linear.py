@@ -1,0 +1,224 @@
+"""FlexLinear against a float64 reference written from the math (not from the layer)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from flexlora import FlexLinear
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reference(x, W, b, P, lam, Q, mask, s, x_lora=None):
+    """float64: y = x Wᵀ + b + s·((x_lora Qᵀ) ⊙ (λ⊙mask)) Pᵀ, written out term by term."""
+    x, W, P, lam, Q = (t.double() for t in (x, W, P, lam, Q))
+    xl = x if x_lora is None else x_lora.double()
+    y = torch.einsum("...k,nk->...n", x, W)
+    if b is not None:
+        y = y + b.double()
+    g = lam * mask.double() * s
+    u = torch.einsum("...k,rk->...r", xl, Q)
+    return y + torch.einsum("...r,nr->...n", u * g, P)
+
+
+def make_layer(K, N, r_max, r_init, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = FlexLinear(K, N, r_max=r_max, r_init=r_init, alpha=2.0 * max(r_init, 1), bias=bias, dtype=dtype)
+    with torch.no_grad():  # non-zero λ so the adapter term and every gradient are exercised
+        layer.lam.normal_()
+        layer.P.normal_()
+        layer.Q.normal_()
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+def set_mask(layer, kind, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    R = layer.r_max
+    if kind == "on":
+        m = torch.ones(R, dtype=torch.bool)
+    elif kind == "off":
+        m = torch.zeros(R, dtype=torch.bool)
+    else:
+        m = torch.rand(R, generator=g) < 0.5
+        m[0], m[-1] = True, False if R > 1 else True
+    layer.mask.copy_(m)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+SHAPES = [  # (leading dims, K, N, r_max)
+    ((1,), 7, 5, 4),
+    ((13,), 70, 45, 8),
+    ((2, 3), 33, 17, 6),
+    ((4,), 16, 64, 1),
+]
+
+
+def shape_id(s):
+    lead, K, N, R = s
+    return f"M{'x'.join(map(str, lead))}-K{K}-N{N}-r{R}"
+
+
+@pytest.mark.parametrize("mask_kind", ["on", "mixed", "off"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_forward_and_grads_match_float64(shape, mask_kind, dname):
+    lead, K, N, R = shape
+    dtype = DTYPES[dname]
+    layer = make_layer(K, N, R, R // 2 or 1, dtype)
+    set_mask(layer, mask_kind)
+    x = torch.randn(*lead, K, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    # float64 reference and its gradients (autograd over the reference expression)
+    x64 = x.detach().double().requires_grad_()
+    P64, lam64, Q64 = (t.detach().double().requires_grad_() for t in (layer.P, layer.lam, layer.Q))
+    y64 = reference(x64, layer.weight, layer.bias, P64, lam64, Q64, layer.mask, layer.scaling)
+    y64.backward(dy.double())
+
+    # plain PyTorch in the same dtype (autograd over the naive expression): the error budget
+    # for low precision is 2x its error against float64, plus a small floor.
+    xp = x.detach().clone().requires_grad_()
+    Pp, lamp, Qp = (t.detach().clone().requires_grad_() for t in (layer.P, layer.lam, layer.Q))
+    g = (lamp * layer.mask * layer.scaling).to(dtype)
+    y_plain = xp @ layer.weight.t() + layer.bias + ((xp @ Qp.to(dtype).t()) * g) @ Pp.to(dtype).t()
+    y_plain.backward(dy)
+
+    def budget(plain, want):
+        if dtype == torch.float32:
+            return 1e-5
+        return 2 * rel_err(plain, want) + 2e-3
+
+    tol = budget(y_plain, y64)
+    assert rel_err(y, y64) <= tol, f"forward rel err {rel_err(y, y64):.3g} > {tol:.3g}"
+    for name, got, plain, want in [
+        ("x", x.grad, xp.grad, x64.grad),
+        ("P", layer.P.grad, Pp.grad, P64.grad),
+        ("lam", layer.lam.grad, lamp.grad, lam64.grad),
+        ("Q", layer.Q.grad, Qp.grad, Q64.grad),
+    ]:
+        assert got.dtype == (dtype if name == "x" else torch.float32)
+        if want.abs().max() == 0:
+            assert torch.count_nonzero(got) == 0, f"d{name} should be exactly zero"
+        else:
+            tol = budget(plain, want)
+            assert rel_err(got, want) <= tol, f"d{name} rel err {rel_err(got, want):.3g} > {tol:.3g}"
+    inactive = ~layer.mask
+    assert torch.count_nonzero(layer.P.grad[:, inactive]) == 0
+    assert torch.count_nonzero(layer.lam.grad[inactive]) == 0
+    assert torch.count_nonzero(layer.Q.grad[inactive, :]) == 0
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_output_equals_base_at_init(dname):
+    dtype = DTYPES[dname]
+    torch.manual_seed(0)
+    base = nn.Linear(37, 23, dtype=dtype)
+    layer = FlexLinear.from_linear(base, r_max=8, r_init=4, alpha=8.0)
+    x = torch.randn(3, 5, 37, dtype=dtype)
+    assert torch.equal(layer(x), base(x))
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad
+    assert layer.P.dtype == torch.float32 and torch.count_nonzero(layer.lam) == 0
+
+
+def test_from_linear_reuses_storage_and_shapes():
+    base = nn.Linear(11, 9, bias=False)
+    ptr = base.weight.data_ptr()
+    layer = FlexLinear.from_linear(base, r_max=6, r_init=2, alpha=4.0)
+    assert layer.weight.data_ptr() == ptr and layer.bias is None
+    assert layer.P.shape == (9, 6) and layer.lam.shape == (6,) and layer.Q.shape == (6, 11)
+    assert layer.mask.dtype == torch.bool and layer.mask.tolist() == [True, True, False, False, False, False]
+    assert layer.rank == 2 and layer.scaling == 2.0
+    assert "rank=2" in repr(layer) and "r_max=6" in repr(layer)
+
+
+def test_delta_weight_matches_reference():
+    layer = make_layer(10, 7, 5, 3, torch.float32)
+    set_mask(layer, "mixed")
+    want = (layer.P.double() * (layer.lam.double() * layer.mask.double() * layer.scaling)) @ layer.Q.double()
+    got = layer.delta_weight()
+    assert got.shape == (7, 10)
+    assert rel_err(got, want) < 1e-6
+    # ΔW is the whole adapter: base + ΔW reproduces the layer's output
+    x = torch.randn(4, 10, dtype=torch.float64)
+    y = x @ (layer.weight.double() + want).t() + layer.bias.double()
+    assert rel_err(layer(x.float()), y) < 1e-5
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = FlexLinear(6, 5, r_max=4, r_init=3, alpha=3.0, dtype=torch.float64, adapter_dtype=torch.float64)
+    with torch.no_grad():
+        layer.lam.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, P, lam, Q):
+        return torch.func.functional_call(layer, {"P": P, "lam": lam, "Q": Q}, (x,))
+
+    params = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in ("P", "lam", "Q"))
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_dropout_applies_to_adapter_branch_only():
+    layer = make_layer(12, 8, 4, 4, torch.float32)
+    layer.dropout = nn.Dropout(0.5)
+    x = torch.randn(6, 12)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    x_drop = nn.functional.dropout(x, 0.5, training=True)
+    want = reference(x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.mask, layer.scaling, x_lora=x_drop)
+    assert rel_err(y, want) < 1e-5
+    layer.eval()
+    want_eval = reference(x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.mask, layer.scaling)
+    assert rel_err(layer(x), want_eval) < 1e-5
+
+
+def test_non_contiguous_input():
+    layer = make_layer(9, 4, 3, 3, torch.float32)
+    x = torch.randn(9, 5).t()  # [5, 9], not contiguous
+    assert not x.is_contiguous()
+    want = reference(x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.mask, layer.scaling)
+    assert rel_err(layer(x), want) < 1e-6
+
+
+def test_bad_input_errors():
+    layer = FlexLinear(8, 4, r_max=4, r_init=2, alpha=4.0)
+    with pytest.raises(ValueError, match=r"in_features=8, got 7"):
+        layer(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r_max=4, r_init=5), "r_init"),
+        (dict(r_max=0, r_init=0), "r_max"),
+        (dict(r_max=4, r_init=2, alpha=0.0), "alpha"),
+        (dict(r_max=4, r_init=2, dropout=1.0), "dropout"),
+        (dict(r_max=4, r_init=2, init_std=-1.0), "init_std"),
+    ],
+    ids=["r_init>r_max", "r_max<1", "alpha0", "dropout1", "init_std<0"],
+)
+def test_bad_constructor_args(kwargs, match):
+    kw = dict(alpha=4.0)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        FlexLinear(8, 4, **kw)
+
+
+def test_merged_flag_skips_adapter():
+    layer = make_layer(6, 3, 2, 2, torch.float32)
+    x = torch.randn(2, 6)
+    layer.merged = True
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))

@@ -1,0 +1,60 @@
+import dataclasses
+import json
+
+import pytest
+
+from flexlora import FlexLoRAConfig
+
+
+def test_defaults_are_valid_and_roundtrip_json():
+    c = FlexLoRAConfig()
+    assert c.r_init <= c.r_max and c.scaling == c.alpha / c.r_init
+    d = json.loads(json.dumps(c.to_dict()))
+    assert FlexLoRAConfig.from_dict(d) == c
+
+
+def test_every_field_has_help():
+    for f in dataclasses.fields(FlexLoRAConfig):
+        assert f.metadata.get("help"), f.name
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(r_init=9, r_max=8), "r_init"),
+        (dict(r_max=0, r_init=0), "r_max"),
+        (dict(r_max=2.5), "r_max"),
+        (dict(alpha=0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(init_std=0.0), "init_std"),
+        (dict(target_modules=[]), "target_modules"),
+        (dict(target_modules=""), "target_modules"),
+        (dict(r_min=5, r_init=4), "r_min"),
+        (dict(total_steps=0), "total_steps"),
+        (dict(t_warmup=800, t_final=200, total_steps=1000), "t_warmup"),
+        (dict(delta_t=0), "delta_t"),
+        (dict(b0=-1), "b0"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(importance="magic"), "importance"),
+        (dict(allocation_mode="grow"), "allocation_mode"),
+        (dict(expand_init="ones"), "expand_init"),
+        (dict(orth_reg=-0.1), "orth_reg"),
+        (dict(sensitivity_beta=1.0), "sensitivity_beta"),
+        (dict(entropy_eps=0.0), "entropy_eps"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_fields_name_the_field_and_range(kwargs, field):
+    with pytest.raises(ValueError, match=rf"FlexLoRAConfig\.{field} must be"):
+        FlexLoRAConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown fields.*'rank'"):
+        FlexLoRAConfig.from_dict({"rank": 8})
+
+
+def test_zero_initial_rank_scaling_is_alpha():
+    c = FlexLoRAConfig(r_init=0, r_min=0, alpha=4.0)
+    assert c.scaling == 4.0
