@@ -1,0 +1,113 @@
+"""Write a whole directory so that a failed save never destroys the previous one.
+
+Every file is written into a fresh temporary directory beside the target (same filesystem, so
+renames are atomic), fsynced, and only then swapped in place of the target. On Linux the swap is one
+``renameat2(RENAME_EXCHANGE)`` call, atomic even against a crash; elsewhere it is two renames
+(target -> backup, temp -> target) with the backup renamed back if the second one fails, so only a
+process kill in the microseconds between them can leave the target missing (the backup, a hidden
+``.<name>.old-*`` sibling, then still holds the previous save).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories: best effort, not every OS allows it)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False when unsupported."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _check_target(target: Path, owned_files: Iterable[str]) -> None:
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save to {str(target)!r}: it exists and is not a directory")
+    parent = target.parent
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot save to {str(target)!r}: directory {str(parent)!r} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_directory(target, owned_files: Iterable[str]) -> Iterator[Path]:
+    """Context manager yielding a temporary directory to fill; on normal exit it replaces ``target``.
+
+    Files of an existing ``target`` whose names are not in ``owned_files`` (a user's notes, a plot)
+    are carried over into the new directory; the owned ones are replaced or dropped. On an
+    exception inside the block the temporary directory is removed and ``target`` is untouched.
+    """
+    target = Path(target).absolute()
+    owned = set(owned_files)
+    _check_target(target, owned)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise OSError(f"cannot save to {str(target)!r}: {e.strerror or e}") from e
+    try:
+        yield tmp
+        if target.is_dir():
+            for entry in target.iterdir():
+                if entry.name in owned or (tmp / entry.name).exists():
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    try:
+                        os.link(entry, tmp / entry.name)
+                    except OSError:
+                        shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        if target.is_dir() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous save
+        elif target.is_dir():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(backup)
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

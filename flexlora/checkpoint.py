@@ -1,0 +1,426 @@
+"""Variable-rank adapters on disk: `save_adapter` / `load_adapter`, and exact training resume with
+`save_checkpoint` / `load_checkpoint`.
+
+An adapter directory holds
+
+- ``adapter_model.safetensors``: for every FlexLinear ``<name>``, the full r_max buffers
+  ``<name>.P`` [out, r_max], ``<name>.lam`` [r_max], ``<name>.Q`` [r_max, in] and ``<name>.mask``
+  [r_max] bool (inactive slots too, so training resumes with the exact same state), plus the
+  state of every ``modules_to_save`` module under ``modules_to_save.<name>.<key>``;
+- ``flexlora_config.json``: the FlexLoRAConfig, library version, and per module the rank, r_max,
+  r_init, alpha, scaling and in/out features;
+- ``allocator_state.pt`` (only when an allocator is given): ``RankAllocator.state_dict()``.
+
+A checkpoint directory holds the same plus ``training_state.pt`` (optimizer, LR scheduler, step,
+RNG states of torch CPU/CUDA, python ``random`` and numpy).
+
+Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ._atomic import atomic_directory
+from .config import FlexLoRAConfig
+from .layers.flex_linear import FlexLinear
+from .layers.wrap import flex_modules, name_matches, wrap
+from .version import __version__
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "flexlora_config.json"
+ALLOCATOR_NAME = "allocator_state.pt"
+TRAINING_STATE_NAME = "training_state.pt"
+FORMAT_VERSION = 1
+_OWNED = (WEIGHTS_NAME, CONFIG_NAME, ALLOCATOR_NAME, TRAINING_STATE_NAME)
+_SLOT_TENSORS = ("P", "lam", "Q", "mask")
+_SAVE_PREFIX = "modules_to_save."
+
+
+# --------------------------------------------------------------------------------------------
+# what is saved
+# --------------------------------------------------------------------------------------------
+
+
+def _model_config(model: nn.Module) -> FlexLoRAConfig:
+    cfg = getattr(model, "flexlora_config", None)
+    if not isinstance(cfg, FlexLoRAConfig):
+        raise ValueError(
+            "model is not wrapped by flexlora (no model.flexlora_config); call flexlora.wrap(model, config) first"
+        )
+    return cfg
+
+
+def _saved_modules(model: nn.Module, cfg: FlexLoRAConfig) -> List[Tuple[str, nn.Module]]:
+    if not cfg.modules_to_save:
+        return []
+    return [(n, m) for n, m in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
+
+
+def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """State of a modules_to_save module, without the frozen base weights of FlexLinears inside it
+    (those belong to the base model, not to the adapter)."""
+    skip = set()
+    for sub_name, sub in module.named_modules():
+        if isinstance(sub, FlexLinear):
+            pre = f"{sub_name}." if sub_name else ""
+            skip |= {pre + k for k in ("weight", "bias", *_SLOT_TENSORS)}
+    return {k: v for k, v in module.state_dict().items() if k not in skip}
+
+
+def _base_name(model: nn.Module) -> Optional[str]:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.Tensor]:
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, m in flex_modules(model):
+        for key in _SLOT_TENSORS:
+            tensors[f"{name}.{key}"] = getattr(m, key).detach().to("cpu").contiguous()
+    for name, m in _saved_modules(model, cfg):
+        for key, t in _module_state(m).items():
+            tensors[f"{_SAVE_PREFIX}{name}.{key}"] = t.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _adapter_meta(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, Any]:
+    mods = flex_modules(model)
+    ranks = torch.stack([m.mask.sum() for _, m in mods]).cpu().tolist() if mods else []
+    return {
+        "format_version": FORMAT_VERSION,
+        "flexlora_version": __version__,
+        "base_model_name_or_path": _base_name(model),
+        "model_class": type(model).__name__,
+        "config": cfg.to_dict(),
+        "r_max": cfg.r_max,
+        "total_rank": int(sum(ranks)),
+        "modules": {
+            name: {
+                "rank": int(r),
+                "r_max": m.r_max,
+                "r_init": m.r_init,
+                "alpha": m.alpha,
+                "scaling": m.scaling,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "merged": bool(m.merged),
+            }
+            for (name, m), r in zip(mods, ranks)
+        },
+        "modules_to_save": [n for n, _ in _saved_modules(model, cfg)],
+    }
+
+
+def _write_adapter(tmp: Path, model: nn.Module, allocator) -> None:
+    import safetensors.torch
+
+    cfg = _model_config(model)
+    merged = [n for n, m in flex_modules(model) if m.merged]
+    if merged:
+        raise ValueError(
+            f"cannot save an adapter while modules are merged (first: {merged[0]!r}); call flexlora.unmerge(model) first"
+        )
+    tensors = _adapter_tensors(model, cfg)
+    meta = _adapter_meta(model, cfg)
+    safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "flexlora"})
+    with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    if allocator is not None:
+        torch.save(allocator.state_dict(), tmp / ALLOCATOR_NAME)
+
+
+def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
+    """Save the adapter of a wrapped ``model`` into ``directory`` (created or atomically replaced).
+
+    Args:
+        model: a model wrapped by :func:`flexlora.wrap` (not merged).
+        directory: target folder; files of other tools already in it are kept, flexlora's replaced.
+        allocator: optional :class:`flexlora.RankAllocator`; its ``state_dict()`` goes to
+            ``allocator_state.pt`` so that :func:`load_adapter` (``allocator=``) can restore it.
+
+    Returns:
+        the directory path. Raises ``PermissionError``/``OSError`` naming the path when it cannot be
+        written; the previous content of ``directory`` survives any failure.
+    """
+    with atomic_directory(directory, _OWNED) as tmp:
+        _write_adapter(tmp, model, allocator)
+    return Path(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def _read_meta(directory: Path) -> Dict[str, Any]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing: {str(directory)!r} is not a flexlora adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is corrupt (not valid JSON: {e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or "config" not in meta:
+        raise ValueError(f"{str(path)!r} is corrupt: expected keys 'config' and 'modules'")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format_version {meta.get('format_version')}, newer than this flexlora "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade flexlora"
+        )
+    return meta
+
+
+def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing")
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is corrupt or unreadable: {e}") from e
+
+
+def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], directory: Path) -> None:
+    """Raise on the first difference between the saved adapter and the model's."""
+    where = f"adapter {str(directory)!r}"
+    mods = dict(flex_modules(model))
+    saved = meta["modules"]
+    for name, info in saved.items():
+        m = mods.get(name)
+        if m is None:
+            raise ValueError(
+                f"{where} does not match the model: saved module {name!r} has no FlexLinear in the model "
+                f"(another base model or other target_modules?)"
+            )
+        if (m.out_features, m.in_features) != (info["out_features"], info["in_features"]):
+            raise ValueError(
+                f"{where} does not match the model: module {name!r} was saved with "
+                f"[out, in] = [{info['out_features']}, {info['in_features']}], the model's is "
+                f"[{m.out_features}, {m.in_features}] (another base model?)"
+            )
+        if m.r_max != info["r_max"]:
+            raise ValueError(
+                f"{where} does not match the model: module {name!r} was saved with r_max={info['r_max']}, "
+                f"the model's has r_max={m.r_max}; wrap with the saved config (r_max={info['r_max']})"
+            )
+        if abs(m.scaling - info["scaling"]) > 1e-12 * max(1.0, abs(info["scaling"])):
+            raise ValueError(
+                f"{where} does not match the model: module {name!r} was saved with scaling "
+                f"alpha/r_init={info['scaling']}, the model's is {m.scaling}; wrap with the saved alpha and r_init"
+            )
+        for key in _SLOT_TENSORS:
+            t = tensors.get(f"{name}.{key}")
+            want = tuple(getattr(m, key).shape)
+            if t is None or tuple(t.shape) != want:
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise ValueError(
+                    f"{str(directory / WEIGHTS_NAME)!r} is inconsistent: tensor {name}.{key} is {got}, expected {want}"
+                )
+    for name in mods:
+        if name not in saved:
+            raise ValueError(
+                f"{where} does not match the model: the model's FlexLinear {name!r} is not in the save "
+                f"(unexpected module; other target_modules?)"
+            )
+    cfg = _model_config(model)
+    model_saved = dict(_saved_modules(model, cfg))
+    for name in meta.get("modules_to_save", []):
+        if name not in model_saved:
+            raise ValueError(
+                f"{where} does not match the model: saved modules_to_save entry {name!r} is not among the "
+                f"model's modules_to_save ({sorted(model_saved)})"
+            )
+        state = _module_state(model_saved[name])
+        for key, t in state.items():
+            s = tensors.get(f"{_SAVE_PREFIX}{name}.{key}")
+            if s is None or s.shape != t.shape:
+                got = "missing" if s is None else f"shape {tuple(s.shape)}"
+                raise ValueError(
+                    f"{where} does not match the model: modules_to_save tensor {name}.{key} is {got}, "
+                    f"the model's is {tuple(t.shape)}"
+                )
+    for name in model_saved:
+        if name not in meta.get("modules_to_save", []):
+            raise ValueError(
+                f"{where} does not match the model: the model's modules_to_save module {name!r} is not in the save"
+            )
+
+
+def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, m in flex_modules(model):
+            for key in _SLOT_TENSORS:
+                getattr(m, key).copy_(tensors[f"{name}.{key}"])
+        cfg = _model_config(model)
+        for name, module in _saved_modules(model, cfg):
+            state = _module_state(module)
+            module.load_state_dict(
+                {k: tensors[f"{_SAVE_PREFIX}{name}.{k}"] for k in state}, strict=False
+            )
+
+
+def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` and return the model.
+
+    ``model`` is either already wrapped (its config must produce the same modules, shapes, r_max and
+    scaling as the save; allocation fields may differ), or a plain base model, which is then wrapped
+    with the saved config first. Every check runs before anything is copied, so a failed load leaves
+    the model untouched. Masks (ranks) are restored exactly, as are the full r_max buffers.
+
+    Args:
+        model: the base model, wrapped or not.
+        directory: folder written by :func:`save_adapter` or :func:`save_checkpoint`.
+        allocator: optional RankAllocator whose state is restored from ``allocator_state.pt``
+            (an error if the save has none).
+
+    Raises:
+        FileNotFoundError / ValueError naming the path for missing or corrupt files, ValueError naming
+        the first mismatching module (missing, unexpected, other shape, other r_max or scaling).
+    """
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    tensors = _read_tensors(directory)
+    if not any(isinstance(m, FlexLinear) for m in model.modules()):
+        try:
+            cfg = FlexLoRAConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{str(directory / CONFIG_NAME)!r} holds an invalid config: {e}") from e
+        try:
+            wrap(model, cfg)
+        except ValueError as e:
+            raise ValueError(
+                f"adapter {str(directory)!r} does not match the model (another base model?): {e}"
+            ) from e
+    saved_base = meta.get("base_model_name_or_path")
+    if saved_base and _base_name(model) and saved_base != _base_name(model):
+        warnings.warn(
+            f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
+            stacklevel=2,
+        )
+    _check_match(model, meta, tensors, directory)
+    alloc_state = _read_allocator_state(directory) if allocator is not None else None
+    _apply(model, meta, tensors)
+    if allocator is not None:
+        allocator.load_state_dict(alloc_state)
+    return model
+
+
+def _torch_load(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing ({what})")
+    try:
+        # weights_only=False: optimizer/scheduler/allocator states hold plain python objects (lists,
+        # dicts, numpy RNG tuples). Load checkpoints you trust, as with any torch.load.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle/zip errors come in many types
+        raise ValueError(f"{str(path)!r} is corrupt or unreadable ({what}): {e}") from e
+
+
+def _read_allocator_state(directory: Path):
+    return _torch_load(directory / ALLOCATOR_NAME, "allocator state: was the save made with allocator=?")
+
+
+# --------------------------------------------------------------------------------------------
+# exact resume
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is a dependency, but resume must not need it
+        pass
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(
+    directory,
+    model: nn.Module,
+    allocator=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    step: int = 0,
+) -> Path:
+    """Save everything needed to continue training exactly: the adapter (as :func:`save_adapter`),
+    the allocator, optimizer and LR-scheduler states, ``step`` and the RNG states (torch CPU, CUDA
+    when initialised, python ``random``, numpy). Atomic: a failed save keeps the previous checkpoint.
+
+    Args:
+        directory: target folder.
+        model: wrapped model.
+        allocator, optimizer, scheduler: optional; whatever is given is saved.
+        step: optimizer steps done so far (returned by :func:`load_checkpoint`).
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    state = {
+        "step": step,
+        "rng": _rng_state(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "flexlora_version": __version__,
+    }
+    with atomic_directory(directory, _OWNED) as tmp:
+        _write_adapter(tmp, model, allocator)
+        torch.save(state, tmp / TRAINING_STATE_NAME)
+    return Path(directory)
+
+
+def load_checkpoint(
+    directory,
+    model: nn.Module,
+    allocator=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+) -> int:
+    """Restore a :func:`save_checkpoint` directory into freshly built objects and return ``step``.
+
+    Build ``model`` (wrapped or not), ``allocator``, ``optimizer`` (over the same parameters, in the
+    same order) and ``scheduler`` exactly as for a new run, then call this; training continues with
+    the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
+    streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
+    checked before anything is modified.
+    """
+    directory = Path(directory)
+    _read_meta(directory)  # clear error first if this is not a flexlora directory
+    state = _torch_load(directory / TRAINING_STATE_NAME, "training state: was it written by save_checkpoint?")
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is not None and state.get(key) is None:
+            raise ValueError(f"checkpoint {str(directory)!r} holds no {key} state, but a {key} was given")
+    load_adapter(model, directory, allocator=allocator)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])

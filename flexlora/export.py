@@ -1,0 +1,150 @@
+"""`export_peft`: write a FlexLoRA adapter as a standard PEFT LoRA adapter folder.
+
+PEFT computes ΔW = (alpha/r)·B·A with A = lora_A [r, in], B = lora_B [out, r]. For each module with
+r active slots J (in slot order):
+
+    A = Q[J, :]                  [r, in]
+    B = P[:, J] · diag(s·λ[J])    [out, r]     (s = the module's fixed scaling)
+    alpha = r                     so PEFT's scaling alpha/r is exactly 1.0
+
+so B·A = s·P·diag(λ⊙mask)·Q = ΔW. Per-module r and alpha go to ``rank_pattern`` and
+``alpha_pattern``. PEFT (0.21) looks a module up in those dicts with
+``re.match(rf"(.*\\.)?({key})$", module_name)``, first matching key wins: a key is a regex matched
+against a dotted suffix. We write each key as the ``re.escape``-d full module name and order keys
+longest first, so ``layers.1.q_proj`` can never match ``layers.11.q_proj`` nor a deeper module
+whose name ends with it. ``target_modules`` lists the full names of the exported modules (PEFT
+matches list entries as exact names or dotted suffixes).
+
+A module at rank 0 has no LoRA equivalent (PEFT needs r >= 1; its ΔW is 0 anyway): it is left out
+of target_modules, so PEFT keeps it as the plain base layer, and ``export_peft`` warns naming it.
+``modules_to_save`` modules are exported as PEFT ``modules_to_save`` (keys
+``base_model.model.<name>.<key>``, as PEFT writes them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ._atomic import atomic_directory
+from .checkpoint import _base_name, _model_config, _module_state, _saved_modules
+from .layers.wrap import flex_modules
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def export_peft(
+    model: nn.Module,
+    directory,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> Dict[str, Any]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable with
+    ``peft.PeftModel.from_pretrained(base_model, directory)``; atomic like :func:`save_adapter`.
+
+    Args:
+        model: a wrapped, unmerged model.
+        directory: target folder (created or replaced).
+        base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
+        task_type: PEFT task type; "auto" infers it from the model class name
+            (``...ForCausalLM`` -> CAUSAL_LM, ``...ForSequenceClassification`` -> SEQ_CLS, ...), None
+            writes none (a plain ``PeftModel``).
+        dtype: dtype of the written lora_A/lora_B (default: the adapter's dtype). The folding of
+            s·λ into B is done in float32 first.
+
+    Returns:
+        ``{"directory", "modules" (exported names), "skipped_rank0" (names), "rank_pattern"}``.
+    """
+    import safetensors.torch
+
+    cfg = _model_config(model)
+    mods = flex_modules(model)
+    merged = [n for n, m in mods if m.merged]
+    if merged:
+        raise ValueError(
+            f"export_peft: module {merged[0]!r} is merged (ΔW is inside W); call flexlora.unmerge(model) first"
+        )
+    tensors: Dict[str, torch.Tensor] = {}
+    rank_pattern: Dict[str, int] = {}
+    skipped = []
+    with torch.no_grad():
+        for name, m in mods:
+            active = torch.nonzero(m.mask, as_tuple=False).flatten()
+            r = int(active.numel())
+            if r == 0:
+                skipped.append(name)
+                continue
+            out_dtype = dtype or m.P.dtype
+            g = m.lam.detach().float()[active] * m.scaling  # [r]
+            A = m.Q.detach().float()[active]  # [r, in]
+            B = m.P.detach().float()[:, active] * g  # [out, r]
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype).cpu().contiguous()
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype).cpu().contiguous()
+            rank_pattern[name] = r
+        saved = _saved_modules(model, cfg)
+        for name, module in saved:
+            for key, t in _module_state(module).items():
+                tensors[f"{_PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
+    if not rank_pattern:
+        raise ValueError("export_peft: every adapted module has rank 0; PEFT LoRA cannot express that")
+    if skipped:
+        warnings.warn(
+            f"export_peft: {len(skipped)} module(s) at rank 0 have no PEFT LoRA equivalent and are left "
+            f"out (their ΔW is zero, PEFT keeps the base layer): {skipped}",
+            stacklevel=2,
+        )
+
+    names = sorted(rank_pattern, key=lambda n: (-len(n), n))  # longest first: see module docstring
+    default_r = Counter(rank_pattern.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model) if task_type == "auto" else task_type,
+        "base_model_name_or_path": base_model_name_or_path or _base_name(model),
+        "revision": None,
+        "inference_mode": True,
+        "r": default_r,
+        "lora_alpha": default_r,
+        "target_modules": names,
+        "rank_pattern": {re.escape(n): rank_pattern[n] for n in names},
+        "alpha_pattern": {re.escape(n): rank_pattern[n] for n in names},
+        "lora_dropout": float(cfg.dropout),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": [n for n, _ in saved] or None,
+    }
+    with atomic_directory(directory, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(tmp / PEFT_CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+    return {
+        "directory": Path(directory),
+        "modules": [n for n, _ in mods if n in rank_pattern],
+        "skipped_rank0": skipped,
+        "rank_pattern": dict(rank_pattern),
+    }
