@@ -1,0 +1,170 @@
+"""spectral_entropy / spectral_entropy_and_slots against a float64 reference written from the math.
+
+Both backends: "torch" and "triton" (the kernel runs under TRITON_INTERPRET=1, set by conftest).
+"""
+
+import math
+
+import pytest
+import torch
+
+from flexlora.kernels.spectral_entropy import spectral_entropy, spectral_entropy_and_slots
+
+BACKENDS = ["torch", "triton"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS = 1e-12
+
+
+def reference(lam: torch.Tensor, mask: torch.Tensor, eps: float = EPS):
+    """Row by row, in float64, straight from the definition."""
+    ent, min_slot, free_slot, rank = [], [], [], []
+    for row, m in zip(lam.double().tolist(), mask.tolist()):
+        act = [j for j, on in enumerate(m) if on]
+        r = len(act)
+        tot = sum(row[j] ** 2 for j in act)
+        if r < 2 or tot == 0.0:
+            ent.append(0.0)
+        else:
+            s = [row[j] ** 2 / tot for j in act]
+            ent.append(-sum(si * math.log(si + eps) for si in s) / math.log(r))
+        min_slot.append(min(act, key=lambda j: (abs(row[j]), j)) if act else -1)
+        free = [j for j, on in enumerate(m) if not on]
+        free_slot.append(free[0] if free else -1)
+        rank.append(r)
+    return (
+        torch.tensor(ent, dtype=torch.float64),
+        torch.tensor(min_slot, dtype=torch.int64),
+        torch.tensor(free_slot, dtype=torch.int64),
+        torch.tensor(rank, dtype=torch.int64),
+    )
+
+
+def make_mask(kind: str, n: int, R: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "all_on":
+        return torch.ones(n, R, dtype=torch.bool)
+    if kind == "all_off":
+        return torch.zeros(n, R, dtype=torch.bool)
+    return torch.rand(n, R, generator=gen) < 0.6
+
+
+def check(out, ref, atol=2e-6, rtol=2e-6):
+    ent, min_slot, free_slot, rank = out
+    r_ent, r_min, r_free, r_rank = ref
+    assert ent.dtype == torch.float32 and ent.shape == r_ent.shape
+    assert torch.isfinite(ent).all(), f"non-finite entropy: {ent}"
+    err = (ent.double() - r_ent).abs()
+    bad = err > atol + rtol * r_ent.abs()
+    assert not bad.any(), f"entropy off at rows {bad.nonzero().flatten().tolist()}: max err {err.max():.3g}"
+    assert torch.equal(min_slot, r_min), f"min_slot {min_slot.tolist()} != {r_min.tolist()}"
+    assert torch.equal(free_slot, r_free), f"free_slot {free_slot.tolist()} != {r_free.tolist()}"
+    assert torch.equal(rank, r_rank), f"rank {rank.tolist()} != {r_rank.tolist()}"
+    for t in (min_slot, free_slot, rank):
+        assert t.dtype == torch.int64
+
+
+CASES = [
+    (n, R, kind, dt)
+    for R in (1, 8, 64, 256)
+    for n in (1, 7, 33)
+    for kind in ("all_on", "all_off", "random")
+    for dt in ("fp32", "bf16", "fp16")
+    if not (dt != "fp32" and (n != 7 or R == 1))  # low precision: fewer shapes, same coverage of R
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,R,kind,dt", CASES, ids=[f"n{n}-R{R}-{k}-{d}" for n, R, k, d in CASES])
+def test_matches_float64_reference(backend, n, R, kind, dt):
+    gen = torch.Generator().manual_seed(1000 * n + R)
+    lam = torch.randn(n, R, generator=gen).to(DTYPES[dt])
+    mask = make_mask(kind, n, R, gen)
+    out = spectral_entropy_and_slots(lam, mask, EPS, backend=backend)
+    # the reference sees exactly the λ values the op sees (after rounding to dt); the op itself
+    # computes in fp32, so the tolerance is fp32's for every input dtype
+    check(out, reference(lam, mask), atol=2e-6 * max(1.0, math.log2(R)), rtol=2e-6)
+    assert torch.equal(spectral_entropy(lam, mask, EPS, backend=backend), out[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend):
+    R = 8
+    rows, masks = [], []
+
+    def add(lam, mask):
+        rows.append(torch.tensor(lam, dtype=torch.float32))
+        masks.append(torch.tensor(mask, dtype=torch.bool))
+
+    on = [True] * R
+    add([3.0] + [0.0] * 7, [True] + [False] * 7)                 # 0: rank 1
+    add([0.0] * 8, on)                                           # 1: all λ = 0
+    add([0.0, 0.0, -2.5, 0.0, 0.0, 0.0, 0.0, 0.0], on)           # 2: one non-zero λ
+    add([0.7, -0.7, 0.7, -0.7, 0.7, -0.7, 0.7, -0.7], on)        # 3: uniform |λ|
+    add([5.0, 1.0, 1.0, 2.0, 9.0, 1.0, 1.0, 1.0], [False, True, True, True, True, False, True, True])  # 4: ties
+    add([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [False] * 8)   # 5: all off
+    add([0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [True, True] + [False] * 6)  # 6: rank 2, one zero λ
+    add([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [True, True] + [False] * 6)  # 7: rank 2 uniform
+    lam, mask = torch.stack(rows), torch.stack(masks)
+    ent, min_slot, free_slot, rank = spectral_entropy_and_slots(lam, mask, EPS, backend=backend)
+    assert ent[0].item() == 0.0 and ent[1].item() == 0.0 and ent[2].item() == 0.0 and ent[5].item() == 0.0
+    assert ent[6].item() == 0.0
+    assert abs(ent[3].item() - 1.0) < 1e-6 and abs(ent[7].item() - 1.0) < 1e-6
+    assert min_slot.tolist() == [0, 0, 0, 0, 1, -1, 0, 0]
+    assert free_slot.tolist() == [1, -1, -1, -1, 0, 0, 2, 2]
+    assert rank.tolist() == [1, 8, 8, 8, 6, 0, 2, 2]
+    check((ent, min_slot, free_slot, rank), reference(lam, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 2e38, 1e-40], ids=["1e30", "1e-30", "2e38", "1e-40-subnormal"])
+def test_no_nan_on_huge_and_tiny_lambda(backend, scale):
+    gen = torch.Generator().manual_seed(7)
+    lam = (torch.rand(5, 16, generator=gen) + 0.5) * scale  # |λ| in [0.5, 1.5]·scale (fp32)
+    mask = torch.rand(5, 16, generator=gen) < 0.7
+    mask[0] = True
+    ent, *_ = out = spectral_entropy_and_slots(lam, mask, EPS, backend=backend)
+    assert torch.isfinite(ent).all() and (ent >= 0).all() and (ent <= 1 + 1e-6).all(), ent
+    if scale >= 1e-30:  # normal fp32 numbers: the normalization keeps full accuracy
+        check(out, reference(lam, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    gen = torch.Generator().manual_seed(3)
+    lam = torch.randn(16, 9, generator=gen).t()  # [9, 16], strides (1, 9)
+    mask = (torch.rand(16, 9, generator=gen) < 0.5).t()
+    check(spectral_entropy_and_slots(lam, mask, EPS, backend=backend), reference(lam, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    out = spectral_entropy_and_slots(torch.zeros(0, 8), torch.zeros(0, 8, dtype=torch.bool), backend=backend)
+    assert [t.shape for t in out] == [torch.Size([0])] * 4
+
+
+def test_reads_lambda_detached():
+    lam = torch.randn(3, 4, requires_grad=True)
+    ent = spectral_entropy(lam, torch.ones(3, 4, dtype=torch.bool), backend="torch")
+    assert not ent.requires_grad
+
+
+def test_eps_enters_the_formula():
+    lam = torch.tensor([[1.0, 1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    got = spectral_entropy(lam, mask, eps=0.5, backend="torch").item()
+    assert abs(got - (-math.log(1.0)) / math.log(2)) < 1e-6  # s = 0.5, log(0.5 + 0.5) = 0
+
+
+@pytest.mark.parametrize(
+    "lam,mask,eps,match",
+    [
+        (torch.zeros(8), torch.ones(8, dtype=torch.bool), EPS, "lam must be a 2-D floating"),
+        (torch.zeros(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.bool), EPS, "lam must be a 2-D floating"),
+        (torch.zeros(2, 8), torch.ones(2, 8), EPS, "mask must be a bool tensor"),
+        (torch.zeros(2, 8), torch.ones(2, 7, dtype=torch.bool), EPS, "mask must be a bool tensor"),
+        (torch.zeros(2, 8), torch.ones(2, 8, dtype=torch.bool), 0.0, "eps must be a number > 0"),
+    ],
+    ids=["lam-1d", "lam-int", "mask-float", "mask-shape", "eps-zero"],
+)
+def test_bad_input(lam, mask, eps, match):
+    with pytest.raises(ValueError, match=match):
+        spectral_entropy_and_slots(lam, mask, eps)
