@@ -1,0 +1,535 @@
+"""`RankAllocator`: FlexLoRA's entropy-guided prune + expand over all FlexLinear modules of a model.
+
+Call ``allocator.step(global_step, optimizer)`` after every optimizer step. At the event steps of
+the schedule (see :mod:`flexlora.alloc.schedule`) with b = b(t):
+
+1. score every module at once (``importance.scores``, one batched op) and find, in the same
+   batched pass, each module's smallest-|λ| active slot, first free slot and rank; these four
+   [n] vectors come to the host in ONE transfer (and are broadcast from rank 0 under DDP, so
+   every process makes the same decisions even if its floating-point scores differ in the
+   last bit);
+2. prune: the b lowest-scoring modules with rank > r_min each lose their smallest-|λ| slot;
+3. expand: the b highest-scoring modules with rank < r_max, disjoint from the pruned ones, each
+   gain their first free slot; in ``prune_expand`` mode b is clamped to the smaller eligible
+   count on either side, so the total active rank never changes. Ties go by module order
+   (stable sorts), so decisions are deterministic.
+
+Why inactive slots are kept at exactly zero (P column, λ entry, Q row and their optimizer
+moments): their gradient is exactly zero (λ⊙mask gates every gradient of the slot), and zero is
+a fixed point of every usual optimizer update with zero gradient and zero moments — including
+AdamW's decoupled weight decay p ← p·(1 − lr·wd), which would otherwise shrink stored values of
+inactive slots at every step. So no per-step masking pass is needed: the allocator zeroes a slot
+(and its moments) when it prunes it, zeroes the initially inactive slots once when it is built
+and again (with their moments) the first time it sees an optimizer.
+
+Parameters are only written in place (never reallocated), so ``data_ptr``s, optimizer state and
+compiled graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ..config import FlexLoRAConfig
+from ..kernels.spectral_entropy import spectral_entropy_and_slots
+from ..layers.flex_linear import FlexLinear
+from ..layers.wrap import flex_modules
+from ._batch import stack_lam_mask
+from .history import make_rows, write_history_csv
+from .importance import make_importance
+from .orthogonal import add_orthogonal_grad_, orthogonal_loss
+from .schedule import config_budget_at, config_is_event_step
+
+_STATE_FORMAT = "flexlora.RankAllocator/1"
+
+
+@dataclass
+class AllocationEvent:
+    """What one allocation event did.
+
+    Attributes:
+        step: the optimizer step of the event.
+        budget: b(t) from the schedule (before clamping to the eligible counts).
+        pruned: (module name, slot) of every deactivated slot, in increasing score order.
+        expanded: (module name, slot) of every activated slot, in decreasing score order.
+        total_rank: total active rank after the event.
+    """
+
+    step: int
+    budget: int
+    pruned: List[Tuple[str, int]] = field(default_factory=list)
+    expanded: List[Tuple[str, int]] = field(default_factory=list)
+    total_rank: int = 0
+
+
+def plan_event(
+    scores: Sequence[float],
+    ranks: Sequence[int],
+    r_max: Sequence[int],
+    r_min: int,
+    b: int,
+    mode: str = "prune_expand",
+) -> Tuple[List[int], List[int]]:
+    """Which modules prune and which expand at one event (pure Python on host lists).
+
+    Args:
+        scores, ranks, r_max: per module (length n), in module order.
+        r_min: a module with rank <= r_min is never pruned.
+        b: requested number of modules on each side.
+        mode: ``prune_expand`` (both sides, same count, disjoint), ``prune_only`` or ``expand_only``.
+
+    Returns:
+        (pruned module indices in increasing score order, expanded indices in decreasing score
+        order); ties are broken by module index, lower first.
+    """
+    n = len(scores)
+    if not (len(ranks) == len(r_max) == n):
+        raise ValueError(f"plan_event: scores, ranks, r_max must have equal lengths, got {n}, {len(ranks)}, {len(r_max)}")
+    if b <= 0 or n == 0:
+        return [], []
+    ascending = sorted(range(n), key=lambda i: (scores[i], i))
+    descending = sorted(range(n), key=lambda i: (-scores[i], i))
+    prune_ok = [i for i in ascending if ranks[i] > r_min]
+
+    def expand_ok(excluded):
+        return [i for i in descending if ranks[i] < r_max[i] and i not in excluded]
+
+    if mode == "prune_only":
+        return prune_ok[:b], []
+    if mode == "expand_only":
+        return [], expand_ok(())[:b]
+    if mode != "prune_expand":
+        raise ValueError(f"plan_event: mode must be prune_expand, prune_only or expand_only, got {mode!r}")
+    k = min(b, len(prune_ok))
+    k = min(k, len(expand_ok(set(prune_ok[:k]))))
+    pruned = prune_ok[:k]
+    # Shrinking the pruned set can only enlarge the expand-eligible set, so k still fits.
+    expanded = expand_ok(set(pruned))[:k]
+    return pruned, expanded
+
+
+def event_seed(seed: int, step: int) -> int:
+    """Seed of the Gaussian draws of the event at ``step``: a function of (seed, step) only, so
+    every DDP rank, and a resumed run, draws the same new directions."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 0x5F3759DF) % (2**63 - 1)
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _unwrap_optimizer(optimizer):
+    """The torch optimizer holding the state (accelerate's AcceleratedOptimizer wraps one)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class RankAllocator:
+    """FlexLoRA's rank allocator over every :class:`~flexlora.FlexLinear` of ``model``.
+
+    Args:
+        model: a model wrapped by :func:`flexlora.wrap` (plain, or inside DDP / DataParallel /
+            torch.compile).
+        config: the allocation settings; ``None`` takes ``model.flexlora_config`` (set by wrap).
+
+    Usage (see docs/allocation.md)::
+
+        loss = task_loss + allocator.orthogonal_loss()
+        loss.backward(); optimizer.step()
+        allocator.step(global_step, optimizer)   # after EVERY optimizer step, global_step 1-based
+        optimizer.zero_grad()
+
+    If optimizer steps over the adapters pass ``t_warmup + 2·delta_t`` while :meth:`step` has
+    never been called, a warning says so once (a global optimizer step post-hook counts those
+    steps until the first :meth:`step` call, then removes itself).
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[FlexLoRAConfig] = None) -> None:
+        inner = _unwrap_model(model)
+        if config is None:
+            config = getattr(inner, "flexlora_config", None)
+            if config is None:
+                raise ValueError(
+                    "RankAllocator: config is None and the model has no flexlora_config; wrap the "
+                    "model with flexlora.wrap(model, config) or pass config=FlexLoRAConfig(...)"
+                )
+        if not isinstance(config, FlexLoRAConfig):
+            raise TypeError(f"RankAllocator: config must be a FlexLoRAConfig, got {type(config).__name__}")
+        named = flex_modules(inner)
+        if not named:
+            raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
+        self.config = config
+        self.names: List[str] = [n for n, _ in named]
+        self.modules: List[FlexLinear] = [m for _, m in named]
+        self.r_max: List[int] = [m.r_max for m in self.modules]
+        self.importance = make_importance(config)
+
+        self.history: List[Dict[str, Any]] = []
+        self.last_event: Optional[AllocationEvent] = None
+        self.num_events = 0
+        self._last_step = 0
+        self._stepped = False
+        self._importance_fresh = False
+        self._optimizer = None
+        self._adopted: "weakref.WeakSet" = weakref.WeakSet()
+        self._warned: Dict[str, bool] = {"never_stepped": False, "no_optimizer": False}
+
+        self._zero_inactive_slots()
+        scores, _, _, ranks = self._score_bank()
+        self._total_rank = int(sum(ranks))
+        self.history.extend(make_rows(0, self.names, ranks, scores))
+        self._guard_handle = None
+        self._guard_counts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._install_guard()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def total_rank(self) -> int:
+        """Total active rank over all modules (the global budget; constant in prune_expand mode)."""
+        return self._total_rank
+
+    def ranks(self) -> Dict[str, int]:
+        """{module name: active rank} (one host transfer)."""
+        r = torch.stack([m.mask.sum() for m in self.modules]).cpu().tolist()
+        return dict(zip(self.names, (int(x) for x in r)))
+
+    def orthogonal_loss(self) -> torch.Tensor:
+        """γ·Σ(‖PᵀP − I‖² + ‖QQᵀ − I‖²) over active slots, γ = config.orth_reg: a 0-d tensor to add
+        to the task loss before ``backward()`` (a zero tensor when orth_reg is 0)."""
+        return orthogonal_loss(self.modules, float(self.config.orth_reg))
+
+    def add_orthogonal_grad_(self) -> None:
+        """Add the gradient of :meth:`orthogonal_loss` to P.grad and Q.grad in place (call after
+        ``backward()``, before ``optimizer.step()``; gives the same gradients as the loss term)."""
+        if self.config.orth_reg > 0:
+            add_orthogonal_grad_(self.modules, float(self.config.orth_reg))
+
+    def update_importance(self) -> None:
+        """Feed this step's gradients to the importance metric (no-op for static metrics).
+
+        :meth:`step` calls it itself unless it was already called since the last :meth:`step`;
+        call it directly where gradients are gone by the time :meth:`step` runs (the HF Trainer
+        zeroes them before ``on_step_end``; :class:`~flexlora.FlexLoRACallback` calls it at
+        ``on_optimizer_step``).
+        """
+        self.importance.update(self.modules)
+        self._importance_fresh = True
+
+    def step(self, global_step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> Optional[AllocationEvent]:
+        """Call after every optimizer step.
+
+        Args:
+            global_step: optimizer steps done so far (1-based; gradient-accumulation micro-steps
+                do not count).
+            optimizer: the optimizer of the adapters; its moments of every touched slot are
+                zeroed. Remembered, so later calls may omit it.
+
+        Returns:
+            the :class:`AllocationEvent` when ``global_step`` is an event step (also when b(t) is
+            0 there), else ``None``. A step number not larger than the last one seen is ignored.
+        """
+        try:
+            global_step = operator.index(global_step)
+        except TypeError:
+            raise TypeError(f"RankAllocator.step: global_step must be an int >= 0, got {global_step!r}") from None
+        if global_step < 0:
+            raise ValueError(f"RankAllocator.step: global_step must be an int >= 0, got {global_step}")
+        if not self._stepped:
+            self._stepped = True
+            self._remove_guard()
+        if optimizer is not None:
+            self._use_optimizer(optimizer)
+        if not self._importance_fresh:
+            self.importance.update(self.modules)
+        self._importance_fresh = False
+        if global_step <= self._last_step:
+            return None
+        self._last_step = global_step
+        if not config_is_event_step(global_step, self.config):
+            return None
+        return self._event(global_step, config_budget_at(global_step, self.config))
+
+    def history_csv(self, path) -> str:
+        """Write :attr:`history` as CSV (``step,module,rank,score``); returns the path."""
+        return write_history_csv(self.history, path)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed for an exact resume (with the model's own state, which holds the
+        masks): last step, history, event count, importance state, warning flags. The new
+        directions' RNG is a function of (config.seed, step), so it needs no saved state."""
+        return {
+            "format": _STATE_FORMAT,
+            "modules": list(self.names),
+            "seed": int(self.config.seed),
+            "last_step": int(self._last_step),
+            "num_events": int(self.num_events),
+            "stepped": bool(self._stepped),
+            "warned": dict(self._warned),
+            "total_rank": int(self._total_rank),
+            "history": [dict(r) for r in self.history],
+            "importance": self.importance.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the module names must match this model's)."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"RankAllocator.load_state_dict: expected a dict with format={_STATE_FORMAT!r}, got "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
+            )
+        saved = list(state["modules"])
+        if saved != self.names:
+            diff = [(a, b) for a, b in zip(saved, self.names) if a != b][:1]
+            raise ValueError(
+                "RankAllocator.load_state_dict: the state was saved for other modules "
+                f"({len(saved)} saved, {len(self.names)} here; first difference (saved, here): {diff})"
+            )
+        if int(state["seed"]) != int(self.config.seed):
+            raise ValueError(
+                f"RankAllocator.load_state_dict: saved with config.seed={state['seed']}, but this "
+                f"allocator has config.seed={self.config.seed}; new directions would differ"
+            )
+        self._last_step = int(state["last_step"])
+        self.num_events = int(state["num_events"])
+        self._stepped = bool(state["stepped"])
+        self._warned = dict(state["warned"])
+        self.history = [dict(r) for r in state["history"]]
+        self.importance.load_state_dict(state["importance"])
+        # The masks came with the model's state: re-derive the budget from them, and restore the
+        # zero-inactive-slot invariant for them (moments: the next step() re-adopts the optimizer).
+        self._total_rank = int(sum(self.ranks().values()))
+        self._zero_inactive_slots()
+        self._adopted = weakref.WeakSet()
+        if self._stepped or self._warned.get("never_stepped"):
+            self._remove_guard()
+
+    # ------------------------------------------------------------------ events
+    def _score_bank(self):
+        """(scores, min_slot, free_slot, ranks) as host lists, from one device->host transfer."""
+        lam, mask = stack_lam_mask(self.modules)
+        _, min_slot, free_slot, rank = spectral_entropy_and_slots(lam, mask, float(self.config.entropy_eps))
+        scores = self.importance.scores(self.modules)
+        packed = torch.stack(
+            [scores.to(torch.float64), min_slot.to(torch.float64), free_slot.to(torch.float64), rank.to(torch.float64)]
+        )
+        if _world_size() > 1:
+            # Decisions must be identical on every rank: rank 0's view wins.
+            torch.distributed.broadcast(packed, src=0)
+        s, mn, fr, rk = packed.cpu().tolist()
+        if any(v != v for v in s):  # NaN
+            bad = [self.names[i] for i, v in enumerate(s) if v != v]
+            raise FloatingPointError(
+                f"RankAllocator: importance '{self.config.importance}' gave NaN scores for {bad[:5]} "
+                "(training diverged: their λ/P/Q hold NaN or inf)"
+            )
+        return s, [int(x) for x in mn], [int(x) for x in fr], [int(x) for x in rk]
+
+    def _event(self, step: int, budget: int) -> AllocationEvent:
+        scores, min_slot, free_slot, ranks = self._score_bank()
+        pruned, expanded = plan_event(
+            scores, ranks, self.r_max, self.config.r_min, budget, self.config.allocation_mode
+        )
+        if (pruned or expanded) and self._optimizer is None and not self._warned["no_optimizer"]:
+            self._warned["no_optimizer"] = True
+            warnings.warn(
+                "RankAllocator.step: no optimizer was given, so the optimizer moments of pruned and "
+                "expanded slots are not reset; pass it: allocator.step(global_step, optimizer)",
+                stacklevel=3,
+            )
+        opt = _unwrap_optimizer(self._optimizer) if self._optimizer is not None else None
+        with torch.no_grad():
+            for i in pruned:
+                self._prune_slot(self.modules[i], min_slot[i], opt)
+                ranks[i] -= 1
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(event_seed(self.config.seed, step))
+            # Draw in module order (not score order): the draws of a module do not depend on
+            # how the scores ranked it against the others.
+            for i in sorted(expanded):
+                self._expand_slot(self.modules[i], free_slot[i], opt, gen)
+                ranks[i] += 1
+        self._total_rank = int(sum(ranks))
+        self.num_events += 1
+        self.history.extend(make_rows(step, self.names, ranks, scores))
+        event = AllocationEvent(
+            step=step,
+            budget=budget,
+            pruned=[(self.names[i], min_slot[i]) for i in pruned],
+            expanded=[(self.names[i], free_slot[i]) for i in expanded],
+            total_rank=self._total_rank,
+        )
+        self.last_event = event
+        return event
+
+    def _prune_slot(self, m: FlexLinear, j: int, opt) -> None:
+        m.mask[j] = False
+        m.P[:, j] = 0
+        m.lam[j] = 0
+        m.Q[j, :] = 0
+        _zero_slot_moments(opt, m, j)
+
+    def _expand_slot(self, m: FlexLinear, j: int, opt, gen: torch.Generator) -> None:
+        init = self.config.expand_init
+        std = float(self.config.init_std)
+        p = torch.randn(m.out_features, generator=gen, dtype=torch.float32)
+        q = torch.randn(m.in_features, generator=gen, dtype=torch.float32)
+        lam = 0.0
+        if init == "zero":
+            p.zero_()
+            q.zero_()
+        elif init == "orthogonal":
+            active = m.mask.nonzero().flatten()
+            p = _orthonormal_to(p, m.P.detach()[:, active])
+            q = _orthonormal_to(q, m.Q.detach()[active, :].t())
+        else:
+            p.mul_(std)
+            q.mul_(std)
+            if init == "small":
+                lam = std
+        m.P[:, j] = p.to(device=m.P.device, dtype=m.P.dtype)
+        m.Q[j, :] = q.to(device=m.Q.device, dtype=m.Q.dtype)
+        m.lam[j] = lam
+        m.mask[j] = True
+        _zero_slot_moments(opt, m, j)
+
+    def _zero_inactive_slots(self) -> None:
+        with torch.no_grad():
+            for m in self.modules:
+                off = ~m.mask
+                m.P.masked_fill_(off[None, :], 0)
+                m.lam.masked_fill_(off, 0)
+                m.Q.masked_fill_(off[:, None], 0)
+
+    def _use_optimizer(self, optimizer) -> None:
+        self._optimizer = optimizer
+        inner = _unwrap_optimizer(optimizer)
+        try:
+            if inner in self._adopted:
+                return
+            self._adopted.add(inner)
+        except TypeError:  # not weak-referenceable: adopt every time (cheap, idempotent)
+            pass
+        # First sight of this optimizer: inactive slots and their moments to exactly zero, so
+        # neither weight decay nor leftover moments can move them (see the module docstring).
+        with torch.no_grad():
+            self._zero_inactive_slots()
+            for m in self.modules:
+                off = ~m.mask
+                for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
+                    for t in _moment_tensors(inner, p):
+                        t.masked_fill_(fill_mask, 0)
+
+    # ------------------------------------------------------------------ never-stepped guard
+    def _install_guard(self) -> None:
+        ref = weakref.ref(self)
+        adapter_ids = {id(p) for m in self.modules for p in (m.P, m.lam, m.Q)}
+        limit = self.config.t_warmup + 2 * self.config.delta_t
+
+        def hook(optimizer, args, kwargs):
+            allocator = ref()
+            if allocator is None or allocator._stepped:
+                return
+            counts = allocator._guard_counts
+            try:
+                entry = counts.get(optimizer)
+            except TypeError:
+                return
+            if entry is None:
+                holds = any(id(p) in adapter_ids for g in optimizer.param_groups for p in g["params"])
+                entry = counts[optimizer] = [holds, 0]
+            if not entry[0]:
+                return
+            entry[1] += 1
+            # max over optimizers: a wrapper (accelerate) and the wrapped optimizer both fire.
+            if entry[1] > limit and not allocator._warned["never_stepped"]:
+                allocator._warned["never_stepped"] = True
+                allocator._remove_guard()
+                warnings.warn(
+                    f"flexlora: {entry[1]} optimizer steps over FlexLoRA adapters have run (past "
+                    f"t_warmup + 2*delta_t = {limit}) but RankAllocator.step() was never called: ranks "
+                    "are NOT being adapted (this trains as fixed-rank LoRA). Call "
+                    "allocator.step(global_step, optimizer) after every optimizer step, or add "
+                    "flexlora.FlexLoRACallback(allocator) to the HF Trainer's callbacks.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+        self._guard_handle = register_optimizer_step_post_hook(hook)
+
+    def _remove_guard(self) -> None:
+        if self._guard_handle is not None:
+            self._guard_handle.remove()
+            self._guard_handle = None
+
+    def __del__(self):
+        try:
+            self._remove_guard()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"RankAllocator(modules={len(self.modules)}, total_rank={self._total_rank}, "
+            f"importance={self.config.importance!r}, schedule={self.config.schedule!r}, "
+            f"events={self.num_events}, last_step={self._last_step})"
+        )
+
+
+def _moment_tensors(opt, p: torch.Tensor) -> List[torch.Tensor]:
+    """The optimizer's per-element state tensors of ``p`` (exp_avg, exp_avg_sq, max_exp_avg_sq,
+    momentum_buffer, ...): every state tensor shaped like p. Scalars such as ``step`` are left."""
+    if opt is None:
+        return []
+    state = opt.state.get(p)
+    if not state:
+        return []
+    return [t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape]
+
+
+def _zero_slot_moments(opt, m: FlexLinear, j: int) -> None:
+    for t in _moment_tensors(opt, m.P):
+        t[:, j] = 0
+    for t in _moment_tensors(opt, m.lam):
+        t[j] = 0
+    for t in _moment_tensors(opt, m.Q):
+        t[j, :] = 0
+
+
+def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """v [d] made orthogonal to the columns of basis [d, r] (two Gram-Schmidt passes in float64
+    on the CPU, identical on every rank) and scaled to unit norm. When the columns already span
+    the space (r >= d) the plain normalised draw is returned."""
+    v = v.to(torch.float64)
+    B = basis.detach().to(device="cpu", dtype=torch.float64)
+    if B.shape[1] > 0 and B.shape[1] < B.shape[0]:
+        Qb, _ = torch.linalg.qr(B)
+        for _ in range(2):
+            v = v - Qb @ (Qb.t() @ v)
+    norm = v.norm()
+    if not norm > 1e-8:
+        v = v + 1.0  # degenerate draw (d = 1 with r = 1, ...): any unit vector will do
+        norm = v.norm()
+    return (v / norm).to(torch.float32)
