@@ -1,50 +1,423 @@
-"""Masked FlexLoRA linear: y = x Wᵀ + b + s·((x_lora Qᵀ) ⊙ (λ⊙mask)) Pᵀ.
+"""Masked FlexLoRA linear: y = x Wᵀ + b + s·((x_lora Qᵀ) ⊙ (λ⊙mask)) Pᵀ, one op, two backends.
 
 Shapes (after flattening leading dims): x, x_lora: [M, K]; W: [N, K]; b: [N]; P: [N, R];
-λ, mask: [R]; Q: [R, K]; R = r_max. g = s·λ⊙mask: [R] is the only place the mask enters, so
-inactive slots get exactly zero gradient in P[:, j], λ[j] and Q[j, :] (every gradient of slot
-j is a product with g[j] = 0 or with mask[j] = 0).
+λ, mask: [R]; Q: [R, K]; R = r_max. g = s·λ⊙mask: [R] is the only place λ, the mask and the
+scale enter, so inactive slots get exactly zero gradient in P[:, j], λ[j] and Q[j, :] (every
+gradient of slot j is a product with g[j] = 0 or with mask[j] = 0), and none of them is ever
+a compile-time constant: a rank change (mask flip) never recompiles anything.
 
-The torch path below is used on CPU (and by the tests as the op under test, never as their
-reference): the small [M, R] factor u ⊙ g absorbs s·λ⊙mask and is added into the base output
-in place by ``addmm_``, so no [M, N] temporary and no [M, N] scaling pass is made.
+Layout of this file: the Triton kernels (defined only when triton imports), their launchers
+(check → allocate → launch), the plain-torch path (`_torch_fwd` / `_torch_bwd`, used on CPU),
+the `torch.library` custom ops that dispatch to one or the other (so `torch.compile` treats
+the op as one opaque node with a fake implementation), and the public :func:`flex_linear`.
+
+Math of both backends, u = x_lora·Qᵀ [M, R] and dv = dy·P [M, R]:
+    forward   y   = x·Wᵀ + (u⊙g)·Pᵀ + b
+    backward  dx  = dy·W + (dv⊙g)·Q          (x_lora None; else dx = dy·W, dx_lora = (dv⊙g)·Q)
+              dP  = dyᵀ·(u⊙g)                 [N, R]
+              dλ  = s·mask⊙Σ_m (u⊙dv)         [R]
+              dQ  = (dv⊙g)ᵀ·x_lora            [R, K]
+Saved for backward: x, x_lora, u (M×R, small); nothing M×N.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import os
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend
+from ._backend import choose_backend, triton_interpret
+
+try:  # triton is optional: without it (or on a CPU without the interpreter) the torch path runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
 
 Scaling = Union[float, torch.Tensor]
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora) -> None:
-    if not torch.is_floating_point(x):
-        raise TypeError(f"flex_linear: x must be a floating-point tensor, got dtype {x.dtype}")
+# Triton decides between compiled kernels and its CPU interpreter when a kernel is defined (at
+# import of this module), so that is the moment that counts for the dot-dtype quirk below.
+_INTERPRETED = triton is not None and triton_interpret()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["L", "T"])
+    def _skinny_kernel(
+        a_ptr, b_ptr, sc_ptr, out_ptr, c_ptr, part_ptr,
+        L, T, R,
+        stride_al, stride_at, stride_bt, stride_br, stride_ol, stride_or, stride_cl, stride_cr,
+        HAS_ROWDOT: tl.constexpr,
+        DOT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """out[L, R] = (A[L, T]·B[T, R]) ⊙ sc[R], a long-by-skinny product with R = r_max small.
+
+        Every adapter-side product of the op is one of these, told apart by strides only:
+            u   = (x_lora·Qᵀ) ⊙ mask      L = M, T = K   (+ nothing)
+            dv  = (dy·P) ⊙ mask           L = M, T = N   (+ row-dot with u: partial sums of dλ)
+            dP  = (dyᵀ·u) ⊙ g             L = N, T = M
+            dQᵀ = (x_loraᵀ·dv) ⊙ g        L = K, T = M   (written through dQ's transposed strides)
+        The accumulator is fp32 [BLOCK_L, BLOCK_R]; A and B tiles are cast to DOT (the input
+        dtype, or fp32 for bf16 under the interpreter, whose bf16 dot is wrong) just before the
+        dot. A program whose R-block is all inactive (sc == 0) skips the reduction loop and
+        writes exact zeros: inactive slots cost no FLOPs. With HAS_ROWDOT it also writes
+        part[pid_l, r] = Σ_{rows of its block} out[l, r]·C[l, r] (fp32), summed on the host into
+        dλ: deterministic, unlike atomics.
+        Per-row rank cap (later issue): for the L = M products, multiply `acc` by
+        (offs_r < cap[offs_l]) right where `sc` is applied.
+        """
+        pid_l = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_t = tl.arange(0, BLOCK_T)
+        l_ok = offs_l < L
+        r_ok = offs_r < R
+        offs_l64 = offs_l.to(tl.int64)
+
+        sc = tl.load(sc_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        n_steps = tl.where(tl.max(tl.abs(sc), axis=0) > 0, tl.cdiv(T, BLOCK_T), 0)
+
+        a_ptrs = a_ptr + offs_l64[:, None] * stride_al + offs_t[None, :] * stride_at
+        b_ptrs = b_ptr + offs_t[:, None] * stride_bt + offs_r[None, :] * stride_br
+        acc = tl.zeros((BLOCK_L, BLOCK_R), dtype=tl.float32)
+        for i in range(0, n_steps):
+            t_left = T - i * BLOCK_T
+            a = tl.load(a_ptrs, mask=l_ok[:, None] & (offs_t[None, :] < t_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_t[:, None] < t_left) & r_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_T * stride_at
+            b_ptrs += BLOCK_T * stride_bt
+        acc = acc * sc[None, :]
+
+        out_ptrs = out_ptr + offs_l64[:, None] * stride_ol + offs_r[None, :] * stride_or
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=l_ok[:, None] & r_ok[None, :])
+        if HAS_ROWDOT:
+            c_ptrs = c_ptr + offs_l64[:, None] * stride_cl + offs_r[None, :] * stride_cr
+            c = tl.load(c_ptrs, mask=l_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            tl.store(part_ptr + pid_l * R + offs_r, tl.sum(acc * c, axis=0), mask=r_ok)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _fused_kernel(
+        a_ptr, b_ptr, u_ptr, g_ptr, v_ptr, bias_ptr, out_ptr,
+        M, L, T, R,
+        stride_am, stride_at, stride_bt, stride_bl, stride_um, stride_ur, stride_vr, stride_vl,
+        stride_om, stride_ol,
+        HAS_BASE: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """out[M, L] = A[M, T]·B[T, L] + (U[M, R] ⊙ g[R])·V[R, L] + bias[L], one write of out.
+
+            forward  y       : A = x,  B = Wᵀ, U = u,  V = Pᵀ, bias       (L = N, T = K)
+            backward dx      : A = dy, B = W,  U = dv, V = Q              (L = K, T = N)
+            backward dx_lora : HAS_BASE off,   U = dv, V = Q
+        The fp32 accumulator starts from the rank-R product (R-blocks whose g is all zero are
+        skipped), then the base GEMM streams T through it, then the bias is added in the
+        epilogue: no M×L temporary, no second pass. Programs are ordered in groups of GROUP_M
+        row-blocks so that neighbouring programs share B tiles in L2 (Triton matmul tutorial).
+        Per-row rank cap (later issue): multiply `ug` by (offs_r < cap[offs_m]) where g is applied.
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_l = tl.cdiv(L, BLOCK_L)
+        num_pid_in_group = GROUP_M * num_pid_l
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_l = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        m_ok = offs_m < M
+        l_ok = offs_l < L
+        offs_m64 = offs_m.to(tl.int64)
+        offs_l64 = offs_l.to(tl.int64)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
+        if HAS_LORA:
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = offs_r < R
+                g = tl.load(g_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                if tl.max(tl.abs(g), axis=0) > 0:
+                    u = tl.load(
+                        u_ptr + offs_m64[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                        mask=m_ok[:, None] & r_ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    ug = u * g[None, :]
+                    v = tl.load(
+                        v_ptr + offs_r[:, None] * stride_vr + offs_l64[None, :] * stride_vl,
+                        mask=r_ok[:, None] & l_ok[None, :],
+                        other=0.0,
+                    )
+                    acc = tl.dot(ug.to(DOT), v.to(DOT), acc, input_precision=PRECISION)
+        if HAS_BASE:
+            offs_t = tl.arange(0, BLOCK_T)
+            a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_t[None, :] * stride_at
+            b_ptrs = b_ptr + offs_t[:, None] * stride_bt + offs_l64[None, :] * stride_bl
+            for t0 in range(0, T, BLOCK_T):
+                t_left = T - t0
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & (offs_t[None, :] < t_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_t[:, None] < t_left) & l_ok[None, :], other=0.0)
+                acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_T * stride_at
+                b_ptrs += BLOCK_T * stride_bt
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_l, mask=l_ok, other=0.0).to(tl.float32)[None, :]
+
+        out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_l64[None, :] * stride_ol
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & l_ok[None, :])
+
+    def _fused_configs():
+        """Autotune table for the fused GEMM on Hopper/Ampere (bf16/fp16 tensor cores)."""
+        shapes = [  # BLOCK_M, BLOCK_L, BLOCK_T, num_stages, num_warps
+            (128, 256, 64, 3, 8),
+            (256, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 128, 32, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 3, 4),
+            (32, 64, 64, 3, 4),
+        ]
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_L": bl, "BLOCK_T": bt, "GROUP_M": 8}, num_stages=ns, num_warps=nw
+            )
+            for bm, bl, bt, ns, nw in shapes
+        ]
+
+    # Keyed on the layer's shape and rank buffer (L, T, R) and the code path, never on M (the
+    # token count changes every batch; tuning per M would re-run the autotuner all the time).
+    _fused_kernel_tuned = triton.autotune(
+        configs=_fused_configs(), key=["L", "T", "R", "HAS_BASE", "HAS_LORA", "HAS_BIAS"]
+    )(_fused_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: check → allocate → launch
+# ---------------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _block_r(R: int) -> int:
+    """R-block of every kernel: a power of two ≥ 16 (tl.dot's minimum), ≤ 64. Smaller blocks
+    let mask-off slots skip more work; larger ones re-read A fewer times."""
+    return min(max(16, _next_pow2(R)), 32 if R <= 64 else 64)
+
+
+def _skinny_blocks(R: int) -> dict:
+    """Block sizes of the skinny products, from (r_max) only (they are memory-bound)."""
+    if _INTERPRETED:  # few, small programs: the interpreter runs each as numpy, one by one
+        return dict(BLOCK_L=16, BLOCK_T=32, BLOCK_R=_block_r(R))
+    return dict(BLOCK_L=64, BLOCK_T=64, BLOCK_R=_block_r(R), num_warps=4, num_stages=3)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    if dtype == torch.bfloat16:
+        # Triton's interpreter computes bf16 tl.dot wrongly (verified with triton 3.9); fp32
+        # operands hold bf16 values exactly, so the result is the bf16 product with fp32 sums.
+        return tl.float32 if _INTERPRETED else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow PyTorch's own TF32 switch, so both backends round alike."""
+    if dtype == torch.float32 and not _INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if dtype == torch.float32 or _INTERPRETED else "tf32"
+
+
+def _skinny(a, a_strides, b, b_strides, sc, out, out_strides, L, T, R, rowdot=None):
+    """Launch `_skinny_kernel`; returns the partial row-dots [cdiv(L, BLOCK_L), R] when asked."""
+    meta = _skinny_blocks(R)
+    n_l = triton.cdiv(L, meta["BLOCK_L"])
+    part = c = None
+    if rowdot is not None:
+        c = rowdot
+        part = torch.empty(n_l, R, device=out.device, dtype=torch.float32)
+    grid = (n_l, triton.cdiv(R, meta["BLOCK_R"]))
+    _skinny_kernel[grid](
+        a, b, sc, out,
+        out if c is None else c, out if part is None else part,
+        L, T, R,
+        a_strides[0], a_strides[1], b_strides[0], b_strides[1], out_strides[0], out_strides[1],
+        0 if c is None else c.stride(0), 0 if c is None else c.stride(1),
+        HAS_ROWDOT=rowdot is not None,
+        DOT=_dot_dtype(a.dtype),
+        PRECISION=_precision(a.dtype),
+        **meta,
+    )
+    return part
+
+
+def _fused(out, M, L, T, R, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
+           u=None, g=None, v=None, v_strides=(0, 0), bias=None):
+    """Launch `_fused_kernel` (autotuned on GPU; one small fixed config under the interpreter)."""
+    has_base, has_lora = a is not None, u is not None
+    dummy = out
+    args = (
+        dummy if a is None else a, dummy if b is None else b, dummy if u is None else u,
+        dummy if g is None else g, dummy if v is None else v, dummy if bias is None else bias, out,
+        M, L, T, R,
+        a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+        0 if u is None else u.stride(0), 0 if u is None else u.stride(1),
+        v_strides[0], v_strides[1], out.stride(0), out.stride(1),
+    )
+    flags = dict(
+        HAS_BASE=has_base, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        DOT=_dot_dtype(out.dtype), PRECISION=_precision(out.dtype), BLOCK_R=_block_r(R),
+    )
+    if _INTERPRETED:
+        meta = dict(BLOCK_M=16, BLOCK_L=32, BLOCK_T=32, GROUP_M=4)
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_L"]),)
+        _fused_kernel[grid](*args, **flags, **meta)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_L"]),)  # noqa: E731
+        _fused_kernel_tuned[grid](*args, **flags)
+
+
+def _gates(lam, mask, scaling):
+    """(g = s·λ⊙mask, mask) as fp32 [R] vectors: the kernels read them as data, never constants."""
+    maskf = mask.to(torch.float32)
+    return lam.to(torch.float32) * maskf * scaling, maskf
+
+
+def _triton_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
+    """Triton forward on 2-D inputs; same contract as `_torch_fwd` except u is fp32 [M, R]."""
+    M, K = x2.shape
+    N, R = P.shape
+    xl = x2 if xl2 is None else xl2
+    g, maskf = _gates(lam, mask, scaling)
+    u = torch.empty(M, R, device=x2.device, dtype=torch.float32)
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return y, u
+    # u = (x_lora·Qᵀ) ⊙ mask: B[k, r] = Q[r, k]
+    _skinny(xl, xl.stride(), Q, (Q.stride(1), Q.stride(0)), maskf, u, u.stride(), M, K, R)
+    # y = x·Wᵀ + (u⊙g)·Pᵀ + b: B[k, n] = W[n, k], V[r, n] = P[n, r]
+    _fused(
+        y, M, N, K, R,
+        a=x2, a_strides=x2.stride(), b=weight, b_strides=(weight.stride(1), weight.stride(0)),
+        u=u, g=g, v=P, v_strides=(P.stride(1), P.stride(0)), bias=bias,
+    )
+    return y, u
+
+
+def _triton_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
+    """Triton backward on 2-D inputs; same contract as `_torch_bwd`."""
+    M, K = x2.shape
+    N, R = P.shape
+    xl = x2 if xl2 is None else xl2
+    g, maskf = _gates(lam, mask, scaling)
+    dx = dxl = dW = db = dP = dlam = dQ = None
+    dev = dy.device
+    # dv = (dy·P) ⊙ mask [M, R] in fp32, and in the same pass the partial sums of Σ_m u⊙dv
+    dv = torch.empty(M, R, device=dev, dtype=torch.float32)
+    part = None
+    if M > 0:
+        part = _skinny(dy, dy.stride(), P, P.stride(), maskf, dv, dv.stride(), M, N, R, rowdot=u)
+    if needs[0]:
+        dx = torch.empty(M, K, device=dev, dtype=dy.dtype)
+        if M > 0:
+            lora = dict(u=dv, g=g, v=Q, v_strides=Q.stride()) if xl2 is None else {}
+            _fused(dx, M, K, N, R, a=dy, a_strides=dy.stride(), b=weight, b_strides=weight.stride(), **lora)
+    if needs[1] and xl2 is not None:
+        dxl = torch.empty(M, K, device=dev, dtype=dy.dtype)
+        if M > 0:
+            _fused(dxl, M, K, 0, R, u=dv, g=g, v=Q, v_strides=Q.stride())
+    if needs[2]:  # frozen in FlexLinear; kept for completeness of the op
+        dW = (dy.t() @ x2.to(dy.dtype)).to(weight.dtype)
+    if needs[3]:
+        db = dy.sum(0).to(weight.dtype)
+    if needs[4]:
+        dP = torch.zeros(N, R, device=dev, dtype=P.dtype)
+        if M > 0:  # dP[n, r] = Σ_m dy[m, n]·u[m, r]·g[r]: A = dyᵀ
+            _skinny(dy, (dy.stride(1), dy.stride(0)), u, u.stride(), g, dP, dP.stride(), N, M, R)
+    if needs[5]:
+        total = part.sum(0) if part is not None else torch.zeros(R, device=dev)
+        dlam = (total * scaling).to(lam.dtype)  # dv already carries the mask
+    if needs[6]:
+        dQ = torch.zeros(R, K, device=dev, dtype=Q.dtype)
+        if M > 0:  # dQᵀ[k, r] = Σ_m x_lora[m, k]·dv[m, r]·g[r]: A = x_loraᵀ, out through dQᵀ strides
+            _skinny(xl, (xl.stride(1), xl.stride(0)), dv, dv.stride(), g, dQ, (dQ.stride(1), dQ.stride(0)), K, M, R)
+    return dx, dxl, dW, db, dP, dlam, dQ
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch path (CPU). H2 tunes the bodies of these two for CPU speed: keep the signatures.
+# ---------------------------------------------------------------------------------------------
+def _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling=1.0) -> None:
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"flex_linear: x must be a floating-point tensor, got {got}")
+    if x.dim() < 1:
+        raise ValueError("flex_linear: x must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"flex_linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(
             f"flex_linear: x has last dimension {x.shape[-1]}, expected in_features={K} "
             f"(x.shape={tuple(x.shape)})"
         )
+    if lam.dim() != 1:
+        raise ValueError(f"flex_linear: lam must be 1-D [r_max], got shape {tuple(lam.shape)}")
     R = lam.shape[0]
-    if lam.dim() != 1 or P.shape != (N, R) or Q.shape != (R, K) or mask.shape != (R,):
+    if P.shape != (N, R) or Q.shape != (R, K) or mask.shape != (R,):
         raise ValueError(
             "flex_linear: expected P [N, R], lam [R], Q [R, K], mask [R] with N={}, K={}, R={}; "
             "got P {}, lam {}, Q {}, mask {}".format(
                 N, K, R, tuple(P.shape), tuple(lam.shape), tuple(Q.shape), tuple(mask.shape)
             )
         )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"flex_linear: mask must be a bool tensor, got dtype {mask.dtype}")
+    for name, t in (("P", P), ("lam", lam), ("Q", Q)):
+        if not torch.is_floating_point(t):
+            raise TypeError(f"flex_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"flex_linear: bias must have shape ({N},), got {tuple(bias.shape)}")
-    if x_lora is not None and x_lora.shape != x.shape:
-        raise ValueError(
-            f"flex_linear: x_lora must have x's shape {tuple(x.shape)}, got {tuple(x_lora.shape)}"
-        )
+    if x_lora is not None:
+        if x_lora.shape != x.shape:
+            raise ValueError(
+                f"flex_linear: x_lora must have x's shape {tuple(x.shape)}, got {tuple(x_lora.shape)}"
+            )
+        if x_lora.dtype != x.dtype:
+            raise TypeError(f"flex_linear: x_lora must have x's dtype {x.dtype}, got {x_lora.dtype}")
+    named = [("weight", weight), ("bias", bias), ("P", P), ("lam", lam), ("Q", Q), ("mask", mask), ("x_lora", x_lora)]
+    for name, t in named:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"flex_linear: {name} is on {t.device}, expected x's device {x.device}")
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 0:
+            raise ValueError(f"flex_linear: scaling must be a float or a 0-d tensor, got shape {tuple(scaling.shape)}")
+    elif not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"flex_linear: scaling must be a float or a 0-d tensor, got {type(scaling).__name__}")
 
 
 def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tensor:
@@ -105,41 +478,119 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
     return dx, dxl, dW, db, dP, dlam, dQ
 
 
-class _FlexLinearTorch(torch.autograd.Function):
-    """Torch-path autograd for 2-D inputs. Saves x, x_lora and u = x_lora Qᵀ ([M, R]), nothing [M, N]."""
-
-    @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, P, lam, Q, mask, scaling):
-        y, u = _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, scaling)
-        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, u)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, x_lora, weight, P, lam, Q, mask, u = ctx.saved_tensors
-        grads = _torch_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, ctx.scaling, ctx.needs_input_grad[:7])
-        return (*grads, None, None)
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: one opaque node for torch.compile, with fake shapes and an autograd formula
+# ---------------------------------------------------------------------------------------------
+def _scale(scaling: float, scaling_t: Optional[torch.Tensor]) -> Scaling:
+    return scaling if scaling_t is None else scaling_t
 
 
-def flex_linear_torch(
+@torch.library.custom_op("flexlora::flex_linear", mutates_args=())
+def _op_fwd(
     x: torch.Tensor,
+    x_lora: Optional[torch.Tensor],
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     P: torch.Tensor,
     lam: torch.Tensor,
     Q: torch.Tensor,
     mask: torch.Tensor,
-    scaling: Scaling,
-    x_lora: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Torch path of :func:`flex_linear` (same arguments, no checks)."""
-    lead = x.shape[:-1]
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    xl2 = None if x_lora is None else x_lora.reshape(-1, K)
-    y = _FlexLinearTorch.apply(x2, xl2, weight, bias, P, lam, Q, mask, scaling)
-    return y.reshape(*lead, weight.shape[0])
+    scaling: float,
+    scaling_t: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D forward: returns (y [M, N], u [M, R]); u is returned only to be saved for backward."""
+    s = _scale(scaling, scaling_t)
+    if backend == "triton":
+        return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+    return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+
+
+@_op_fwd.register_fake
+def _op_fwd_fake(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
+    M, N, R = x.shape[0], weight.shape[0], P.shape[1]
+    u_dtype = torch.float32 if backend == "triton" else x.dtype
+    return x.new_empty(M, N), x.new_empty(M, R, dtype=u_dtype)
+
+
+@torch.library.custom_op("flexlora::flex_linear_backward", mutates_args=())
+def _op_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    x_lora: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    P: torch.Tensor,
+    lam: torch.Tensor,
+    Q: torch.Tensor,
+    mask: torch.Tensor,
+    u: torch.Tensor,
+    scaling: float,
+    scaling_t: Optional[torch.Tensor],
+    backend: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2-D backward: (dx, dx_lora, dweight, dbias, dP, dlam, dQ); an empty tensor where not needed."""
+    s = _scale(scaling, scaling_t)
+    impl = _triton_bwd if backend == "triton" else _torch_bwd
+    grads = impl(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
+    return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
+
+
+@_op_bwd.register_fake
+def _op_bwd_fake(dy, x, x_lora, weight, P, lam, Q, mask, u, scaling, scaling_t, backend, needs):
+    shapes = [
+        (needs[0], x.shape, dy.dtype),
+        (needs[1] and x_lora is not None, x.shape, dy.dtype),
+        (needs[2], weight.shape, weight.dtype),
+        (needs[3], weight.shape[:1], weight.dtype),
+        (needs[4], P.shape, P.dtype),
+        (needs[5], lam.shape, lam.dtype),
+        (needs[6], Q.shape, Q.dtype),
+    ]
+    return tuple(dy.new_empty(shape if need else (0,), dtype=dt if need else dy.dtype) for need, shape, dt in shapes)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend = inputs
+    ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, output[1], scaling_t)
+    ctx.scaling = scaling
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, dy, du):
+    x, x_lora, weight, P, lam, Q, mask, u, scaling_t = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    needs[1] = needs[1] and x_lora is not None
+    grads = _op_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, ctx.scaling, scaling_t, ctx.backend, needs)
+    # scaling is a constant of the layer (alpha / r_init): no gradient, also when given as a tensor
+    return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
+
+
+_op_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def _resolve_backend(x: torch.Tensor, backend: Optional[str]) -> str:
+    chosen = choose_backend(x, backend)
+    if chosen != "triton":
+        return chosen
+    explicit = backend == "triton" or (backend is None and os.environ.get("FLEXLORA_BACKEND") == "triton")
+    problem = None
+    if x.dtype not in _TRITON_DTYPES:
+        problem = f"the Triton kernels support x of dtype float32, float16 or bfloat16, got {x.dtype}"
+    elif x.device.type == "cpu" and not _INTERPRETED:
+        problem = (
+            "TRITON_INTERPRET=1 must be set before flexlora is imported to run the Triton kernels on "
+            "CPU tensors (triton picks compiled vs interpreted kernels when they are defined)"
+        )
+    if problem is None:
+        return "triton"
+    if explicit:
+        raise RuntimeError(f"flex_linear: backend='triton' cannot run here: {problem}")
+    return "torch"
 
 
 def flex_linear(
@@ -155,24 +606,51 @@ def flex_linear(
     x_lora: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Masked FlexLoRA linear.
+    """Masked FlexLoRA linear: ``y = x Wᵀ + b + s·((x_lora Qᵀ) ⊙ (λ⊙mask)) Pᵀ``.
 
     Args:
-        x: [..., K] input (fp32, fp16 or bf16; any leading dims; need not be contiguous).
-        weight: [N, K] frozen base weight; bias: [N] or None.
-        P: [N, R], lam: [R], Q: [R, K] adapter factors (fp32 by default; computed in x's dtype).
-        mask: [R] bool, active slots.
-        scaling: s, a float or 0-d tensor.
-        x_lora: optional [..., K] input of the adapter branch only (e.g. dropout(x)); x is used
-            when None.
-        backend: "triton", "torch" or None (Triton on CUDA or under TRITON_INTERPRET=1).
+        x: [..., K] input (fp32, fp16 or bf16 on the Triton path, any float on the torch path;
+            any leading dims; need not be contiguous).
+        weight: [N, K] base weight; bias: [N] or None.
+        P: [N, R], lam: [R], Q: [R, K] adapter factors (any float dtype; the products run in
+            x's dtype with fp32 accumulation on the Triton path).
+        mask: [R] bool, active slots (R = r_max).
+        scaling: s, a float or a 0-d tensor (a constant: it gets no gradient).
+        x_lora: optional [..., K] input of the adapter branch only (e.g. dropout(x)), same dtype
+            as x; x is used when None.
+        backend: "triton", "torch" or None: Triton for CUDA tensors, and for CPU tensors when
+            TRITON_INTERPRET=1; the torch path otherwise; env FLEXLORA_BACKEND sets the default.
 
     Returns:
-        y: [..., N] in x's dtype.
+        y: [..., N] in x's dtype. Differentiable in x, x_lora, weight, bias, P, lam and Q.
     """
-    _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora)
-    if choose_backend(x, backend) == "triton":
-        from . import flex_linear_triton  # noqa: F401  (filled in by the kernels issue)
+    _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling)
+    chosen = _resolve_backend(x, backend)
+    return _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, chosen)
 
-        return flex_linear_triton.flex_linear_triton(x, weight, bias, P, lam, Q, mask, scaling, x_lora)
-    return flex_linear_torch(x, weight, bias, P, lam, Q, mask, scaling, x_lora)
+
+def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    xl2 = None if x_lora is None else x_lora.reshape(-1, K)
+    if isinstance(scaling, torch.Tensor):
+        s, s_t = 1.0, scaling.to(device=x.device, dtype=torch.float32)
+    else:
+        s, s_t = float(scaling), None
+    y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def flex_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    P: torch.Tensor,
+    lam: torch.Tensor,
+    Q: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: Scaling,
+    x_lora: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Torch path of :func:`flex_linear` (same arguments, no checks)."""
+    return _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, "torch")
