@@ -7,7 +7,7 @@ stack (one bmm / eigh / reduction for a whole group of same-shaped modules), not
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,9 +33,12 @@ def stack_lam_mask(modules: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
     return lam, mask
 
 
-def shape_groups(modules: Sequence, max_elems: int = MAX_CHUNK_ELEMS) -> Iterator[List[int]]:
+def shape_groups(modules: Sequence, max_elems: Optional[int] = None) -> Iterator[List[int]]:
     """Indices of modules sharing (out, in, r_max, dtype, device), in module order, split into
-    chunks whose stacked P and Q hold at most ``max_elems`` elements (at least one module)."""
+    chunks whose stacked P and Q hold at most ``max_elems`` elements (default MAX_CHUNK_ELEMS,
+    read at call time; at least one module per chunk)."""
+    if max_elems is None:
+        max_elems = MAX_CHUNK_ELEMS
     groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
     for i, m in enumerate(modules):
         key = (tuple(m.P.shape), tuple(m.Q.shape), m.P.dtype, m.Q.dtype, m.P.device)
