@@ -574,6 +574,7 @@ _op_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 # Public function
 # ---------------------------------------------------------------------------------------------
 def _resolve_backend(x: torch.Tensor, backend: Optional[str]) -> str:
+    """The backend that runs (x's device and dtype, `backend`, env), with errors for impossible asks."""
     chosen = choose_backend(x, backend)
     if chosen != "triton":
         return chosen
@@ -591,6 +592,11 @@ def _resolve_backend(x: torch.Tensor, backend: Optional[str]) -> str:
     if explicit:
         raise RuntimeError(f"flex_linear: backend='triton' cannot run here: {problem}")
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend_traced(device_type: str, dtype: torch.dtype, backend: Optional[str]) -> str:
+    return _resolve_backend(torch.empty(0, device=device_type, dtype=dtype), backend)
 
 
 def flex_linear(
@@ -625,7 +631,12 @@ def flex_linear(
         y: [..., N] in x's dtype. Differentiable in x, x_lora, weight, bias, P, lam and Q.
     """
     _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling)
-    chosen = _resolve_backend(x, backend)
+    if torch.compiler.is_compiling():
+        # Decided once per traced graph from static facts (device, dtype, env); keeps dynamo out
+        # of choose_backend's lru_cache / importlib internals.
+        chosen = _resolve_backend_traced(x.device.type, x.dtype, backend)
+    else:
+        chosen = _resolve_backend(x, backend)
     return _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, chosen)
 
 
