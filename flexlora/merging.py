@@ -1,5 +1,8 @@
 """Fold adapters into the base weights: `merge`, `unmerge`, `merge_and_unload`.
 
+(The module is `merging`, not `merge`: a submodule named like the function would replace
+`flexlora.merge` by the module as soon as it is imported.)
+
 merge:   W ← cast(W₃₂ + ΔW₃₂),  ΔW = s·P·diag(λ⊙mask)·Q computed in float32 whatever W's dtype.
 unmerge: W ← cast(W'₃₂ − ΔW₃₂). In float32 this restores W to rounding (~1e-7 relative). In
 bf16/fp16 the merged weight was rounded once, so subtracting cannot give W back bit-exactly (errors

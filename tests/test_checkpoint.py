@@ -1,0 +1,293 @@
+"""save_adapter / load_adapter: exact round trip of variable-rank adapters, first-mismatch errors,
+atomic saves that survive injected failures, clear errors on bad directories."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import flexlora
+from flexlora import FlexLoRAConfig, flex_modules, load_adapter, save_adapter, wrap
+from flexlora.checkpoint import ALLOCATOR_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def base_llama(hidden=32, layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def adapter_config(**kw):
+    args = dict(r_init=3, r_max=6, alpha=8.0, target_modules=TARGETS, total_steps=100, t_warmup=1, t_final=0)
+    args.update(kw)
+    return FlexLoRAConfig(**args)
+
+
+def randomize(model, seed=1):
+    """Trained-looking adapters: random λ, P, Q; masks with ranks 0, r_max and in between."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (_, m) in enumerate(flex_modules(model)):
+            m.P.normal_(generator=g)
+            m.Q.normal_(generator=g)
+            m.lam.normal_(generator=g)
+            mask = torch.rand(m.r_max, generator=g) < 0.5
+            if i == 0:
+                mask[:] = False  # rank 0
+            if i == 1:
+                mask[:] = True  # rank r_max
+            m.mask.copy_(mask)
+    return model
+
+
+def trained_llama(seed=1, **kw):
+    return randomize(wrap(base_llama(), adapter_config(**kw)), seed)
+
+
+def adapter_state(model):
+    return {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in flex_modules(model) for k in ("P", "lam", "Q", "mask")}
+
+
+def file_bytes(d):
+    return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("prewrapped", [False, True], ids=["base-model-wrapped-by-load", "prewrapped"])
+def test_round_trip_restores_buffers_masks_and_outputs(tmp_path, prewrapped):
+    model = trained_llama()
+    save_adapter(model, tmp_path / "ad")
+    fresh = base_llama()
+    if prewrapped:
+        wrap(fresh, adapter_config())
+    out = load_adapter(fresh, tmp_path / "ad")
+    assert out is fresh
+    want, got = adapter_state(model), adapter_state(fresh)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), f"{k} differs after load"
+    ranks = [m.rank for _, m in flex_modules(fresh)]
+    assert ranks == [m.rank for _, m in flex_modules(model)] and 0 in ranks and 6 in ranks
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, fresh(IDS).logits)
+    assert fresh.flexlora_config.to_dict() == model.flexlora_config.to_dict()
+
+
+def test_config_json_records_ranks_shapes_and_version(tmp_path):
+    model = trained_llama()
+    save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["flexlora_version"] == flexlora.__version__
+    assert meta["r_max"] == 6 and meta["config"] == model.flexlora_config.to_dict()
+    mods = flex_modules(model)
+    assert list(meta["modules"]) == [n for n, _ in mods]
+    for n, m in mods:
+        info = meta["modules"][n]
+        assert (info["rank"], info["in_features"], info["out_features"]) == (m.rank, m.in_features, m.out_features)
+        assert info["scaling"] == pytest.approx(8.0 / 3)
+    assert meta["total_rank"] == sum(m.rank for _, m in mods)
+    tensors = safetensors.torch.load_file(str(tmp_path / WEIGHTS_NAME))
+    assert tensors["model.layers.0.self_attn.q_proj.P"].shape == (32, 6)  # full r_max buffer
+    assert tensors["model.layers.0.self_attn.q_proj.mask"].dtype == torch.bool
+
+
+def test_modules_to_save_round_trip_bert(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+    base_sd = BertForSequenceClassification(cfg).state_dict()
+
+    def fresh():
+        m = BertForSequenceClassification(cfg).eval()
+        m.load_state_dict(base_sd)
+        return m
+
+    fc = adapter_config(target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = randomize(wrap(fresh(), fc))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(fresh(), tmp_path)
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+# ---------------------------------------------------------------------------------- mismatches
+
+
+def test_mismatch_other_base_model_names_first_module(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*\[out, in\] = \[32, 32\].*\[48, 48\]"):
+        load_adapter(wrap(base_llama(hidden=48), adapter_config()), tmp_path)
+
+
+def test_mismatch_missing_module(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    model = wrap(base_llama(), adapter_config(target_modules=["q_proj", "down_proj"]))
+    with pytest.raises(ValueError, match=r"saved module 'model\.layers\.0\.self_attn\.v_proj' has no FlexLinear"):
+        load_adapter(model, tmp_path)
+
+
+def test_mismatch_unexpected_module(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    model = wrap(base_llama(), adapter_config(target_modules=TARGETS + ["k_proj"]))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj' is not in the save \(unexpected"):
+        load_adapter(model, tmp_path)
+
+
+def test_mismatch_r_max(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    model = wrap(base_llama(), adapter_config(r_max=8))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj' was saved with r_max=6.*r_max=8"):
+        load_adapter(model, tmp_path)
+
+
+def test_mismatch_scaling(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    model = wrap(base_llama(), adapter_config(alpha=16.0))
+    with pytest.raises(ValueError, match=r"scaling"):
+        load_adapter(model, tmp_path)
+
+
+def test_failed_load_leaves_model_untouched(tmp_path):
+    save_adapter(trained_llama(seed=1), tmp_path)
+    model = trained_llama(seed=2, target_modules=TARGETS + ["k_proj"])
+    before = adapter_state(model)
+    with pytest.raises(ValueError):
+        load_adapter(model, tmp_path)
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------- atomic saves
+
+
+def _partial_then_fail(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"\x00" * 100)  # a torn file
+    raise OSError(28, "No space left on device (injected)")
+
+
+class _BadAllocator:
+    def state_dict(self):
+        raise RuntimeError("allocator state failed (injected)")
+
+
+@pytest.mark.parametrize("where", ["safetensors-write", "allocator-state"])
+def test_failed_save_keeps_previous_save(tmp_path, monkeypatch, where):
+    target = tmp_path / "adapter"
+    old_model = trained_llama(seed=1)
+    save_adapter(old_model, target)
+    (target / "notes.txt").write_text("user file")
+    old = file_bytes(target)
+
+    new_model = trained_llama(seed=2)
+    if where == "safetensors-write":
+        monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_fail)
+        with pytest.raises(OSError, match="injected"):
+            save_adapter(new_model, target)
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            save_adapter(new_model, target, allocator=_BadAllocator())
+    monkeypatch.undo()
+
+    assert file_bytes(target) == old, "previous save was modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "temporary directory left behind"
+    loaded = load_adapter(base_llama(), target)
+    want = adapter_state(old_model)
+    assert all(torch.equal(v, adapter_state(loaded)[k]) for k, v in want.items())
+
+
+def test_resave_replaces_flexlora_files_and_keeps_other_files(tmp_path):
+    save_adapter(trained_llama(seed=1), tmp_path / "ad", allocator=None)
+    (tmp_path / "ad" / ALLOCATOR_NAME).write_bytes(b"stale")
+    (tmp_path / "ad" / "notes.txt").write_text("keep me")
+    new = trained_llama(seed=2)
+    save_adapter(new, tmp_path / "ad")
+    assert (tmp_path / "ad" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "ad" / ALLOCATOR_NAME).exists(), "stale allocator state of an older save kept"
+    loaded = load_adapter(base_llama(), tmp_path / "ad")
+    assert torch.equal(adapter_state(loaded)["model.layers.1.mlp.down_proj.lam"],
+                       adapter_state(new)["model.layers.1.mlp.down_proj.lam"])
+
+
+def test_allocator_state_sidecar_round_trip(tmp_path):
+    class Alloc:
+        def __init__(self, v):
+            self.state = {"step": v, "history": [{"step": v, "module": "a", "rank": 3, "score": 0.5}]}
+
+        def state_dict(self):
+            return copy.deepcopy(self.state)
+
+        def load_state_dict(self, sd):
+            self.state = sd
+
+    save_adapter(trained_llama(), tmp_path, allocator=Alloc(7))
+    assert (tmp_path / ALLOCATOR_NAME).is_file()
+    fresh = Alloc(0)
+    load_adapter(base_llama(), tmp_path, allocator=fresh)
+    assert fresh.state == Alloc(7).state
+    save_adapter(trained_llama(), tmp_path / "no_alloc")
+    with pytest.raises(FileNotFoundError, match=r"allocator_state\.pt"):
+        load_adapter(base_llama(), tmp_path / "no_alloc", allocator=Alloc(0))
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_unwritable_target_names_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="a_file"):
+        save_adapter(trained_llama(), blocker / "adapter")
+    with pytest.raises(NotADirectoryError, match="a_file"):
+        save_adapter(trained_llama(), blocker)
+
+
+def test_missing_and_corrupt_files_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_adapter(base_llama(), tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.*flexlora_config\.json"):
+        load_adapter(base_llama(), tmp_path / "empty")
+
+    save_adapter(trained_llama(), tmp_path / "bad_json")
+    (tmp_path / "bad_json" / CONFIG_NAME).write_text('{"config": ')
+    with pytest.raises(ValueError, match=r"bad_json.*flexlora_config\.json.*corrupt"):
+        load_adapter(base_llama(), tmp_path / "bad_json")
+
+    save_adapter(trained_llama(), tmp_path / "bad_weights")
+    w = tmp_path / "bad_weights" / WEIGHTS_NAME
+    w.write_bytes(w.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"bad_weights.*adapter_model\.safetensors.*corrupt"):
+        load_adapter(base_llama(), tmp_path / "bad_weights")
+
+    save_adapter(trained_llama(), tmp_path / "no_weights")
+    (tmp_path / "no_weights" / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_weights.*adapter_model\.safetensors"):
+        load_adapter(base_llama(), tmp_path / "no_weights")
+
+
+def test_save_rejects_unwrapped_and_merged_models(tmp_path):
+    with pytest.raises(ValueError, match="not wrapped"):
+        save_adapter(base_llama(), tmp_path / "a")
+    model = trained_llama()
+    from flexlora.merging import merge
+
+    merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        save_adapter(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,145 @@
+"""merge / unmerge / merge_and_unload against a float64 reference W + s·P·diag(λ⊙mask)·Q."""
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flexlora
+from flexlora import FlexLinear, FlexLoRAConfig, flex_modules, wrap
+from flexlora.merging import merge, merge_and_unload, unmerge
+
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+MASKS = ["all-on", "all-off", "random"]
+
+
+def trained_llama(dtype=torch.float32, mask_kind="random"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    wrap(model, FlexLoRAConfig(r_init=3, r_max=6, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                               total_steps=100, t_warmup=1, t_final=0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            m.P.normal_(generator=g)
+            m.Q.normal_(generator=g)
+            m.lam.normal_(std=0.5, generator=g)
+            mask = {"all-on": torch.ones(6, dtype=torch.bool), "all-off": torch.zeros(6, dtype=torch.bool),
+                    "random": torch.rand(6, generator=g) < 0.5}[mask_kind]
+            m.mask.copy_(mask)
+    return model
+
+
+def reference_merged(m):
+    """W + s·Σ_{j active} λ_j P[:, j] Q[j, :], in float64, written from the math."""
+    W = m.weight.detach().double().clone()
+    for j in range(m.r_max):
+        if m.mask[j]:
+            W += m.scaling * m.lam[j].double() * torch.outer(m.P[:, j].double(), m.Q[j].double())
+    return W
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_merge_fp32_matches_float64_reference_and_forward(mask_kind):
+    model = trained_llama(mask_kind=mask_kind)
+    refs = {n: reference_merged(m) for n, m in flex_modules(model)}
+    with torch.no_grad():
+        before = model(IDS).logits
+    assert merge(model) is model
+    for n, m in flex_modules(model):
+        assert m.merged
+        err = (m.weight.double() - refs[n]).abs().max().item()
+        assert err <= 1e-6 * refs[n].abs().max().item(), f"{n}: merged W off by {err}"
+    with torch.no_grad():
+        after = model(IDS).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    merge(model)  # idempotent: already merged modules are left alone
+    for n, m in flex_modules(model):
+        assert (m.weight.double() - refs[n]).abs().max().item() <= 1e-6 * refs[n].abs().max().item()
+
+
+def test_unmerge_fp32_round_trip():
+    model = trained_llama()
+    W0 = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    with torch.no_grad():
+        before = model(IDS).logits
+    merged_ref = {n: reference_merged(m) for n, m in flex_modules(model)}
+    unmerge(merge(model))
+    eps = torch.finfo(torch.float32).eps
+    for n, m in flex_modules(model):
+        assert not m.merged
+        # two fp32 roundings (merge, unmerge), each <= eps/2 of the value rounded
+        err = (m.weight.double() - W0[n].double()).abs()
+        bound = eps / 2 * (merged_ref[n].abs() + W0[n].double().abs()) + 1e-30
+        assert (err <= bound).all(), f"{n}: fp32 round trip error {err.max().item()} beyond two roundings"
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+    W1 = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    unmerge(model)  # no-op on unmerged modules
+    assert all(torch.equal(m.weight, W1[n]) for n, m in flex_modules(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_merge_low_precision_rounds_once(dtype):
+    model = trained_llama(dtype)
+    refs = {n: reference_merged(m) for n, m in flex_modules(model)}
+    merge(model)
+    ulp = torch.finfo(dtype).eps  # relative spacing: rounding to nearest errs by <= eps/2 · |x|
+    for n, m in flex_modules(model):
+        assert m.weight.dtype == dtype
+        err = (m.weight.double() - refs[n]).abs()
+        assert (err <= ulp / 2 * refs[n].abs() + 1e-30).all(), f"{n}: merged W is not the rounded fp64 value"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_unmerge_low_precision_lossy_by_subtraction_exact_with_keep_original(dtype):
+    model = trained_llama(dtype)
+    W0 = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    merged_ref = {n: reference_merged(m) for n, m in flex_modules(model)}
+    unmerge(merge(model))
+    ulp = torch.finfo(dtype).eps
+    worst = 0.0
+    for n, m in flex_modules(model):
+        err = (m.weight.double() - W0[n].double()).abs()
+        # one rounding in merge + one in unmerge: each <= eps/2 of the value rounded
+        bound = ulp / 2 * (merged_ref[n].abs() + W0[n].double().abs()) + 1e-30
+        assert (err <= bound).all(), f"{n}: {dtype} round trip error beyond two roundings"
+        worst = max(worst, err.max().item())
+    assert worst > 0, "subtracting ΔW in low precision was expected to be lossy (test premise)"
+
+    model = trained_llama(dtype)
+    unmerge(merge(model, keep_original=True))
+    for n, m in flex_modules(model):
+        assert torch.equal(m.weight, W0[n]), f"{n}: keep_original round trip not bit-exact"
+        assert not hasattr(m, "_flexlora_unmerged_weight")
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_merge_and_unload_gives_plain_linears_with_same_outputs(mask_kind):
+    model = trained_llama(mask_kind=mask_kind)
+    with torch.no_grad():
+        before = model(IDS).logits
+    weights = {n: m.weight for n, m in flex_modules(model)}
+    out = merge_and_unload(model)
+    assert out is model
+    assert not any(isinstance(m, FlexLinear) for m in model.modules())
+    assert not hasattr(model, "flexlora_config")
+    for n, w in weights.items():
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and lin.weight is w and not lin.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_rejects_unwrapped_model():
+    with pytest.raises(ValueError, match="no FlexLinear"):
+        merge(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_public_names_are_the_functions():
+    # flexlora/__init__ must map merge/unmerge/merge_and_unload to "flexlora.merging"
+    assert flexlora.merge is merge and flexlora.unmerge is unmerge and flexlora.merge_and_unload is merge_and_unload
