@@ -1,0 +1,447 @@
+"""RankAllocator: scripted prune/expand, ties, clamping, budget invariant, optimizer surgery,
+zero impact, weight decay on inactive slots, orthogonality, history/CSV/heat map, resume, guard."""
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import flexlora
+from flexlora import FlexLinear, FlexLoRAConfig, RankAllocator
+from flexlora.alloc.allocator import event_seed, plan_event
+
+# Most tests drive events directly, without an optimizer; that warning has its own test.
+pytestmark = pytest.mark.filterwarnings("ignore:RankAllocator.step. no optimizer was given")
+
+
+def entropy64(lams):
+    """Normalized spectral entropy from the math, float64 (independent of the code under test)."""
+    e = [float(v) ** 2 for v in lams]
+    r, tot = len(e), sum(e)
+    if r < 2 or tot == 0:
+        return 0.0
+    return -sum((x / tot) * math.log(x / tot + 1e-12) for x in e) / math.log(r)
+
+
+class Bank(nn.Module):
+    """n FlexLinear modules side by side (each may have its own r_max)."""
+
+    def __init__(self, r_maxes, r_init, in_f=5, out_f=7, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList(
+            FlexLinear(in_f, out_f, r_max=r, r_init=min(r_init, r), alpha=4.0) for r in r_maxes
+        )
+
+    def forward(self, x):
+        return sum(layer(x) for layer in self.layers)
+
+
+def config(**kw):
+    base = dict(r_init=3, r_max=6, target_modules=["x"], total_steps=100, t_warmup=10, t_final=20,
+                delta_t=5, b0=2, r_min=1, orth_reg=0.0)
+    base.update(kw)
+    return FlexLoRAConfig(**base)
+
+
+def script(bank, spec):
+    """spec: per module {slot: λ} of its ACTIVE slots; every other slot becomes inactive."""
+    with torch.no_grad():
+        for m, slots in zip(bank.layers, spec):
+            m.mask.zero_()
+            m.lam.zero_()
+            for j, v in slots.items():
+                m.mask[j] = True
+                m.lam[j] = v
+
+
+def masks(bank):
+    return [sorted(torch.nonzero(m.mask).flatten().tolist()) for m in bank.layers]
+
+
+SPEC = [
+    {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0},            # m0: uniform -> 1.0, rank 4 < 6: expands first
+    {0: 2.0, 1: 1.0, 2: 1.0},                    # m1: 0.79, expands second
+    {j: 1.0 for j in range(6)},                  # m2: uniform but full (rank 6 = r_max): never expands
+    {1: 5.0, 3: 0.1},                            # m3: ~0.003, lowest prunable -> loses slot 3
+    {2: 0.7},                                    # m4: rank 1 = r_min: never pruned despite score 0
+    {0: 3.0, 1: 0.2, 2: 0.05, 3: 0.2, 4: 1.0},   # m5: ~0.28, second lowest prunable -> loses slot 2
+]
+
+
+def test_scripted_prune_expand():
+    bank = Bank([6] * 6, r_init=3)
+    script(bank, SPEC)
+    al = RankAllocator(bank, config())
+    # The order the expected flips rely on, from the float64 reference:
+    ref = [entropy64(s.values()) for s in SPEC]
+    assert ref[3] < ref[5] < ref[1] < ref[0] and ref[4] == 0.0
+    got = [r["score"] for r in al.history if r["step"] == 0]
+    assert got == pytest.approx(ref, abs=1e-5)
+
+    ev = al._event(10, 2)
+    assert ev.pruned == [("layers.3", 3), ("layers.5", 2)]
+    assert ev.expanded == [("layers.0", 4), ("layers.1", 3)]
+    assert masks(bank) == [[0, 1, 2, 3, 4], [0, 1, 2, 3], list(range(6)), [1], [2], [0, 1, 3, 4]]
+    assert ev.total_rank == al.total_rank == 4 + 3 + 6 + 2 + 1 + 5
+    # Pruned slots are zeroed; expanded slots start with λ = 0 and a fresh non-zero P column / Q row.
+    m3, m0 = bank.layers[3], bank.layers[0]
+    assert m3.lam[3] == 0 and not m3.P[:, 3].any() and not m3.Q[3].any()
+    assert m0.lam[4] == 0 and m0.P[:, 4].abs().min() > 0 and m0.Q[4].abs().min() > 0
+
+
+def test_ties_go_by_module_order_and_lowest_slot():
+    bank = Bank([4] * 4, r_init=2)
+    same = {0: 1.0, 1: 0.5, 2: 0.5}  # equal |λ| in slots 1, 2: slot 1 goes
+    script(bank, [same, same, same, same])
+    al = RankAllocator(bank, config(r_max=4))
+    ev = al._event(10, 1)
+    assert ev.pruned == [("layers.0", 1)]
+    assert ev.expanded == [("layers.1", 3)]  # layers.0 is taken by the prune side (disjoint)
+    assert masks(bank) == [[0, 2], [0, 1, 2, 3], [0, 1, 2], [0, 1, 2]]
+
+
+def test_plan_event_rules():
+    # Clamping: only one module is above r_min, so only one pair moves even with b = 3.
+    assert plan_event([0.1, 0.2, 0.3, 0.9], [1, 1, 3, 1], [4] * 4, 1, 3) == ([2], [3])
+    # Expand side clamps too: every module but the pruned one is full.
+    assert plan_event([0.1, 0.2, 0.3], [2, 4, 4], [4, 4, 4], 1, 2) == ([], [])
+    assert plan_event([0.1, 0.2, 0.3], [3, 4, 2], [4, 4, 4], 1, 2) == ([0], [2])
+    # Ties: stable, lower index first on both sides.
+    assert plan_event([0.5, 0.5, 0.5, 0.5], [2] * 4, [4] * 4, 1, 1) == ([0], [1])
+    # Modes.
+    assert plan_event([0.1, 0.2, 0.3], [2, 2, 2], [4] * 3, 1, 2, "prune_only") == ([0, 1], [])
+    assert plan_event([0.1, 0.2, 0.3], [2, 2, 2], [4] * 3, 1, 2, "expand_only") == ([], [2, 1])
+    assert plan_event([0.1, 0.2], [2, 2], [4, 4], 1, 0) == ([], [])
+    with pytest.raises(ValueError, match="mode must be"):
+        plan_event([0.1], [2], [4], 1, 1, "both")
+
+
+@pytest.mark.parametrize("mode,delta", [("prune_only", -1), ("expand_only", +1)], ids=["prune_only", "expand_only"])
+def test_ablation_modes_change_the_budget_by_design(mode, delta):
+    bank = Bank([6] * 4, r_init=3)
+    al = RankAllocator(bank, config(allocation_mode=mode))
+    ev = al._event(10, 2)
+    assert al.total_rank == 12 + 2 * delta == sum(len(m) for m in masks(bank))
+    assert (len(ev.pruned), len(ev.expanded)) == ((2, 0) if delta < 0 else (0, 2))
+
+
+def test_budget_invariant_over_1000_random_events():
+    r_maxes = [2, 3, 4, 5, 6, 6, 4, 3, 8, 5, 2, 7]
+    bank = Bank(r_maxes, r_init=2, in_f=3, out_f=4)
+    al = RankAllocator(bank, config(r_min=1, r_max=8, r_init=2))
+    budget = al.total_rank
+    g = torch.Generator().manual_seed(1)
+    moved = 0
+    for k in range(1000):
+        with torch.no_grad():
+            for m in bank.layers:
+                lam = torch.randn(m.r_max, generator=g)
+                lam[torch.rand(m.r_max, generator=g) < 0.2] = 0.0  # some exact zeros and ties
+                m.lam.copy_(lam * m.mask)
+        b = int(torch.randint(0, 6, (1,), generator=g))
+        ev = al._event(10 + k, b)
+        ranks = [len(s) for s in masks(bank)]
+        assert sum(ranks) == budget == al.total_rank == ev.total_rank, f"event {k}"
+        assert all(1 <= r <= rm for r, rm in zip(ranks, r_maxes)), f"event {k}: {ranks}"
+        assert len(ev.pruned) == len(ev.expanded) <= b
+        assert not {n for n, _ in ev.pruned} & {n for n, _ in ev.expanded}
+        moved += len(ev.pruned)
+    assert moved > 500
+    for m in bank.layers:  # inactive slots hold exact zeros
+        off = ~m.mask
+        assert not m.P[:, off].any() and not m.lam[off].any() and not m.Q[off].any()
+
+
+def _trained_bank(steps=5, wd=0.1, expand_init="zero_impact", mode="prune_expand"):
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(expand_init=expand_init, allocation_mode=mode))
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2, weight_decay=wd)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, steps + 1):
+        x = torch.randn(16, 5, generator=g)
+        (bank(x) ** 2).mean().backward()
+        opt.step()
+        al.step(t, opt)
+        opt.zero_grad()
+    return bank, al, opt
+
+
+def test_optimizer_state_surgery_is_exact():
+    bank, al, opt = _trained_bank()
+    before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in bank.parameters() if p in opt.state}
+    ptrs = [(m.P.data_ptr(), m.lam.data_ptr(), m.Q.data_ptr(), m.mask.data_ptr()) for m in bank.layers]
+    ev = al._event(10, 2)
+    assert ev.pruned and ev.expanded
+    assert ptrs == [(m.P.data_ptr(), m.lam.data_ptr(), m.Q.data_ptr(), m.mask.data_ptr()) for m in bank.layers]
+    touched = {}
+    for name, j in ev.pruned + ev.expanded:
+        touched.setdefault(int(name.split(".")[1]), set()).add(j)
+    for i, m in enumerate(bank.layers):
+        slots = sorted(touched.get(i, ()))
+        for p, index in ((m.P, lambda s: (slice(None), s)), (m.lam, lambda s: s), (m.Q, lambda s: (s, slice(None)))):
+            st, old = opt.state[p], before[id(p)]
+            assert torch.equal(st["step"], old["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                expect = old[key].clone()
+                for s in slots:
+                    expect[index(s)] = 0
+                assert torch.equal(st[key], expect), f"layer {i} {key} slots {slots}"
+    # The pruned slot had non-zero moments before (else this test could not fail).
+    pruned_layer, pruned_slot = int(ev.pruned[0][0].split(".")[1]), ev.pruned[0][1]
+    m = bank.layers[pruned_layer]
+    assert before[id(m.P)]["exp_avg"][:, pruned_slot].abs().sum() > 0
+    assert before[id(m.lam)]["exp_avg_sq"][pruned_slot] > 0
+
+
+def test_inactive_slots_do_not_move_under_adamw_weight_decay():
+    bank, al, opt = _trained_bank(steps=3, wd=0.5)
+    al._event(10, 2)  # pruned slots now inactive too
+    snap = [(m.mask.clone(), m.P.detach().clone(), m.lam.detach().clone(), m.Q.detach().clone()) for m in bank.layers]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        x = torch.randn(16, 5, generator=g)
+        (bank(x) ** 2).mean().backward()
+        for m in bank.layers:  # the op gives exactly zero gradient to inactive slots
+            off = ~m.mask
+            assert not m.P.grad[:, off].any() and not m.lam.grad[off].any() and not m.Q.grad[off].any()
+        opt.step()
+        opt.zero_grad()
+    for m, (mask, P, lam, Q) in zip(bank.layers, snap):
+        off = ~mask
+        assert torch.equal(m.P[:, off], P[:, off]) and torch.equal(m.lam[off], lam[off]) and torch.equal(m.Q[off], Q[off])
+        assert not torch.equal(m.P[:, mask], P[:, mask])  # active slots did train
+
+
+@pytest.mark.parametrize("init", ["zero_impact", "zero", "orthogonal"])
+def test_expansion_has_zero_impact(init):
+    # expand_only: a prune removes a trained direction, which does move the output (by design).
+    bank, al, opt = _trained_bank(expand_init=init, mode="expand_only")
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        y0 = bank(x)
+    ev = al._event(10, 2)
+    assert ev.expanded
+    with torch.no_grad():
+        y1 = bank(x)
+    assert torch.equal(y0, y1)
+    if init == "orthogonal":
+        for name, j in ev.expanded:
+            m = bank.layers[int(name.split(".")[1])]
+            others = m.mask.clone()
+            others[j] = False
+            p, q = m.P[:, j].double(), m.Q[j].double()
+            assert abs(p.norm().item() - 1) < 1e-6 and abs(q.norm().item() - 1) < 1e-6
+            assert (m.P[:, others].double().t() @ p).abs().max() < 1e-5
+            assert (m.Q[others].double() @ q).abs().max() < 1e-5
+    if init == "zero":
+        for name, j in ev.expanded:
+            m = bank.layers[int(name.split(".")[1])]
+            assert not m.P[:, j].any() and not m.Q[j].any() and m.lam[j] == 0 and m.mask[j]
+
+
+def test_small_init_moves_the_output():
+    bank, al, opt = _trained_bank(expand_init="small", mode="expand_only")
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        y0 = bank(x)
+    ev = al._event(10, 2)
+    for name, j in ev.expanded:
+        assert bank.layers[int(name.split(".")[1])].lam[j].item() == pytest.approx(0.02)
+    with torch.no_grad():
+        assert not torch.equal(y0, bank(x))
+
+
+def test_new_directions_depend_only_on_seed_and_step():
+    a, b = Bank([6] * 4, r_init=3), Bank([6] * 4, r_init=3)
+    for bank in (a, b):
+        script(bank, [{0: 1.0, 1: 1.0}, {0: 1.0, 1: 0.1}, {0: 1.0, 1: 1.0, 2: 1.0}, {0: 2.0, 1: 1.5}])
+    ea = RankAllocator(a, config())._event(10, 1)
+    eb = RankAllocator(b, config())._event(10, 1)
+    assert ea.expanded == eb.expanded
+    for ma, mb in zip(a.layers, b.layers):
+        assert torch.equal(ma.P, mb.P) and torch.equal(ma.Q, mb.Q)
+    name, j = ea.expanded[0]
+    i = int(name.split(".")[1])
+    g = torch.Generator().manual_seed(event_seed(0, 10))
+    assert torch.equal(a.layers[i].P[:, j], torch.randn(7, generator=g) * 0.02)
+    assert event_seed(0, 10) != event_seed(0, 15) and event_seed(0, 10) != event_seed(1, 10)
+
+
+def test_orthogonal_loss_and_grad_add_agree():
+    bank = Bank([6] * 3, r_init=4, seed=7)
+    al = RankAllocator(bank, config(orth_reg=0.3))
+    x = torch.randn(8, 5)
+    (bank(x).sum() + al.orthogonal_loss()).backward()
+    g_loss = [p.grad.clone() for p in bank.parameters() if p.grad is not None]
+    bank.zero_grad()
+    bank(x).sum().backward()
+    al.add_orthogonal_grad_()
+    g_add = [p.grad.clone() for p in bank.parameters() if p.grad is not None]
+    assert len(g_loss) == len(g_add) > 0
+    for a, b in zip(g_loss, g_add):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert al.orthogonal_loss().item() > 0
+    al0 = RankAllocator(bank, config(orth_reg=0.0))
+    assert al0.orthogonal_loss().item() == 0.0
+
+
+def test_step_schedule_history_csv_and_heatmap(tmp_path):
+    bank, al, opt = _trained_bank(steps=30)
+    events = [r["step"] for r in al.history]
+    assert sorted(set(events)) == [0, 10, 15, 20, 25, 30]
+    assert all(events.count(s) == 4 for s in set(events))
+    assert al.num_events == 5
+    last = [r for r in al.history if r["step"] == 30]
+    assert [r["rank"] for r in last] == [len(m) for m in masks(bank)]
+    assert al.step(30, opt) is None  # repeated step ignored
+    assert al.step(31, opt) is None  # not an event step
+
+    path = al.history_csv(tmp_path / "h.csv")
+    lines = open(path).read().splitlines()
+    assert lines[0] == "step,module,rank,score"
+    assert len(lines) == 1 + len(al.history)
+    first = al.history[0]
+    assert lines[1] == f"0,layers.0,3,{first['score']!r}"
+    assert flexlora.alloc.read_history_csv(path) == al.history
+
+    png = flexlora.plot_rank_heatmap(al.history, tmp_path / "ranks.png")
+    data = open(png, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert flexlora.plot_rank_heatmap(path, tmp_path / "from_csv.png")  # from the CSV too
+    with pytest.raises(ValueError, match="history is empty"):
+        flexlora.plot_rank_heatmap([], tmp_path / "x.png")
+
+
+def _run(bank, al, opt, steps, g):
+    for t in steps:
+        x = torch.randn(16, 5, generator=g)
+        ((bank(x) - 1) ** 2).mean().backward()
+        opt.step()
+        al.step(t, opt)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("importance", ["entropy", "sensitivity"])
+def test_state_dict_exact_resume(importance):
+    cfg = config(importance=importance, b0=2, delta_t=3, t_warmup=3)
+    g = torch.Generator().manual_seed(0)
+    a = Bank([6] * 4, r_init=3, seed=11)
+    al_a = RankAllocator(a, cfg)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    _run(a, al_a, opt_a, range(1, 13), g)
+
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict(), "alloc": al_a.state_dict()}, buf)
+    g_state = g.get_state()
+    _run(a, al_a, opt_a, range(13, 31), g)
+
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    b = Bank([6] * 4, r_init=3, seed=99)
+    b.load_state_dict(ck["model"])
+    al_b = RankAllocator(b, cfg)
+    al_b.load_state_dict(ck["alloc"])
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b.load_state_dict(ck["opt"])
+    g.set_state(g_state)
+    _run(b, al_b, opt_b, range(13, 31), g)
+
+    assert al_a.history == al_b.history
+    assert al_a.num_events == al_b.num_events >= 8
+    assert any(r["rank"] != 3 for r in al_a.history)
+    for ma, mb in zip(a.layers, b.layers):
+        for name in ("P", "lam", "Q", "mask"):
+            assert torch.equal(getattr(ma, name), getattr(mb, name)), name
+
+
+def test_load_state_dict_rejects_other_models():
+    al = RankAllocator(Bank([6] * 3, r_init=3), config())
+    other = RankAllocator(Bank([6] * 2, r_init=3), config())
+    with pytest.raises(ValueError, match="saved for other modules"):
+        other.load_state_dict(al.state_dict())
+    with pytest.raises(ValueError, match="config.seed"):
+        RankAllocator(Bank([6] * 3, r_init=3), config(seed=5)).load_state_dict(al.state_dict())
+    with pytest.raises(ValueError, match="format"):
+        al.load_state_dict({"step": 3})
+
+
+def test_warns_once_when_step_is_never_called():
+    bank = Bank([6] * 2, r_init=3)
+    al = RankAllocator(bank, config(t_warmup=4, delta_t=3))  # limit: 4 + 2·3 = 10 steps
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-3)
+    x = torch.randn(4, 5)
+
+    def train(n):
+        for _ in range(n):
+            bank(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(10)  # at the limit: not yet
+    with pytest.warns(RuntimeWarning, match=r"RankAllocator.step\(\) was never called.*FlexLoRACallback"):
+        train(1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        train(20)
+    assert [w for w in rec if "never called" in str(w.message)] == []
+    assert al.state_dict()["warned"]["never_stepped"] is True
+
+
+def test_no_warning_when_stepped_or_for_other_optimizers():
+    bank = Bank([6] * 2, r_init=3)
+    al = RankAllocator(bank, config(t_warmup=2, delta_t=2))
+    other = nn.Linear(3, 3)
+    opt_other = torch.optim.SGD(other.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-3)
+    x = torch.randn(4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(1, 30):
+            other(torch.randn(2, 3)).sum().backward()
+            opt_other.step()  # an optimizer without the adapters never counts
+            bank(x).sum().backward()
+            opt.step()
+            al.step(t, opt)
+            opt.zero_grad()
+
+
+def test_warns_once_when_an_event_has_no_optimizer():
+    al = RankAllocator(Bank([6] * 3, r_init=3), config())
+    with pytest.warns(UserWarning, match="no optimizer was given"):
+        al._event(10, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al._event(15, 1)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no FlexLinear"):
+        RankAllocator(nn.Linear(3, 3), config())
+    with pytest.raises(ValueError, match="flexlora_config"):
+        RankAllocator(Bank([4], r_init=2))
+    with pytest.raises(TypeError, match="FlexLoRAConfig"):
+        RankAllocator(Bank([4], r_init=2), {"r_max": 4})
+    al = RankAllocator(Bank([4], r_init=2), config())
+    with pytest.raises(ValueError, match="global_step must be an int >= 0"):
+        al.step(-1)
+    with pytest.raises(TypeError, match="global_step must be an int"):
+        al.step("ten")
+
+
+def test_wrapped_model_and_config_from_wrap():
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    cfg = config(target_modules=["0", "2"])
+    flexlora.wrap(model, cfg)
+    al = RankAllocator(model)
+    assert al.config is cfg and al.names == ["0", "2"] and al.total_rank == 6
+    assert "RankAllocator(modules=2" in repr(al)
