@@ -1,0 +1,453 @@
+"""flex_linear: Triton kernels (under TRITON_INTERPRET=1) and the torch path vs a float64 reference.
+
+The reference is the op's defining formula, y = x Wᵀ + b + s·((x_lora Qᵀ) ⊙ (λ⊙mask)) Pᵀ,
+differentiated by autograd in float64: it never calls flexlora. A low-precision result passes
+when its error against float64 is at most 2× the error of the same formula run by plain PyTorch
+in the same dtype, plus a small floor (the interpreter sums in a different order).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexlora.kernels import flex_linear
+
+# the module (flexlora.kernels re-exports the function under the same name)
+fl = importlib.import_module("flexlora.kernels.flex_linear")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Floors of the tolerance rule, relative to the largest reference entry of each tensor.
+FLOOR = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+GRAD_NAMES = ("x", "x_lora", "weight", "bias", "P", "lam", "Q")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the float64 reference
+# --------------------------------------------------------------------------------------------
+def make_mask(R: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    if mode == "on":
+        return torch.ones(R, dtype=torch.bool)
+    if mode == "off":
+        return torch.zeros(R, dtype=torch.bool)
+    if mode == "prefix":  # the usual layout: the first slots active, a whole tail block inactive
+        m = torch.zeros(R, dtype=torch.bool)
+        m[: max(1, R // 4)] = True
+        return m
+    m = torch.rand(R, generator=gen) < 0.5
+    if R > 1:  # random, but with at least one slot on and one off
+        m[0], m[-1] = True, False
+    return m
+
+
+def make_inputs(M, K, N, R, mask_mode="random", *, bias=True, x_lora=False, seed=0, lead=None):
+    """float64 leaves of one problem; `lead` replaces (M,) as x's leading dims."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = (M,) if lead is None else lead
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    inp = {
+        "x": rnd(*lead, K),
+        "x_lora": rnd(*lead, K) if x_lora else None,
+        "weight": rnd(N, K, scale=K**-0.5),
+        "bias": rnd(N) if bias else None,
+        # adapter of the same size as the base branch, so its rounding errors show
+        "P": rnd(N, R, scale=max(R, 1) ** -0.5),
+        "lam": rnd(R),
+        "Q": rnd(R, K, scale=K**-0.5),
+        "mask": make_mask(R, mask_mode, gen),
+        "scaling": 0.75,
+    }
+    dy = rnd(*lead, N)
+    return inp, dy
+
+
+def formula(x, x_lora, weight, bias, P, lam, Q, mask, scaling):
+    xl = x if x_lora is None else x_lora
+    g = lam * mask.to(lam.dtype) * scaling
+    y = x @ weight.t() + ((xl @ Q.t()) * g) @ P.t()
+    return y if bias is None else y + bias
+
+
+def leaves(inp, dtype, adapter_dtype=None, grad_weight=False):
+    """Copies of the inputs in `dtype` (adapter factors in `adapter_dtype`), requiring grad."""
+    adapter_dtype = adapter_dtype or dtype
+    out = {}
+    for k, v in inp.items():
+        if not isinstance(v, torch.Tensor) or k == "mask":
+            out[k] = v
+            continue
+        dt = adapter_dtype if k in ("P", "lam", "Q") else dtype
+        out[k] = v.detach().to(dt, copy=True).requires_grad_(k != "weight" or grad_weight)
+    return out
+
+
+def collect(y, dy, ins):
+    y.backward(dy.to(y.dtype))
+    res = {"y": y.detach()}
+    for k in GRAD_NAMES:
+        t = ins[k]
+        if t is not None and t.requires_grad:
+            res[k] = t.grad
+    return res
+
+
+def reference(inp, dy, dtype=torch.float64, grad_weight=False):
+    """The formula by autograd in `dtype` (float64: the reference; else: plain PyTorch)."""
+    ins = leaves(inp, dtype, grad_weight=grad_weight)
+    return collect(formula(**ins), dy, ins)
+
+
+def run_op(inp, dy, dtype, backend, adapter_dtype=None, grad_weight=False):
+    ins = leaves(inp, dtype, adapter_dtype or (torch.float32 if dtype != torch.float64 else None), grad_weight)
+    args = {k: v for k, v in ins.items() if k != "x_lora"}
+    y = flex_linear(**args, x_lora=ins["x_lora"], backend=backend)
+    return collect(y, dy, ins), ins
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().item()
+    return (a.double() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_matches(out, ins, ref, plain, dtype, tag=""):
+    assert set(out) == set(ref), f"{tag}: got values for {sorted(out)}, expected {sorted(ref)}"
+    for k, r in ref.items():
+        got = out[k]
+        assert got.shape == r.shape, f"{tag} {k}: shape {tuple(got.shape)} != {tuple(r.shape)}"
+        want_dtype = dtype if k == "y" else ins[k].dtype
+        assert got.dtype == want_dtype, f"{tag} {k}: dtype {got.dtype}, expected {want_dtype}"
+        assert torch.isfinite(got).all(), f"{tag} {k}: non-finite values"
+        err = rel_err(got, r)
+        tol = 2.0 * rel_err(plain[k], r) + FLOOR[dtype]
+        assert err <= tol, f"{tag} {k}: relative error {err:.3e} > allowed {tol:.3e} ({dtype})"
+
+
+def assert_inactive_zero(out, mask, tag=""):
+    off = ~mask
+    for k, sl in (("P", (slice(None), off)), ("lam", (off,)), ("Q", (off,))):
+        if k in out and off.any():
+            g = out[k][sl]
+            assert torch.equal(g, torch.zeros_like(g)), f"{tag} d{k} of inactive slots is not exactly 0"
+
+
+def check_case(M, K, N, R, dtype, backend, mask_mode="random", **kw):
+    inp, dy = make_inputs(M, K, N, R, mask_mode, bias=kw.pop("bias", True), x_lora=kw.pop("x_lora", False),
+                          seed=kw.pop("seed", 0), lead=kw.pop("lead", None))
+    grad_weight = kw.pop("grad_weight", False)
+    ref = reference(inp, dy, grad_weight=grad_weight)
+    plain = reference(inp, dy, dtype, grad_weight=grad_weight)
+    out, ins = run_op(inp, dy, dtype, backend, grad_weight=grad_weight, **kw)
+    tag = f"{backend} M{M}-K{K}-N{N}-r{R}-{dtype}-{mask_mode}"
+    assert_matches(out, ins, ref, plain, dtype, tag)
+    assert_inactive_zero(out, inp["mask"], tag)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter
+# --------------------------------------------------------------------------------------------
+SHAPES = [  # M, K, N, R: M = 1; K, N below one block; odd sizes across blocks; r_max 1..256
+    (1, 70, 45, 8),
+    (7, 9, 5, 1),
+    (37, 33, 70, 64),
+    (3, 5, 7, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+def test_triton_matches_float64(shape, dtype):
+    check_case(*shape, dtype, "triton")
+
+
+@pytest.mark.parametrize("mask_mode", ["on", "off", "prefix"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_triton_mask_modes(mask_mode, dtype):
+    out = check_case(19, 40, 24, 64, dtype, "triton", mask_mode)
+    if mask_mode == "off":
+        for k in ("P", "lam", "Q"):
+            assert torch.count_nonzero(out[k]) == 0, f"all slots off but d{k} != 0"
+
+
+@pytest.mark.parametrize(
+    "variant", ["x_lora", "no_bias", "grad_weight", "adapter_bf16"]
+)
+def test_triton_variants(variant):
+    kw = {
+        "x_lora": dict(x_lora=True),
+        "no_bias": dict(bias=False),
+        "grad_weight": dict(grad_weight=True),
+        "adapter_bf16": dict(adapter_dtype=torch.bfloat16),
+    }[variant]
+    dtype = torch.bfloat16 if variant == "adapter_bf16" else torch.float32
+    check_case(10, 24, 18, 8, dtype, "triton", **kw)
+
+
+def test_triton_leading_dims_with_x_lora():
+    check_case(6, 20, 12, 8, torch.float32, "triton", lead=(2, 3), x_lora=True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_x(layout, backend):
+    inp, dy = make_inputs(9, 20, 11, 8)
+    ref = reference(inp, dy)
+    x64 = inp["x"]
+    if layout == "transposed":  # [M, K] view of a [K, M] buffer
+        base = x64.t().contiguous().float().requires_grad_(True)
+        x = base.t()
+    else:  # every other column of a [M, 2K] buffer
+        base = torch.zeros(9, 40, dtype=torch.float32)
+        base[:, ::2] = x64.float()
+        base.requires_grad_(True)
+        x = base[:, ::2]
+    assert not x.is_contiguous()
+    ins = leaves(inp, torch.float32)
+    y = flex_linear(x, ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"], 0.75, backend=backend)
+    y.backward(dy.float())
+    gx = base.grad.t() if layout == "transposed" else base.grad[:, ::2]
+    assert rel_err(y, ref["y"]) < 1e-5, "y of non-contiguous x"
+    assert rel_err(gx, ref["x"]) < 1e-5, "dx of non-contiguous x"
+    assert rel_err(ins["Q"].grad, ref["Q"]) < 1e-5, "dQ of non-contiguous x"
+    if layout == "strided":
+        assert torch.count_nonzero(base.grad[:, 1::2]) == 0, "gradient leaked into skipped columns"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend):
+    inp, _ = make_inputs(1, 8, 6, 4)
+    ins = leaves(inp, torch.float32)
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = flex_linear(x, ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"], 0.75, backend=backend)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert torch.count_nonzero(ins["P"].grad) == 0 and ins["lam"].grad.shape == (4,)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    M=st.integers(1, 24),
+    K=st.integers(1, 40),
+    N=st.integers(1, 40),
+    R=st.sampled_from([1, 3, 8, 17]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_shape_fuzz(M, K, N, R, seed):
+    check_case(M, K, N, R, torch.float32, "triton", seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch path against the same reference
+# --------------------------------------------------------------------------------------------
+TORCH_SHAPES = [(1, 70, 45, 8), (7, 9, 5, 1), (37, 33, 70, 64), (5, 12, 9, 256)]
+
+
+@pytest.mark.parametrize("mask_mode", ["random", "on", "off"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", TORCH_SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+def test_torch_matches_float64(shape, dtype, mask_mode):
+    check_case(*shape, dtype, "torch", mask_mode)
+
+
+@pytest.mark.parametrize("variant", ["x_lora", "no_bias", "grad_weight", "leading_dims"])
+def test_torch_variants(variant):
+    kw = {
+        "x_lora": dict(x_lora=True),
+        "no_bias": dict(bias=False),
+        "grad_weight": dict(grad_weight=True),
+        "leading_dims": dict(lead=(2, 2, 3), x_lora=True),
+    }[variant]
+    check_case(12, 24, 18, 8, torch.float32, "torch", **kw)
+
+
+def test_scaling_as_tensor_equals_float():
+    inp, dy = make_inputs(5, 12, 10, 8)
+    ref = reference(inp, dy)
+    for backend in ("torch", "triton"):
+        ins = leaves(inp, torch.float32)
+        args = {k: v for k, v in ins.items() if k not in ("x_lora", "scaling")}
+        y = flex_linear(**args, scaling=torch.tensor(0.75), backend=backend)
+        out = collect(y, dy, ins)
+        for k in ("y", "x", "P", "lam", "Q"):
+            assert rel_err(out[k], ref[k]) < 1e-5, f"{backend} {k} with tensor scaling"
+
+
+def test_opcheck_custom_op():
+    """Schema, fake implementation and autograd registration agree with the real op."""
+    inp, _ = make_inputs(6, 10, 7, 8, x_lora=True)
+    ins = leaves(inp, torch.float32)
+    args = (ins["x"], ins["x_lora"], ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"],
+            0.75, None, "torch")
+    torch.library.opcheck(torch.ops.flexlora.flex_linear.default, args)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: one graph, zero recompiles across rank changes (torch path; the interpreter
+# cannot be compiled)
+# --------------------------------------------------------------------------------------------
+def test_compile_no_recompiles_across_rank_changes(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from flexlora.layers.flex_linear import FlexLinear
+
+    monkeypatch.setenv("FLEXLORA_BACKEND", "torch")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        FlexLinear(12, 10, r_max=8, r_init=4, alpha=8.0), torch.nn.GELU(), FlexLinear(10, 6, r_max=8, r_init=2, alpha=4.0)
+    )
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lam.normal_()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    torch._dynamo.utils.counters.clear()
+    x = torch.randn(2, 5, 12)
+    for step in range(4):
+        with torch.no_grad():  # prune / expand / retune: mask flips and λ changes only
+            model[0].mask[step + 2] = not bool(model[0].mask[step + 2])
+            model[2].mask[step] = True
+            model[2].lam.add_(0.3)
+        for p in model.parameters():
+            p.grad = None
+        y_eager = model(x)
+        y_eager.square().sum().backward()
+        grads_eager = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            p.grad = None
+        y_comp = compiled(x)
+        y_comp.square().sum().backward()
+        grads_comp = [p.grad for p in model.parameters() if p.requires_grad]
+        torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6, msg=f"step {step}: compiled y != eager")
+        for ge, gc in zip(grads_eager, grads_comp):
+            torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6, msg=f"step {step}: compiled grad != eager")
+    assert counter.frame_count == 1, f"expected one compiled frame, got {counter.frame_count}"
+    recompiles = sum(torch._dynamo.utils.counters["recompiles"].values())
+    assert recompiles == 0, f"rank changes caused {recompiles} recompiles"
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0, "graph break inside flex_linear"
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and backend choice
+# --------------------------------------------------------------------------------------------
+def _good(**over):
+    inp, _ = make_inputs(4, 6, 5, 3)
+    args = {k: (v.float() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in inp.items()}
+    args.pop("x_lora")
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over, exc, words",
+    [
+        (dict(x=torch.ones(4, 6, dtype=torch.long)), TypeError, "x must be a floating-point"),
+        (dict(x=torch.randn(4, 7)), ValueError, "in_features=6"),
+        (dict(P=torch.randn(5, 4)), ValueError, "P [N, R]"),
+        (dict(Q=torch.randn(3, 5)), ValueError, "Q [R, K]"),
+        (dict(lam=torch.randn(3, 1)), ValueError, "lam must be 1-D"),
+        (dict(mask=torch.ones(3)), TypeError, "mask must be a bool"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask [R]"),
+        (dict(bias=torch.randn(6)), ValueError, "bias must have shape (5,)"),
+        (dict(weight=torch.randn(5, 6, 1)), ValueError, "weight must be 2-D"),
+        (dict(scaling=torch.ones(2)), ValueError, "scaling must be a float or a 0-d tensor"),
+        (dict(scaling="2"), TypeError, "scaling must be a float"),
+        (dict(P=torch.randn(5, 3, device="meta")), ValueError, "P is on meta"),
+    ],
+    ids=["x-int", "x-width", "P-shape", "Q-shape", "lam-2d", "mask-float", "mask-shape", "bias-shape",
+         "weight-3d", "scaling-vector", "scaling-str", "P-device"],
+)
+def test_bad_input_raises_clearly(over, exc, words):
+    args = _good(**over)
+    with pytest.raises(exc, match=None) as info:
+        flex_linear(**args, backend="torch")
+    assert words in str(info.value), f"message {str(info.value)!r} lacks {words!r}"
+
+
+def test_bad_x_lora_and_backend_name():
+    args = _good()
+    with pytest.raises(ValueError, match="x_lora must have x's shape"):
+        flex_linear(**args, x_lora=torch.randn(4, 5))
+    with pytest.raises(TypeError, match="x_lora must have x's dtype"):
+        flex_linear(**args, x_lora=torch.randn(4, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flex_linear(**args, backend="cuda")
+
+
+class _FakeCuda:
+    """Just enough of a CUDA tensor for the backend rule (no GPU here)."""
+
+    is_cuda = True
+    dtype = torch.bfloat16
+
+    class device:  # noqa: N801 - mimics torch.device's attribute
+        type = "cuda"
+
+
+def test_backend_rule(monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.delenv("FLEXLORA_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fl._resolve_backend(x, None) == "triton", "CPU + interpreter defaults to Triton"
+    assert fl._resolve_backend(x, "torch") == "torch", "explicit torch wins"
+    assert fl._resolve_backend(_FakeCuda(), None) == "triton", "CUDA defaults to Triton"
+    assert fl._resolve_backend(x.double(), None) == "torch", "fp64 falls back to torch by default"
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        fl._resolve_backend(x.double(), "triton")
+    monkeypatch.setenv("FLEXLORA_BACKEND", "torch")
+    assert fl._resolve_backend(x, None) == "torch", "env FLEXLORA_BACKEND sets the default"
+    assert fl._resolve_backend(x, "triton") == "triton", "explicit argument beats the env"
+    monkeypatch.delenv("FLEXLORA_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert fl._resolve_backend(x, None) == "torch", "CPU without interpreter defaults to torch"
+    assert fl._resolve_backend(_FakeCuda(), None) == "triton", "CUDA needs no interpreter"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fl._resolve_backend(x, "triton")
+    # interpreter switched on after import: kernels were built for a GPU, so CPU cannot run them
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fl, "_INTERPRETED", False)
+    assert fl._resolve_backend(x, None) == "torch"
+    with pytest.raises(RuntimeError, match="before flexlora is imported"):
+        fl._resolve_backend(x, "triton")
+
+
+def test_backend_dispatch_reaches_the_chosen_path(monkeypatch):
+    calls = []
+    for name in ("_torch_fwd", "_triton_fwd"):
+        real = getattr(fl, name)
+        monkeypatch.setattr(fl, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    args = _good()
+    monkeypatch.setenv("FLEXLORA_BACKEND", "torch")
+    flex_linear(**args)
+    flex_linear(**args, backend="triton")
+    monkeypatch.delenv("FLEXLORA_BACKEND")
+    flex_linear(**args)
+    assert calls == ["_torch_fwd", "_triton_fwd", "_triton_fwd"], calls
+
+
+def test_import_does_not_need_triton():
+    """flexlora imports and runs the torch path where triton is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, flexlora\n"
+        "from flexlora.kernels import flex_linear\n"
+        "y = flex_linear(torch.ones(2, 3), torch.ones(4, 3), None, torch.ones(4, 2), torch.ones(2), "
+        "torch.ones(2, 3), torch.tensor([True, False]), 0.5)\n"
+        "assert y.shape == (2, 4) and float(y[0, 0]) == 4.5, y\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLEXLORA_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
