@@ -14,8 +14,8 @@ Column j of E (row j of F) is zero for an inactive slot j, so P[:, j] and Q[j, :
 one stacked bmm (the Gram matrices are computed in fp32 whatever the parameters' dtype).
 
 Two equivalent ways to use it: add ``orthogonal_loss(modules, γ)`` to the task loss before
-``backward()``, or call ``add_orthogonal_grad_(modules, γ)`` after it (no autograd graph, one
-fused pass; same gradients).
+``backward()`` (one autograd node per shape group whose backward is the analytic gradient above),
+or call ``add_orthogonal_grad_(modules, γ)`` after it (no autograd graph; same gradients).
 """
 
 from __future__ import annotations
@@ -33,26 +33,73 @@ def _check_gamma(gamma) -> float:
     return float(gamma)
 
 
+def _compute_dtype(P: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(P.dtype, torch.float32)
+
+
 def _masked_grams(P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor):
-    """P [b, out, R], Q [b, R, in], mask [b, R] -> E, F [b, R, R] fp32 (E = (PᵀP − I)⊙mmᵀ)."""
-    Pf, Qf = P.float(), Q.float()
-    mf = mask.float()
+    """P [b, out, R], Q [b, R, in], mask [b, R] -> E, F [b, R, R] (E = (PᵀP − I)⊙mmᵀ), in fp32
+    (fp64 for fp64 factors)."""
+    dt = _compute_dtype(P)
+    Pf, Qf = P.to(dt), Q.to(dt)
+    mf = mask.to(dt)
     M = mf[:, :, None] * mf[:, None, :]
-    eye = torch.eye(P.shape[-1], device=P.device, dtype=torch.float32)
+    eye = torch.eye(P.shape[-1], device=P.device, dtype=dt)
     E = (torch.bmm(Pf.transpose(1, 2), Pf) - eye) * M
     F = (torch.bmm(Qf, Qf.transpose(1, 2)) - eye) * M
     return E, F
 
 
+def _group_grads(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, F: torch.Tensor, scale):
+    """4·scale·P·E [b, out, R] and 4·scale·F·Q [b, R, in], in E's dtype."""
+    gP = torch.bmm(P.to(E.dtype), E).mul_(4.0 * scale)
+    gQ = torch.bmm(F, Q.to(E.dtype)).mul_(4.0 * scale)
+    return gP, gQ
+
+
+class _OrthogonalLossGroup(torch.autograd.Function):
+    """γ·(‖E‖² + ‖F‖²) of one same-shape group, with the analytic gradient as backward.
+
+    Saves only E and F ([b, R, R]) plus references to the parameters; the [b, out, R] stack is
+    rebuilt in backward instead of being held between forward and backward (it is a full copy
+    of the group's adapters). The autograd graph is one node per group, not ~10 per module.
+    """
+
+    @staticmethod
+    def forward(ctx, gamma, mask, *factors):
+        b = len(factors) // 2
+        P, Q = torch.stack(factors[:b]), torch.stack(factors[b:])
+        E, F = _masked_grams(P, Q, mask)
+        ctx.save_for_backward(E, F, *factors)
+        ctx.gamma = gamma
+        return (E.square().sum() + F.square().sum()) * gamma
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        E, F, *factors = ctx.saved_tensors
+        b = len(factors) // 2
+        gP, gQ = _group_grads(torch.stack(factors[:b]), torch.stack(factors[b:]), E, F, ctx.gamma)
+        gP.mul_(dloss)
+        gQ.mul_(dloss)
+        needs = ctx.needs_input_grad[2:]
+        grads = [
+            g.to(t.dtype) if need else None
+            for g, t, need in zip(list(gP.unbind(0)) + list(gQ.unbind(0)), factors, needs)
+        ]
+        return (None, None, *grads)
+
+
 def orthogonal_loss(modules: Sequence, gamma: float) -> torch.Tensor:
-    """γ·Σ_modules (‖(PᵀP − I)⊙mmᵀ‖²_F + ‖(QQᵀ − I)⊙mmᵀ‖²_F), differentiable w.r.t. every P, Q.
+    """γ·Σ_modules (‖(PᵀP − I)⊙mmᵀ‖²_F + ‖(QQᵀ − I)⊙mmᵀ‖²_F), differentiable w.r.t. every P, Q
+    (first order: the backward is the analytic 4γ·P·E, 4γ·F·Q).
 
     Args:
         modules: FlexLinear modules (P [out, R], Q [R, in], mask [R]).
         gamma: the weight γ (>= 0).
 
     Returns:
-        a 0-d float32 tensor (0 when gamma is 0 or there are no modules).
+        a 0-d float32 tensor (float64 for float64 factors; 0 when gamma is 0 or no modules).
     """
     gamma = _check_gamma(gamma)
     if len(modules) == 0:
@@ -60,14 +107,12 @@ def orthogonal_loss(modules: Sequence, gamma: float) -> torch.Tensor:
     dev = modules[0].P.device
     if gamma == 0.0:
         return torch.zeros((), device=dev)
-    total = torch.zeros((), device=dev)
+    total = torch.zeros((), device=dev, dtype=_compute_dtype(modules[0].P))
     for idx in shape_groups(modules):
-        P = torch.stack([modules[i].P for i in idx])
-        Q = torch.stack([modules[i].Q for i in idx])
         mask = torch.stack([modules[i].mask for i in idx])
-        E, F = _masked_grams(P, Q, mask)
-        total = total + E.square().sum() + F.square().sum()
-    return total * gamma
+        factors = [modules[i].P for i in idx] + [modules[i].Q for i in idx]
+        total = total + _OrthogonalLossGroup.apply(gamma, mask, *factors)
+    return total
 
 
 @torch.no_grad()
@@ -84,8 +129,7 @@ def add_orthogonal_grad_(modules: Sequence, gamma: float) -> None:
         Q = torch.stack([modules[i].Q for i in idx])
         mask = torch.stack([modules[i].mask for i in idx])
         E, F = _masked_grams(P, Q, mask)
-        gP = torch.bmm(P.float(), E).mul_(4.0 * gamma)
-        gQ = torch.bmm(F, Q.float()).mul_(4.0 * gamma)
+        gP, gQ = _group_grads(P, Q, E, F, gamma)
         params, grads = [], []
         for k, i in enumerate(idx):
             for p, g in ((modules[i].P, gP[k]), (modules[i].Q, gQ[k])):

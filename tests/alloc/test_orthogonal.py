@@ -4,6 +4,8 @@ Reference: for each module, restrict to its active index set A and take
 ‖P[:, A]ᵀP[:, A] − I‖²_F + ‖Q[A]Q[A]ᵀ − I‖²_F, times γ; gradients by float64 autograd of that.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -177,3 +179,19 @@ def test_bad_gamma(gamma):
         orthogonal_loss(mods, gamma)
     with pytest.raises(ValueError, match="gamma must be a number >= 0"):
         add_orthogonal_grad_(mods, gamma)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(2)
+    shapes = [(4, 3, 5), (4, 3, 5), (6, 3, 3)]  # (out, R, in)
+    masks = [torch.tensor([True, True, False]), torch.tensor([False, True, True]), torch.ones(3, dtype=torch.bool)]
+
+    def f(*xs):
+        mods = [SimpleNamespace(P=P, Q=Q, mask=m) for P, Q, m in zip(xs[0::2], xs[1::2], masks)]
+        return orthogonal_loss(mods, GAMMA)
+
+    inputs = []
+    for o, R, i in shapes:
+        inputs += [torch.randn(o, R, dtype=torch.float64, requires_grad=True), torch.randn(R, i, dtype=torch.float64, requires_grad=True)]
+    assert f(*inputs).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, inputs)
