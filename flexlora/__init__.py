@@ -16,9 +16,9 @@ _LAZY = {
     "load_adapter": "flexlora.checkpoint",
     "save_checkpoint": "flexlora.checkpoint",
     "load_checkpoint": "flexlora.checkpoint",
-    "merge": "flexlora.merge",
-    "unmerge": "flexlora.merge",
-    "merge_and_unload": "flexlora.merge",
+    "merge": "flexlora.merging",
+    "unmerge": "flexlora.merging",
+    "merge_and_unload": "flexlora.merging",
     "export_peft": "flexlora.export",
 }
 
