@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flexlora.kernels.spectral_entropy import spectral_entropy, spectral_entropy_and_slots
 
@@ -168,3 +170,20 @@ def test_eps_enters_the_formula():
 def test_bad_input(lam, mask, eps, match):
     with pytest.raises(ValueError, match=match):
         spectral_entropy_and_slots(lam, mask, eps)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    R=st.integers(1, 130),
+    p_on=st.floats(0.0, 1.0),
+    log_scale=st.integers(-20, 20),
+    zeros=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_triton_against_reference(n, R, p_on, log_scale, zeros, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lam = torch.randn(n, R, generator=gen) * 10.0**log_scale
+    lam[torch.rand(n, R, generator=gen) < zeros] = 0.0  # exact zeros: ties for min_slot
+    mask = torch.rand(n, R, generator=gen) < p_on
+    check(spectral_entropy_and_slots(lam, mask, EPS, backend="triton"), reference(lam, mask), atol=2e-6 * max(1.0, math.log2(R)))
