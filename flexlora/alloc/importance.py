@@ -1,5 +1,6 @@
 """Module importance metrics for the rank allocator: one score per FlexLinear, higher = more
-important (its rank grows), batched over modules, float32, never NaN for finite parameters.
+important (its rank grows), batched over modules, float32, never NaN for finite parameters
+(NaN parameters give NaN, so that the allocator can report them).
 
 Every metric works on ΔW = s·P·diag(g)·Q with g = λ⊙mask, over the r active slots of the module
 (mask = True); "n" below is that number r, and a metric divided by n is 0 when n = 0.
@@ -39,8 +40,10 @@ _F32_MAX = torch.finfo(torch.float32).max
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
-    """float32, with +inf (an overflow of a finite but huge input) clamped to fp32's max."""
-    return x.float().nan_to_num(nan=0.0, posinf=_F32_MAX, neginf=0.0)
+    """float32, with +inf (an overflow of a finite but huge input) clamped to fp32's max. NaN
+    (only from NaN parameters) is kept, so that the allocator can report it instead of acting
+    on it."""
+    return x.double().clamp(max=_F32_MAX).float()
 
 
 def _scalings(modules: Sequence, device) -> torch.Tensor:
@@ -203,6 +206,9 @@ class SensitivityImportance(Importance):
                 "SensitivityImportance: the modules differ from those of earlier update() calls "
                 f"({len(self.ipt) // 3} modules in the state, {len(params) // 3} given)"
             )
+        elif any(a.device != p.device for a, p in zip(self.ipt, params)):  # e.g. state loaded on CPU
+            self.ipt = [a.to(p.device) for a, p in zip(self.ipt, params)]
+            self.unc = [u.to(p.device) for u, p in zip(self.unc, params)]
 
     @torch.no_grad()
     def update(self, modules) -> None:
