@@ -1,0 +1,150 @@
+"""export_peft: the folder loads with peft.PeftModel.from_pretrained without missing/unexpected keys
+and reproduces FlexLoRA's outputs, with per-module ranks (incl. layers.1 vs layers.11), rank-0
+modules skipped with a warning, and modules_to_save."""
+
+import copy
+import json
+import re
+import warnings
+
+import peft  # a test extra (setup.py extras_require["test"]), not a runtime dependency of flexlora
+import pytest
+import safetensors.torch
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from flexlora import FlexLoRAConfig, export_peft, flex_modules, wrap
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def llama(layers=12):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def flex_config(**kw):
+    args = dict(r_init=3, r_max=6, alpha=8.0, target_modules=TARGETS, total_steps=100, t_warmup=1, t_final=0)
+    args.update(kw)
+    return FlexLoRAConfig(**args)
+
+
+def randomize(model, zero_rank=()):
+    """Distinct rank per module (1..r_max, cycling), random slots, random λ; ranks 0 where asked."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, (name, m) in enumerate(flex_modules(model)):
+            m.P.normal_(std=0.3, generator=g)
+            m.Q.normal_(std=0.3, generator=g)
+            m.lam.normal_(generator=g)
+            r = 0 if i in zero_rank else 1 + (i + i // 3) % m.r_max
+            mask = torch.zeros(m.r_max, dtype=torch.bool)
+            mask[torch.randperm(m.r_max, generator=g)[:r]] = True
+            m.mask.copy_(mask)
+    return model
+
+
+def load_peft(base, directory):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(base, str(directory)).eval()
+    bad = [str(w.message) for w in caught if re.search(r"missing|unexpected", str(w.message), re.I)]
+    assert not bad, f"PEFT reported key problems: {bad}"
+    saved = set(safetensors.torch.load_file(str(directory / "adapter_model.safetensors")))
+    expected = set(peft.get_peft_model_state_dict(pm))
+    assert saved == expected, f"missing {sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}"
+    return pm
+
+
+def test_llama_varied_ranks_reproduces_outputs(tmp_path):
+    base = llama()
+    model = randomize(wrap(copy.deepcopy(base), flex_config()), zero_rank={4})
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+        plain = base(ids).logits
+    with pytest.warns(UserWarning, match=r"rank 0.*'model\.layers\.1\.self_attn\.v_proj'"):
+        info = export_peft(model, tmp_path)
+    assert info["skipped_rank0"] == ["model.layers.1.self_attn.v_proj"]
+
+    pm = load_peft(base, tmp_path)
+    with torch.no_grad():
+        got = pm(ids).logits
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5, f"PEFT output differs from FlexLoRA by {err}"
+    assert (want - plain).abs().max().item() > 1e-2, "adapters too small for the check to mean anything"
+
+    # every module got its own rank (layers.1.* vs layers.11.* differ) and scaling alpha/r == 1
+    ranks = {n: m.rank for n, m in flex_modules(model)}
+    assert ranks["model.layers.1.self_attn.q_proj"] != ranks["model.layers.11.self_attn.q_proj"]
+    seen = 0
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, peft.tuners.lora.LoraLayer):
+            assert mod.r["default"] == ranks[name], name
+            assert mod.scaling["default"] == 1.0, name
+            seen += 1
+    assert seen == sum(r > 0 for r in ranks.values())
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert "model.layers.1.self_attn.v_proj" not in cfg["target_modules"]
+
+
+def test_weights_are_active_slots_with_scaled_lambda_folded(tmp_path):
+    model = randomize(wrap(llama(layers=2), flex_config()))
+    export_peft(model, tmp_path)
+    t = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, m in flex_modules(model):
+        active = [j for j in range(m.r_max) if m.mask[j]]
+        A = t[f"base_model.model.{name}.lora_A.weight"].double()
+        B = t[f"base_model.model.{name}.lora_B.weight"].double()
+        assert A.shape == (len(active), m.in_features) and B.shape == (m.out_features, len(active))
+        for i, j in enumerate(active):
+            torch.testing.assert_close(A[i], m.Q[j].double(), rtol=0, atol=0)
+            torch.testing.assert_close(B[:, i], m.P[:, j].double() * m.lam[j].double() * m.scaling, rtol=1e-6, atol=1e-7)
+
+
+def test_bert_with_modules_to_save(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+    base = BertForSequenceClassification(cfg).eval()
+    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["query", "value"], modules_to_save=["classifier"])))
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    export_peft(model, tmp_path)
+    pm = load_peft(base, tmp_path)
+    with torch.no_grad():
+        got = pm(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+
+def test_export_rejects_merged_and_all_rank_zero(tmp_path):
+    from flexlora.merging import merge
+
+    model = randomize(wrap(llama(layers=2), flex_config()))
+    merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        export_peft(model, tmp_path / "a")
+    model = wrap(llama(layers=2), flex_config())
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            m.mask.zero_()
+    with pytest.raises(ValueError, match="rank 0"):
+        export_peft(model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,0 +1,163 @@
+"""Exact resume: 60 steps straight == 30 steps, save_checkpoint, load into fresh objects, 30 more.
+
+The run has everything whose state a resume must carry: adapter dropout (torch RNG), a data
+stream drawn from python ``random``, numpy and torch RNGs, AdamW moments, a warm-up/decay LR
+schedule, and a RankAllocator whose prune/expand events fall both before and after step 30.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from flexlora import FlexLoRAConfig, RankAllocator, flex_modules, load_checkpoint, save_checkpoint, wrap
+
+LLAMA = LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+)
+torch.manual_seed(0)
+BASE_STATE = LlamaForCausalLM(LLAMA).state_dict()
+TOTAL, HALF = 60, 30
+CONFIG = dict(
+    r_init=3, r_max=6, alpha=8.0, dropout=0.1, target_modules=["q_proj", "v_proj"],
+    total_steps=TOTAL, t_warmup=4, delta_t=4, t_final=8, b0=1, orth_reg=0.1,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: with 2+ threads on a busy machine every op waits on its thread pool (~100x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def seed_all(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build():
+    """Fresh model, optimizer, scheduler and allocator, as a new process would build them."""
+    model = LlamaForCausalLM(LLAMA)
+    model.load_state_dict(BASE_STATE)
+    wrap(model, FlexLoRAConfig(**CONFIG))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / (TOTAL + 5)))
+    return model, opt, sched, RankAllocator(model)
+
+
+def train(model, opt, sched, alloc, start, stop):
+    events = []
+    for step in range(start + 1, stop + 1):
+        seq = random.randint(4, 9)  # python RNG
+        weight = 1.0 + 0.1 * float(np.random.rand())  # numpy RNG
+        ids = torch.randint(0, LLAMA.vocab_size, (2, seq))  # torch RNG (and dropout below)
+        loss = model(input_ids=ids, labels=ids).loss * weight + alloc.orthogonal_loss()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if alloc.step(step, opt) is not None:
+            events.append(step)
+        opt.zero_grad()
+    return events
+
+
+def snapshot(model, opt, alloc):
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    masks = {n: m.mask.clone() for n, m in flex_modules(model)}
+    return state, masks, opt.param_groups[0]["lr"], [dict(r) for r in alloc.history]
+
+
+def assert_same(a, b):
+    (pa, ma, lra, ha), (pb, mb, lrb, hb) = a, b
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma), "ranks differ"
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        err = ((pa[k] - pb[k]).abs().max() / pa[k].abs().max().clamp_min(1e-12)).item()
+        assert err <= 1e-6, f"{k}: relative difference {err:.3g} after resume"
+    assert lra == pytest.approx(lrb, rel=1e-12)
+    assert ha == hb, "allocator history differs"
+
+
+PEEK = HALF + 4  # where the no-RNG-restore run is compared
+
+
+@pytest.fixture(scope="module")
+def straight():
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    initial = {n: m.mask.clone() for n, m in flex_modules(model)}
+    events = train(model, opt, sched, alloc, 0, PEEK)
+    at_peek = snapshot(model, opt, alloc)
+    events += train(model, opt, sched, alloc, PEEK, TOTAL)
+    return snapshot(model, opt, alloc), events, initial, at_peek
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("resume") / "ckpt"
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, HALF)
+    save_checkpoint(directory, model, allocator=alloc, optimizer=opt, scheduler=sched, step=HALF)
+    return directory
+
+
+def fresh_loaded(directory):
+    seed_all(1234)  # a new process starts from other RNG states and another adapter init
+    model, opt, sched, alloc = build()
+    step = load_checkpoint(directory, model, allocator=alloc, optimizer=opt, scheduler=sched)
+    return step, (model, opt, sched, alloc)
+
+
+def test_resume_equals_straight_run(straight, checkpoint):
+    want, events, initial, _ = straight
+    assert any(e <= HALF for e in events) and any(e > HALF for e in events), f"events {events} must straddle {HALF}"
+    assert any(not torch.equal(initial[k], want[1][k]) for k in initial), "no rank ever changed"
+    step, (model, opt, sched, alloc) = fresh_loaded(checkpoint)
+    assert step == HALF
+    train(model, opt, sched, alloc, step, TOTAL)
+    assert_same(want, snapshot(model, opt, alloc))
+
+
+def test_resume_without_rng_restore_differs(straight, checkpoint):
+    """The check above can fail: the same resume continued with other RNG states (other dropout
+    masks and data) ends elsewhere after a few steps, while the restored one matches."""
+    at_peek = straight[3]
+    step, (model, opt, sched, alloc) = fresh_loaded(checkpoint)
+    train(model, opt, sched, alloc, step, PEEK)
+    assert_same(at_peek, snapshot(model, opt, alloc))
+
+    step, (model, opt, sched, alloc) = fresh_loaded(checkpoint)
+    seed_all(99)
+    train(model, opt, sched, alloc, step, PEEK)
+    got = snapshot(model, opt, alloc)[0]
+    diff = max((at_peek[0][k] - got[k]).abs().max().item() for k in got)
+    assert diff > 1e-4
+
+
+def test_load_checkpoint_checks_before_modifying(tmp_path):
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "no_opt", model, allocator=alloc, step=2)
+    model2, opt2, sched2, alloc2 = build()
+    before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"no_opt.*no optimizer state"):
+        load_checkpoint(tmp_path / "no_opt", model2, allocator=alloc2, optimizer=opt2)
+    assert all(torch.equal(before[n], p) for n, p in model2.named_parameters() if p.requires_grad)
+    with pytest.raises(FileNotFoundError, match=r"training_state\.pt"):
+        from flexlora import save_adapter
+
+        save_adapter(model, tmp_path / "adapter_only")
+        load_checkpoint(tmp_path / "adapter_only", model2)
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint(tmp_path / "bad", model, step=-1)
