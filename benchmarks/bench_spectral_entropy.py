@@ -89,15 +89,15 @@ def orth_loop(mods, gamma=0.1):
 H100_SXM_BYTES_PER_S = 3.35e12  # HBM3 bandwidth, for the roofline column
 
 
-def time_cases(cases, device, rounds, grads=()):
-    """name -> (median ms, speedup vs "loop"). CUDA: triton.testing.do_bench (median). CPU: every
+def time_cases(cases, device, rounds, grads=(), base="loop"):
+    """name -> (median ms, speedup vs the ``base`` case). CUDA: triton.testing.do_bench (median). CPU: every
     case once per round, round-robin with a rotating start (so load bursts on a shared machine
     hit all cases alike); speedup = median over rounds of the per-round ratio loop / case."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         ms = {name: float(do_bench(fn, grad_to_none=list(grads) or None)) for name, fn in cases.items()}
-        return {name: (t, ms["loop"] / t) for name, t in ms.items()}
+        return {name: (t, ms[base] / t) for name, t in ms.items()}
     names = list(cases)
     times = {n: [] for n in names}
     warmup = 2
@@ -111,7 +111,7 @@ def time_cases(cases, device, rounds, grads=()):
             if rnd >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {
-        n: (statistics.median(t), statistics.median(a / b for a, b in zip(times["loop"], t)))
+        n: (statistics.median(t), statistics.median(a / b for a, b in zip(times[base], t)))
         for n, t in times.items()
     }
 
@@ -178,6 +178,22 @@ def main():
     for name, (t, speedup) in time_cases(cases, device, args.orth_rounds, grads=params).items():
         case = f"{len(fmods)} modules, LLaMA-7B/{shrink}"
         rows.append({"op": "orth gradient", "variant": name, "case": case, "ms": t, "speedup_vs_loop": speedup})
+
+    # scoring cost of every metric on the same modules (one allocation event), ratio to "entropy"
+    from flexlora.alloc.importance import make_importance
+    from flexlora.config import IMPORTANCE_METRICS, FlexLoRAConfig
+
+    for m in fmods:
+        m.lam.grad = torch.randn_like(m.lam)
+        m.P.grad, m.Q.grad = torch.randn_like(m.P), torch.randn_like(m.Q)
+    metrics = {}
+    for name in IMPORTANCE_METRICS:
+        imp = make_importance(FlexLoRAConfig(importance=name))
+        imp.update(fmods)
+        metrics[name] = (lambda imp=imp: imp.scores(fmods))
+    for name, (t, ratio) in time_cases(metrics, device, args.orth_rounds, base="entropy").items():
+        case = f"{len(fmods)} modules, LLaMA-7B/{shrink}"
+        rows.append({"op": "importance.scores", "variant": name, "case": case, "ms": t, "speedup_vs_loop": ratio})
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     timer = "triton.testing.do_bench" if device.type == "cuda" else "interleaved rounds, medians; speedup = median per-round ratio"
