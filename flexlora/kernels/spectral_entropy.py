@@ -14,6 +14,9 @@ Numerics: everything is computed in fp32 whatever λ's dtype. λ is divided by m
 before squaring, so λ as large as fp32's max or as small as its smallest normal never overflows
 or underflows to a 0/0: sⱼ is scale-invariant, the division changes nothing but the range.
 
+A NaN among a row's active λ gives a NaN entropy (so that callers can report it rather than act
+on it); min_slot of such a row is unspecified.
+
 The op is not differentiable (its outputs drive discrete decisions); it reads λ detached.
 """
 
@@ -71,7 +74,7 @@ if triton is not None:
         H = tl.sum(h, axis=1)
         r = tl.sum(act.to(tl.int32), axis=1)
         denom = tl.log(tl.maximum(r.to(tl.float32), 2.0))
-        ent = tl.where((r >= 2) & (amax > 0.0), H / denom, 0.0)
+        ent = tl.where((r < 2) | (amax == 0.0), 0.0, H / denom)  # NaN λ stays NaN
 
         # smallest |λ| among active slots; ties → lowest index (min over candidate indices)
         key = tl.where(act, a, float("inf"))
@@ -145,7 +148,7 @@ def spectral_entropy_and_slots_torch(
     s = e / torch.where(total > 0, total, 1.0)
     H = torch.where(mask, -s * torch.log(s + eps), 0.0).sum(dim=1)
     r = mask.sum(dim=1)
-    ent = torch.where((r >= 2) & (amax[:, 0] > 0), H / torch.log(r.clamp_min(2).float()), 0.0)
+    ent = torch.where((r < 2) | (amax[:, 0] == 0), 0.0, H / torch.log(r.clamp_min(2).float()))  # NaN λ stays NaN
     # argmin/argmax return the first extremum on ties (documented), hence "lowest index"
     key = torch.where(mask, a, float("inf"))
     min_slot = torch.where(r > 0, key.argmin(dim=1), -1)

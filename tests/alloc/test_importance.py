@@ -258,3 +258,21 @@ def test_make_importance_passes_config_fields():
 def test_load_state_dict_of_another_metric_is_an_error():
     with pytest.raises(ValueError, match="expected 'entropy'"):
         make_importance(FlexLoRAConfig()).load_state_dict({"name": "sensitivity"})
+
+
+@pytest.mark.parametrize("name", IMPORTANCE_METRICS)
+def test_batched_scores_equal_one_module_at_a_time_with_mixed_r_max(name):
+    mods = make_modules() + [FlexLinear(12, 10, 16, 5, 4.0)]  # r_max 16 beside r_max 8, 4, 1
+    with torch.no_grad():
+        mods[-1].lam.normal_()
+    lam, mask = _batch.stack_lam_mask(mods)
+    assert lam.shape == (len(mods), 16) and not mask[5, 1:].any(), "short rows are padded inactive"
+    set_random_grads(mods, torch.Generator().manual_seed(3))
+    batched = make_importance(FlexLoRAConfig(importance=name))
+    batched.update(mods)
+    together = batched.scores(mods)
+    for k, m in enumerate(mods):
+        alone = make_importance(FlexLoRAConfig(importance=name))
+        alone.update([m])
+        got = alone.scores([m])
+        assert torch.allclose(together[k], got[0], rtol=1e-5, atol=1e-7), f"module {k}: {together[k]} vs {got[0]}"

@@ -187,3 +187,15 @@ def test_fuzz_triton_against_reference(n, R, p_on, log_scale, zeros, seed):
     lam[torch.rand(n, R, generator=gen) < zeros] = 0.0  # exact zeros: ties for min_slot
     mask = torch.rand(n, R, generator=gen) < p_on
     check(spectral_entropy_and_slots(lam, mask, EPS, backend="triton"), reference(lam, mask), atol=2e-6 * max(1.0, math.log2(R)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_lambda_is_reported_not_hidden(backend):
+    lam = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    lam[1, 2] = float("nan")
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    ent = spectral_entropy(lam, mask, backend=backend)
+    assert torch.isnan(ent[1]) and torch.isfinite(ent[[0, 2]]).all(), ent
+    mask[1, 2] = False  # an inactive NaN slot does not matter
+    ent = spectral_entropy(lam, mask, backend=backend)
+    assert torch.isfinite(ent).all(), ent
