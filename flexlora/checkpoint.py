@@ -49,6 +49,18 @@ _SAVE_PREFIX = "modules_to_save."
 # --------------------------------------------------------------------------------------------
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / DataParallel / torch.compile wrappers (their names carry a
+    ``module.`` / ``_orig_mod.`` prefix that must not reach the files)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _model_config(model: nn.Module) -> FlexLoRAConfig:
     cfg = getattr(model, "flexlora_config", None)
     if not isinstance(cfg, FlexLoRAConfig):
@@ -122,6 +134,7 @@ def _adapter_meta(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, Any]:
 def _write_adapter(tmp: Path, model: nn.Module, allocator) -> None:
     import safetensors.torch
 
+    model = unwrap_model(model)
     cfg = _model_config(model)
     merged = [n for n, m in flex_modules(model) if m.merged]
     if merged:
@@ -291,6 +304,8 @@ def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
         FileNotFoundError / ValueError naming the path for missing or corrupt files, ValueError naming
         the first mismatching module (missing, unexpected, other shape, other r_max or scaling).
     """
+    given = model
+    model = unwrap_model(model)
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = _read_tensors(directory)
@@ -316,7 +331,7 @@ def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
     _apply(model, meta, tensors)
     if allocator is not None:
         allocator.load_state_dict(alloc_state)
-    return model
+    return given
 
 
 def _torch_load(path: Path, what: str):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import _base_name, _model_config, _module_state, _saved_modules
+from .checkpoint import _base_name, _model_config, _module_state, _saved_modules, unwrap_model
 from .layers.wrap import flex_modules
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -80,6 +80,7 @@ def export_peft(
     """
     import safetensors.torch
 
+    model = unwrap_model(model)
     cfg = _model_config(model)
     mods = flex_modules(model)
     merged = [n for n, m in mods if m.merged]

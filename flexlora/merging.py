@@ -18,6 +18,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from .checkpoint import unwrap_model
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules
 
@@ -31,7 +32,7 @@ def _delta_fp32(m: FlexLinear) -> torch.Tensor:
 
 
 def _modules(model: nn.Module) -> List[FlexLinear]:
-    mods = [m for _, m in flex_modules(model)]
+    mods = [m for _, m in flex_modules(unwrap_model(model))]
     if not mods:
         raise ValueError("model holds no FlexLinear modules (not wrapped by flexlora.wrap?)")
     return mods
@@ -79,6 +80,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weight (the same Parameter, no copy) and bias; ``model.flexlora_config`` is removed. The base
     weights stay frozen (``requires_grad=False``). Returns the model, modified in place."""
     merge(model)
+    given, model = model, unwrap_model(model)
     for name, m in flex_modules(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -92,4 +94,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         setattr(parent, child, linear)
     if hasattr(model, "flexlora_config"):
         del model.flexlora_config
-    return model
+    return given

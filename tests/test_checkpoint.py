@@ -300,3 +300,19 @@ def test_save_rejects_unwrapped_and_merged_models(tmp_path):
     with pytest.raises(ValueError, match="merged"):
         save_adapter(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "torch.compile"])
+def test_wrapped_models_save_and_load_under_their_own_names(tmp_path, wrapper):
+    def outer(m):
+        return torch.nn.DataParallel(m) if wrapper == "DataParallel" else torch.compile(m)
+
+    model = trained_llama()
+    save_adapter(outer(model), tmp_path)
+    keys = safetensors.torch.load_file(str(tmp_path / WEIGHTS_NAME)).keys()
+    assert "model.layers.0.self_attn.q_proj.P" in keys and not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    fresh = base_llama()
+    out = load_adapter(outer(fresh), tmp_path)
+    assert isinstance(out, torch.nn.Module) and out is not fresh
+    want, got = adapter_state(model), adapter_state(fresh)
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -161,3 +161,26 @@ def test_load_checkpoint_checks_before_modifying(tmp_path):
         load_checkpoint(tmp_path / "adapter_only", model2)
     with pytest.raises(ValueError, match="step"):
         save_checkpoint(tmp_path / "bad", model, step=-1)
+
+
+def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
+    """The second half really in another interpreter: nothing but the checkpoint carries over."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "final.pt"
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_resume as t; "
+        "torch.set_num_threads(1); step, objs = t.fresh_loaded(sys.argv[2]); "
+        "t.train(*objs, step, t.TOTAL); model, opt, sched, alloc = objs; "
+        "torch.save(t.snapshot(model, opt, alloc), sys.argv[3])"
+    )
+    env = dict(os.environ, FLEXLORA_BACKEND="torch", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(checkpoint), str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(straight[0], torch.load(out, weights_only=False))
