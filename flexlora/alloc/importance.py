@@ -160,8 +160,14 @@ class SpectrumEntropy(Importance):
         out = torch.zeros(n, dtype=torch.float32, device=dev)
         for idx in shape_groups(modules):
             P, Q, g, mask = _stack_group(modules, idx, self.dtype)
+            # eigh fails on NaN/inf input: zero those modules here, report them as NaN below
+            bad = ~(P.isfinite().flatten(1).all(1) & Q.isfinite().flatten(1).all(1) & g.isfinite().all(1))
+            P = torch.where(bad[:, None, None], 0.0, P)
+            Q = torch.where(bad[:, None, None], 0.0, Q)
+            g = torch.where(bad[:, None], 0.0, g)
             sig2 = gram_singular_values_sq(P, Q, g)
-            out[idx] = _finite(normalized_entropy(sig2, mask.sum(dim=1), self.eps))
+            ent = normalized_entropy(sig2, mask.sum(dim=1), self.eps)
+            out[idx] = _finite(torch.where(bad, float("nan"), ent))
         return out
 
 

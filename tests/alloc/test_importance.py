@@ -276,3 +276,17 @@ def test_batched_scores_equal_one_module_at_a_time_with_mixed_r_max(name):
         alone.update([m])
         got = alone.scores([m])
         assert torch.allclose(together[k], got[0], rtol=1e-5, atol=1e-7), f"module {k}: {together[k]} vs {got[0]}"
+
+
+@pytest.mark.parametrize("name", [n for n in IMPORTANCE_METRICS if n != "sensitivity"])
+def test_nan_parameters_give_nan_not_a_crash(name):
+    mods = make_modules()
+    assert mods[1].mask[2], "slot 2 of module 1 is active"
+    with torch.no_grad():
+        if name in ("entropy", "nuclear", "frobenius"):  # metrics of λ only
+            mods[1].lam[2] = float("nan")
+        else:
+            mods[1].P[0, 2] = float("nan")
+    s = make_importance(FlexLoRAConfig(importance=name)).scores(mods)
+    assert torch.isnan(s[1]), f"{name}: {s}"
+    assert not torch.isnan(s[[0, 3, 4, 5, 6, 7]]).any(), f"{name}: {s}"
