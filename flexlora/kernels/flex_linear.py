@@ -426,19 +426,45 @@ def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tens
     return g * scaling
 
 
+def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the active slots when only those should be computed, else None (all R slots).
+
+    On CPU the adapter GEMMs cost time in proportion to their width, so the torch path works on
+    the r active slots only (index_select of P columns / Q rows: [N, r] and [r, K], small copies).
+    ``nonzero`` reads the mask on the host: free on CPU, a sync on CUDA, so CUDA (where this path
+    runs only when forced) keeps all R slots. The data-dependent r is invisible to torch.compile:
+    this runs inside the flexlora::flex_linear custom op, whose outputs keep their full shapes.
+    """
+    if mask.device.type != "cpu":
+        return None
+    idx = mask.nonzero().squeeze(1)
+    return None if idx.numel() == mask.numel() else idx
+
+
 def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     """Torch-path forward on 2-D inputs.
 
     x2: [M, K]; xl2: [M, K] or None (then x2 feeds the adapter); weight: [N, K]; bias: [N] or
     None; P: [N, R]; lam, mask: [R]; Q: [R, K]; scaling: float or 0-d tensor.
-    Returns (y [M, N] in x2's dtype, u = xl2·Qᵀ [M, R], saved for backward).
+    Returns (y [M, N] in x2's dtype, u [M, R] saved for backward): u = xl2·Qᵀ on the active
+    slots; inactive columns are 0 where only active slots are computed (CPU) — backward never
+    reads them except through g = 0 or mask = 0.
     """
     dt = x2.dtype
     xl = x2 if xl2 is None else xl2
-    g = _gate(lam, mask, scaling)
-    u = xl @ Q.to(dt).t()  # [M, R]
+    g = _gate(lam, mask, scaling).to(dt)
     y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
-    y.addmm_(u * g.to(dt), P.to(dt).t())
+    idx = _active_slots(mask)
+    if idx is None:
+        u = xl @ Q.to(dt).t()  # [M, R]
+        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
+        return y, u
+    u = xl.new_zeros(xl.shape[0], mask.numel())
+    if idx.numel() == 0:
+        return y, u
+    ua = xl @ Q.index_select(0, idx).to(dt).t()  # [M, r]
+    y.addmm_(ua * g.index_select(0, idx), P.index_select(1, idx).to(dt).t())
+    u.index_copy_(1, idx, ua)
     return y, u
 
 
@@ -447,34 +473,49 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
 
     dy: [M, N]; the other tensors as in :func:`_torch_fwd` (u from it); needs: 7 bools, whether
     a gradient is wanted for (x, x_lora, weight, bias, P, lam, Q).
-    Returns (dx, dx_lora, dweight, dbias, dP, dlam, dQ), None where not needed.
+    Returns (dx, dx_lora, dweight, dbias, dP, dlam, dQ), None where not needed. Gradients of
+    inactive slots are exactly 0.0 (products with g = 0 or mask = 0, or never computed).
     """
     s = scaling
     dt = dy.dtype
     xl = x2 if xl2 is None else xl2
-    maskf = mask.to(lam.dtype)
-    g = (lam * maskf * s).to(dt)
-    dy = dy.contiguous()
-    dv = dy @ P.to(dt)  # [M, R]
-    dvg = dv * g
+    idx = _active_slots(mask)
+    if idx is None:  # all R slots: the mask enters through g and the dλ factor
+        maskf = mask.to(lam.dtype)
+        Pa, Qa, ua = P.to(dt), Q.to(dt), u
+        ga = (lam * maskf * s).to(dt)
+        dlam_scale = maskf.float() * s
+    else:  # the r active slots only; the gradients of the others are filled with 0.0
+        Pa, Qa = P.index_select(1, idx).to(dt), Q.index_select(0, idx).to(dt)
+        ua = u.index_select(1, idx)
+        ga = (lam.index_select(0, idx) * s).to(dt)
+        dlam_scale = s
+    dv = dy @ Pa  # [M, r]
+    dvg = dv * ga
     dx = dxl = dW = db = dP = dlam = dQ = None
     if needs[0]:
         dx = dy @ weight.to(dt)
         if xl2 is None:
-            dx.addmm_(dvg, Q.to(dt))
+            dx.addmm_(dvg, Qa)  # fused into the base dx, no [M, K] temporary
     if needs[1] and xl2 is not None:
-        dxl = dvg @ Q.to(dt)
+        dxl = dvg @ Qa
     if needs[2]:
         dW = (dy.t() @ x2).to(weight.dtype)
     if needs[3]:
         db = dy.sum(0).to(weight.dtype)
     if needs[4]:
-        dP = (dy.t() @ (u * g)).to(P.dtype)
+        dP = (dy.t() @ (ua * ga)).to(P.dtype)
+        if idx is not None:
+            dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     if needs[5]:
         # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j], reduced in fp32 for low-precision inputs.
-        dlam = ((u.float() * dv.float()).sum(0) * (maskf.float() * s)).to(lam.dtype)
+        dlam = ((ua.float() * dv.float()).sum(0) * dlam_scale).to(lam.dtype)
+        if idx is not None:
+            dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
         dQ = (dvg.t() @ xl).to(Q.dtype)
+        if idx is not None:
+            dQ = Q.new_zeros(Q.shape).index_copy_(0, idx, dQ)
     return dx, dxl, dW, db, dP, dlam, dQ
 
 
