@@ -18,7 +18,8 @@ matches list entries as exact names or dotted suffixes).
 A module at rank 0 has no LoRA equivalent (PEFT needs r >= 1; its ΔW is 0 anyway): it is left out
 of target_modules, so PEFT keeps it as the plain base layer, and ``export_peft`` warns naming it.
 ``modules_to_save`` modules are exported as PEFT ``modules_to_save`` (keys
-``base_model.model.<name>.<key>``, as PEFT writes them).
+``base_model.model.<name>.<key>``, as PEFT writes them); for sequence classifiers the heads PEFT
+adds by itself ("classifier", "score") are exported too.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
 from .checkpoint import _base_name, _model_config, _module_state, _saved_modules, unwrap_model
+from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -53,6 +55,22 @@ def _task_type(model: nn.Module) -> Optional[str]:
         if name.endswith(suffix):
             return task
     return None
+
+
+def _peft_auto_heads(model: nn.Module, task: Optional[str], saved: List[str]) -> List[Tuple[str, nn.Module]]:
+    """PEFT's SEQ_CLS models add "classifier" and "score" to modules_to_save themselves and then
+    expect their weights in the adapter (matching names by plain ``endswith``): export those heads
+    too, so the folder loads without missing keys (they hold the base model's head if untrained)."""
+    if task != "SEQ_CLS":
+        return []
+    out = []
+    for name, module in model.named_modules():
+        if not name or not name.endswith(("classifier", "score")) or isinstance(module, FlexLinear):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved + [n for n, _ in out]):
+            continue
+        out.append((name, module))
+    return out
 
 
 def export_peft(
@@ -106,6 +124,8 @@ def export_peft(
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype).cpu().contiguous()
             rank_pattern[name] = r
         saved = _saved_modules(model, cfg)
+        task = _task_type(model) if task_type == "auto" else task_type
+        saved += _peft_auto_heads(model, task, [n for n, _ in saved])
         for name, module in saved:
             for key, t in _module_state(module).items():
                 tensors[f"{_PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
@@ -122,7 +142,7 @@ def export_peft(
     default_r = Counter(rank_pattern.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model) if task_type == "auto" else task_type,
+        "task_type": task,
         "base_model_name_or_path": base_model_name_or_path or _base_name(model),
         "revision": None,
         "inference_mode": True,

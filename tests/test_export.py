@@ -115,14 +115,17 @@ def test_weights_are_active_slots_with_scaled_lambda_folded(tmp_path):
             torch.testing.assert_close(B[:, i], m.P[:, j].double() * m.lam[j].double() * m.scaling, rtol=1e-6, atol=1e-7)
 
 
-def test_bert_with_modules_to_save(tmp_path):
+@pytest.mark.parametrize("save_head", [True, False], ids=["modules_to_save-classifier", "no-modules_to_save"])
+def test_bert_with_modules_to_save(tmp_path, save_head):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=32, num_labels=3)
     base = BertForSequenceClassification(cfg).eval()
-    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["query", "value"], modules_to_save=["classifier"])))
-    with torch.no_grad():
-        model.classifier.weight.add_(0.5)
+    heads = ["classifier"] if save_head else []
+    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["query", "value"], modules_to_save=heads)))
+    if save_head:
+        with torch.no_grad():
+            model.classifier.weight.add_(0.5)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(ids).logits
@@ -131,6 +134,7 @@ def test_bert_with_modules_to_save(tmp_path):
     with torch.no_grad():
         got = pm(ids).logits
     assert (got - want).abs().max().item() <= 1e-5
+    # PEFT's SEQ_CLS wrapper trains "classifier" by itself: exported either way, so no missing keys
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
 
 
