@@ -22,6 +22,7 @@ Saved for backward: x, x_lora, u (M×R, small); nothing M×N.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence, Union
 
@@ -526,6 +527,11 @@ def _scale(scaling: float, scaling_t: Optional[torch.Tensor]) -> Scaling:
     return scaling if scaling_t is None else scaling_t
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make that x's device (multi-GPU, DDP)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("flexlora::flex_linear", mutates_args=())
 def _op_fwd(
     x: torch.Tensor,
@@ -543,7 +549,8 @@ def _op_fwd(
     """2-D forward: returns (y [M, N], u [M, R]); u is returned only to be saved for backward."""
     s = _scale(scaling, scaling_t)
     if backend == "triton":
-        return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+        with _on_device(x):
+            return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
     return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
 
 
@@ -572,8 +579,11 @@ def _op_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D backward: (dx, dx_lora, dweight, dbias, dP, dlam, dQ); an empty tensor where not needed."""
     s = _scale(scaling, scaling_t)
-    impl = _triton_bwd if backend == "triton" else _torch_bwd
-    grads = impl(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
+    if backend == "triton":
+        with _on_device(dy):
+            grads = _triton_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
+    else:
+        grads = _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
 
