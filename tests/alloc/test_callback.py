@@ -1,0 +1,123 @@
+"""FlexLoRACallback inside a real transformers.Trainer (tiny config-built LLaMA, CPU, no downloads)."""
+
+import warnings
+
+import pytest
+import torch
+
+import flexlora
+from flexlora import FlexLoRACallback, FlexLoRAConfig, RankAllocator
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Sequences(torch.utils.data.Dataset):
+    def __init__(self, n=512, length=12, vocab=32):
+        g = torch.Generator().manual_seed(0)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        step = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + step * torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def make_trainer(tmp_path, model, callbacks, max_steps, accumulation=1):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-2, weight_decay=0.01,
+        lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
+        logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=callbacks)
+
+
+def test_trainer_runs_allocation_and_orthogonality(tmp_path):
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(
+        r_init=4, r_max=8, alpha=16.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        total_steps=24, t_warmup=4, t_final=4, delta_t=2, b0=2, orth_reg=0.01,
+        importance="sensitivity",  # needs gradients: proves update_importance runs while they exist
+    )
+    flexlora.wrap(model, cfg)
+    allocator = RankAllocator(model)
+    budget, start = allocator.total_rank, allocator.ranks()
+
+    calls = {"orth": 0, "importance": 0, "steps": []}
+    orig_orth, orig_update, orig_step = allocator.add_orthogonal_grad_, allocator.importance.update, allocator.step
+
+    def orth():
+        # before optimizer.step: gradients are present
+        assert all(m.P.grad is not None for m in allocator.modules)
+        calls["orth"] += 1
+        orig_orth()
+
+    def update(modules):
+        assert all(m.lam.grad is not None for m in modules)
+        calls["importance"] += 1
+        orig_update(modules)
+
+    def step(global_step, optimizer=None):
+        calls["steps"].append(global_step)
+        assert optimizer is not None
+        return orig_step(global_step, optimizer)
+
+    allocator.add_orthogonal_grad_, allocator.importance.update, allocator.step = orth, update, step
+    trainer = make_trainer(tmp_path, model, [FlexLoRACallback(allocator)], max_steps=24, accumulation=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the never-stepped guard must stay quiet
+        trainer.train()
+
+    assert calls["steps"] == list(range(1, 25))
+    assert calls["orth"] == 24 and calls["importance"] == 24
+    assert allocator.num_events == len(range(4, 21, 2))
+    assert allocator.total_rank == budget == sum(allocator.ranks().values())
+    assert allocator.ranks() != start
+    assert allocator.importance.steps == 24  # one update per optimizer step, not per micro-batch
+
+
+def test_trainer_warns_on_total_steps_mismatch(tmp_path):
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(r_init=2, r_max=4, target_modules=["q_proj"], total_steps=100, t_warmup=1, t_final=1, delta_t=1)
+    flexlora.wrap(model, cfg)
+    trainer = make_trainer(tmp_path, model, [FlexLoRACallback(RankAllocator(model))], max_steps=2)
+    with pytest.warns(UserWarning, match=r"max_steps=2 .*total_steps=100"):
+        trainer.train()
+
+
+def test_trainer_without_callback_warns_once(tmp_path):
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(r_init=2, r_max=4, target_modules=["q_proj"], total_steps=12, t_warmup=2, t_final=2, delta_t=2)
+    flexlora.wrap(model, cfg)
+    allocator = RankAllocator(model)  # noqa: F841  (created, but nobody calls step)
+    trainer = make_trainer(tmp_path, model, [], max_steps=12)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.train()
+    hits = [w for w in rec if "RankAllocator.step() was never called" in str(w.message)]
+    assert len(hits) == 1 and "FlexLoRACallback" in str(hits[0].message)
+
+
+def test_callback_rejects_non_allocator():
+    with pytest.raises(TypeError, match="RankAllocator"):
+        FlexLoRACallback(object())
