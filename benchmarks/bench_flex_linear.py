@@ -1,0 +1,321 @@
+"""Benchmark of the FlexLoRA adapter op (``FlexLinear``) against a frozen ``nn.Linear``, PEFT LoRA
+and PEFT AdaLoRA at the same rank: forward, backward and forward+backward ("full"), as ratios to
+the frozen base measured in the same run.
+
+    python benchmarks/bench_flex_linear.py                 # CUDA if present, else CPU; all modes
+    python benchmarks/bench_flex_linear.py --device cpu --mode full --quick
+
+CPU (scaled down, fp32, 2 threads): 2048 tokens, 2048→2048 and 2048→5632, FlexLinear with r_max 64
+and 32 active slots and with r_max 32 all active, PEFT at r = 32. Times are wall clock, taken
+round-robin over the cases (:func:`_common.interleaved_times_ms`); ``ratio`` is the median over
+rounds of (case time / frozen time in the same round), which resists the drift of a shared machine;
+``ratio_cpu`` is the same on process CPU time, which stays steady when other jobs share the cores.
+
+CUDA (bf16): LLaMA-3-8B projections 4096→4096, 4096→14336, 14336→4096 at 8192 tokens, r_max 64 with
+32 active, timed by ``triton.testing.do_bench``. Beside each row an analytic cost model: the FLOPs and
+bytes the op's math needs at the active rank (every tensor read or written once, in the activation
+dtype), the H100 SXM roofline time max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), and the achieved
+fraction roofline / measured.
+
+In every mode x requires grad (so backward computes dx as a training step through a frozen layer
+does). "bwd" times ``y.backward(dy, retain_graph=True)`` of a graph built once; "full" times
+``module(x).backward(dy)``; gradients are reset to None (untimed) before every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # run from anywhere, without installing
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from _common import H100_SXM, cuda_time_ms, format_table, interleaved_times_ms, median_ratio, write_csv  # noqa: E402
+
+MODES = ("fwd", "bwd", "full")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A projection: M tokens, K → N features."""
+
+    M: int
+    K: int
+    N: int
+
+    def __str__(self) -> str:
+        return f"{self.K}->{self.N}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked layer: ``kind`` names the setup factory; r_max = rank for PEFT layers."""
+
+    kind: str
+    r_max: int = 0
+    rank: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "frozen":
+            return "frozen nn.Linear"
+        if self.kind == "flexlora":
+            return f"FlexLinear r_max={self.r_max} r={self.rank}"
+        return f"{'PEFT LoRA' if self.kind == 'peft_lora' else 'PEFT AdaLoRA'} r={self.rank}"
+
+
+@dataclass
+class Setup:
+    """What a factory builds: the layer, its input (requires grad), a gradient for its output,
+    and every tensor whose ``.grad`` must be reset between timed calls."""
+
+    module: nn.Module
+    x: torch.Tensor
+    dy: torch.Tensor
+    grads: List[torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Setup factories: one per case. All build the same base weights (same seed) on device/dtype.
+# --------------------------------------------------------------------------------------------
+
+
+class _OneLinear(nn.Module):
+    """The smallest model PEFT can wrap: one projection named ``proj``."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _base(shape: Shape, dtype: torch.dtype, device: str) -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(shape.K, shape.N, bias=False, device=device, dtype=dtype)
+    lin.weight.requires_grad_(False)
+    return lin
+
+
+def _io(module: nn.Module, shape: Shape, dtype: torch.dtype, device: str) -> Setup:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
+    grads = [x] + [p for p in module.parameters() if p.requires_grad]
+    return Setup(module, x, dy, grads)
+
+
+def make_frozen(shape: Shape, case: Case, dtype: torch.dtype, device: str) -> Setup:
+    return _io(_base(shape, dtype, device), shape, dtype, device)
+
+
+def make_flexlora(shape: Shape, case: Case, dtype: torch.dtype, device: str) -> Setup:
+    from flexlora.layers.flex_linear import FlexLinear
+
+    layer = FlexLinear.from_linear(_base(shape, dtype, device), r_max=case.r_max, r_init=case.rank, alpha=2.0 * case.rank)
+    with torch.no_grad():  # a mid-training state: λ ≠ 0, active slots scattered over the buffer
+        g = torch.Generator(device="cpu").manual_seed(2)
+        layer.lam.copy_(torch.randn(case.r_max, generator=g))
+        active = torch.randperm(case.r_max, generator=g)[: case.rank]
+        layer.mask.zero_()
+        layer.mask[active.to(layer.mask.device)] = True
+    return _io(layer, shape, dtype, device)
+
+
+def _peft(shape: Shape, config, dtype: torch.dtype, device: str) -> Setup:
+    from peft import get_peft_model
+
+    model = get_peft_model(_OneLinear(_base(shape, dtype, device)), config)
+    return _io(model, shape, dtype, device)
+
+
+def make_peft_lora(shape: Shape, case: Case, dtype: torch.dtype, device: str) -> Setup:
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=["proj"], lora_dropout=0.0)
+    return _peft(shape, cfg, dtype, device)
+
+
+def make_peft_adalora(shape: Shape, case: Case, dtype: torch.dtype, device: str) -> Setup:
+    from peft import AdaLoraConfig
+
+    cfg = AdaLoraConfig(
+        init_r=case.rank, target_r=case.rank, total_step=1000, lora_alpha=2 * case.rank,
+        target_modules=["proj"], lora_dropout=0.0,
+    )
+    return _peft(shape, cfg, dtype, device)
+
+
+FACTORIES: Dict[str, Callable[[Shape, Case, torch.dtype, str], Setup]] = {
+    "frozen": make_frozen,
+    "flexlora": make_flexlora,
+    "peft_lora": make_peft_lora,
+    "peft_adalora": make_peft_adalora,
+}
+
+
+def timed_fn(s: Setup, mode: str) -> Callable[[], object]:
+    """The zero-argument callable timed for ``mode`` (for "bwd" the graph is built here, once)."""
+    if mode == "fwd":
+        return lambda: s.module(s.x)
+    if mode == "bwd":
+        y = s.module(s.x)
+        return lambda: y.backward(s.dy, retain_graph=True)
+    if mode == "full":
+        return lambda: s.module(s.x).backward(s.dy)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic cost model (CUDA rows)
+# --------------------------------------------------------------------------------------------
+
+
+def cost(shape: Shape, rank: int, mode: str, elem: int) -> tuple:
+    """(FLOPs, bytes) the math of ``mode`` needs at active ``rank`` (0 = frozen base).
+
+    Forward: y = x Wᵀ + ((x Qᵀ)⊙g) Pᵀ, saving u = x Qᵀ. Backward (W frozen): dx = dy W + ((dy P)⊙g) Q,
+    dP = dyᵀ (u⊙g), dQ = ((dy P)⊙g)ᵀ x, dλ from u and dy P. Every tensor is read or written once.
+    """
+    M, K, N, r = shape.M, shape.K, shape.N, rank
+    fwd_f = 2 * M * K * N + 2 * M * r * (K + N)
+    fwd_b = elem * (M * K + N * K + M * N + r * (K + N) + M * r)
+    bwd_f = 2 * M * K * N + 4 * M * r * (K + N)
+    bwd_b = elem * (M * N + N * K + M * K + (M * K + M * r + 2 * r * (K + N) if r else 0))
+    return {"fwd": (fwd_f, fwd_b), "bwd": (bwd_f, bwd_b), "full": (fwd_f + bwd_f, fwd_b + bwd_b)}[mode]
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def cases_for(rank_configs: Sequence[tuple], kinds: Sequence[str]) -> List[Case]:
+    """Frozen first (the baseline), then FlexLinear at each (r_max, rank), then PEFT at each rank."""
+    out = [Case("frozen")]
+    if "flexlora" in kinds:
+        out += [Case("flexlora", r_max, r) for r_max, r in rank_configs]
+    for kind in ("peft_lora", "peft_adalora"):
+        if kind in kinds:
+            out += [Case(kind, r, r) for r in sorted({r for _, r in rank_configs})]
+    return out
+
+
+def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds: int) -> List[dict]:
+    """Rows of the table for one shape: every mode, every case, ratios to ``cases[0]`` (frozen)."""
+    setups = {c: FACTORIES[c.kind](shape, c, dtype, device) for c in cases}
+    all_grads = [t for s in setups.values() for t in s.grads]
+    rows = []
+    base = cases[0]
+    for mode in modes:
+        fns = {c: timed_fn(setups[c], mode) for c in cases}
+        if device == "cuda":
+            cuda_ms = {c: cuda_time_ms(fns[c], setups[c].grads) for c in cases}
+        else:
+            samples = interleaved_times_ms(fns, rounds=rounds, warmup=1, grads_to_none=all_grads)
+        del fns  # frees the graphs built for "bwd"
+        for c in cases:
+            row = {
+                "device": device, "dtype": str(dtype).replace("torch.", ""), "M": shape.M, "K": shape.K,
+                "N": shape.N, "mode": mode, "case": c.label, "r_max": c.r_max, "rank": c.rank,
+            }
+            if device == "cuda":
+                flops, nbytes = cost(shape, c.rank, mode, torch.finfo(dtype).bits // 8)
+                roof = H100_SXM.time_ms(flops, nbytes)
+                row.update(ms=cuda_ms[c], ratio=cuda_ms[c] / cuda_ms[base], GFLOP=flops / 1e9, MB=nbytes / 1e6,
+                           roofline_ms=roof, achieved=roof / cuda_ms[c])
+            else:
+                t, tb = samples[c], samples[base]
+                row.update(ms=statistics.median(t.wall_ms), ratio=median_ratio(t.wall_ms, tb.wall_ms),
+                           cpu_ms=statistics.median(t.cpu_ms), ratio_cpu=median_ratio(t.cpu_ms, tb.cpu_ms))
+            rows.append(row)
+    return rows
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="one shape, fewer rounds (a smoke run)")
+    p.add_argument("--rounds", type=int, default=None, help="CPU rounds per case (default 9, --quick 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--cases", default="flexlora,peft_lora,peft_adalora", help="comma list of compared cases")
+    p.add_argument("--backend", choices=("triton", "torch"), default=None,
+                   help="FlexLinear backend (default: the library's choice; the CPU run forces torch)")
+    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/flex_linear_<device>.csv)")
+    args = p.parse_args(argv)
+    kinds = [k.strip() for k in args.cases.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FACTORIES or k == "frozen"]
+    if bad:
+        p.error(f"--cases: unknown {bad}; choose from flexlora, peft_lora, peft_adalora")
+    args.kinds = kinds
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    args = parse_args(argv)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible")
+        dtype, M = torch.bfloat16, 8192
+        dims = [(4096, 4096), (4096, 14336), (14336, 4096)]
+        rank_configs = [(64, 32)]
+        if args.backend:
+            os.environ["FLEXLORA_BACKEND"] = args.backend
+    else:
+        torch.set_num_threads(args.threads)
+        dtype, M = torch.float32, 2048
+        dims = [(2048, 2048), (2048, 5632)]
+        rank_configs = [(64, 32), (32, 32)]
+        if args.backend == "triton":
+            raise SystemExit("--device cpu: the Triton backend runs on CPU only under its interpreter (not a benchmark)")
+        os.environ["FLEXLORA_BACKEND"] = "torch"
+    if args.quick:
+        dims = dims[1:2]
+    rounds = args.rounds or (3 if args.quick else 9)
+    cases = cases_for(rank_configs, args.kinds)
+
+    where = f"{torch.cuda.get_device_name()}" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# flex_linear benchmark: {where}, {dtype}, M={M} tokens, torch {torch.__version__}")
+    t_start = time.time()
+    rows: List[dict] = []
+    for K, N in dims:
+        shape = Shape(M, K, N)
+        rows += run_shape(shape, cases, modes, dtype, args.device, rounds)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    columns = ["K", "N", "mode", "case", "ms", "ratio"]
+    columns += ["cpu_ms", "ratio_cpu"] if args.device == "cpu" else ["GFLOP", "MB", "roofline_ms", "achieved"]
+    print(format_table(rows, columns))
+    if args.device == "cpu":
+        print(f"(ms: median wall time; ratio: median over {rounds} interleaved rounds of time / frozen time "
+              "in the same round; cpu_ms, ratio_cpu: the same on process CPU time, steadier on a busy machine)")
+    _print_target(rows)
+    path = args.csv or os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv")
+    write_csv(rows, path)
+    print(f"# wrote {path} ({time.time() - t_start:.0f} s)")
+    return rows
+
+
+def _print_target(rows: List[dict]) -> None:
+    """The CPU target of the project: FlexLinear fwd+bwd <= 1.05x the frozen base at 2048->5632, r=32."""
+    for r in rows:
+        if r["device"] == "cpu" and r["mode"] == "full" and (r["K"], r["N"]) == (2048, 5632) and r["case"].startswith("FlexLinear"):
+            verdict = "met" if max(r["ratio"], r["ratio_cpu"]) <= 1.05 else "NOT met"
+            print(f"target full <= 1.05x at 2048->5632: {r['case']}: {r['ratio']:.3f}x wall, "
+                  f"{r['ratio_cpu']:.3f}x CPU ({verdict})")
+
+
+if __name__ == "__main__":
+    main()

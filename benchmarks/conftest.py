@@ -1,0 +1,19 @@
+"""pytest-benchmark settings for ``python -m pytest benchmarks/ --benchmark-only``.
+
+The benchmark files (``test_bench_*.py``) are collected only under ``--benchmark-only``: a bare
+``pytest`` at the repository root then never spends minutes timing layers, and CI (``pytest tests``)
+never sees this folder at all.
+"""
+
+import os
+
+import torch
+
+os.environ["FLEXLORA_BACKEND"] = "torch"  # the CPU op, not Triton's interpreter, is what is timed here
+torch.set_num_threads(int(os.environ.get("FLEXLORA_BENCH_THREADS", "2")))
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name.startswith("test_bench_") and not config.getoption("benchmark_only", False):
+        return True
+    return None
