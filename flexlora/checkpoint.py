@@ -286,7 +286,7 @@ def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tens
             )
 
 
-def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
+def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool = True) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return the model.
 
     ``model`` is either already wrapped (its config must produce the same modules, shapes, r_max and
@@ -299,6 +299,8 @@ def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
         directory: folder written by :func:`save_adapter` or :func:`save_checkpoint`.
         allocator: optional RankAllocator whose state is restored from ``allocator_state.pt``
             (an error if the save has none).
+        weights_only: passed to ``torch.load`` for ``allocator_state.pt`` (safetensors and JSON need
+            no pickle); keep True unless a trusted file holds objects it refuses.
 
     Raises:
         FileNotFoundError / ValueError naming the path for missing or corrupt files, ValueError naming
@@ -327,26 +329,30 @@ def load_adapter(model: nn.Module, directory, allocator=None) -> nn.Module:
             stacklevel=2,
         )
     _check_match(model, meta, tensors, directory)
-    alloc_state = _read_allocator_state(directory) if allocator is not None else None
+    alloc_state = _read_allocator_state(directory, weights_only) if allocator is not None else None
     _apply(model, meta, tensors)
     if allocator is not None:
         allocator.load_state_dict(alloc_state)
     return given
 
 
-def _torch_load(path: Path, what: str):
+def _torch_load(path: Path, what: str, weights_only: bool = True):
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing ({what})")
     try:
-        # weights_only=False: optimizer/scheduler/allocator states hold plain python objects (lists,
-        # dicts, numpy RNG tuples). Load checkpoints you trust, as with any torch.load.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(f"{str(path)!r} is corrupt or unreadable ({what}): {e}") from e
+        hint = ""
+        if weights_only and "weights_only" in str(e):
+            hint = (
+                " -- it holds objects torch.load(weights_only=True) refuses (e.g. a custom scheduler's "
+                "state); if you trust the file, pass weights_only=False"
+            )
+        raise ValueError(f"{str(path)!r} is corrupt or unreadable ({what}): {str(e)[:500]}{hint}") from e
 
 
-def _read_allocator_state(directory: Path):
-    return _torch_load(directory / ALLOCATOR_NAME, "allocator state: was the save made with allocator=?")
+def _read_allocator_state(directory: Path, weights_only: bool = True):
+    return _torch_load(directory / ALLOCATOR_NAME, "allocator state: was the save made with allocator=?", weights_only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +367,9 @@ def _rng_state() -> Dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # as a tensor + plain numbers, so torch.load(weights_only=True) can read it back
+        state["numpy"] = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     except ImportError:  # numpy is a dependency, but resume must not need it
         pass
     return state
@@ -375,7 +383,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def save_checkpoint(
@@ -417,6 +426,7 @@ def load_checkpoint(
     allocator=None,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler=None,
+    weights_only: bool = True,
 ) -> int:
     """Restore a :func:`save_checkpoint` directory into freshly built objects and return ``step``.
 
@@ -424,15 +434,19 @@ def load_checkpoint(
     same order) and ``scheduler`` exactly as for a new run, then call this; training continues with
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
     streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
-    checked before anything is modified.
+    checked before anything is modified. ``weights_only`` goes to ``torch.load`` of the ``.pt``
+    files: the default (True) reads the states of torch's optimizers and schedulers and of the
+    RankAllocator without unpickling arbitrary objects.
     """
     directory = Path(directory)
     _read_meta(directory)  # clear error first if this is not a flexlora directory
-    state = _torch_load(directory / TRAINING_STATE_NAME, "training state: was it written by save_checkpoint?")
+    state = _torch_load(
+        directory / TRAINING_STATE_NAME, "training state: was it written by save_checkpoint?", weights_only
+    )
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is not None and state.get(key) is None:
             raise ValueError(f"checkpoint {str(directory)!r} holds no {key} state, but a {key} was given")
-    load_adapter(model, directory, allocator=allocator)
+    load_adapter(model, directory, allocator=allocator, weights_only=weights_only)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

@@ -161,6 +161,11 @@ def test_load_checkpoint_checks_before_modifying(tmp_path):
         load_checkpoint(tmp_path / "adapter_only", model2)
     with pytest.raises(ValueError, match="step"):
         save_checkpoint(tmp_path / "bad", model, step=-1)
+    save_checkpoint(tmp_path / "torn", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    (tmp_path / "torn" / "training_state.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ValueError, match=r"torn.*training_state\.pt.*corrupt"):
+        load_checkpoint(tmp_path / "torn", model2, allocator=alloc2, optimizer=opt2, scheduler=sched2)
+    assert all(torch.equal(before[n], p) for n, p in model2.named_parameters() if p.requires_grad)
 
 
 def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
