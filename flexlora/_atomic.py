@@ -52,7 +52,13 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _check_target(target: Path, owned_files: Iterable[str]) -> None:
+def _check_target(target: Path) -> None:
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(
+            f"cannot save to {str(target)!r}: it is (or contains) the current working directory, which a "
+            "save replaces as a whole; give a dedicated subfolder"
+        )
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save to {str(target)!r}: it exists and is not a directory")
     parent = target.parent
@@ -69,8 +75,10 @@ def atomic_directory(target, owned_files: Iterable[str]) -> Iterator[Path]:
     exception inside the block the temporary directory is removed and ``target`` is untouched.
     """
     target = Path(target).absolute()
+    if target.is_symlink():  # replace the folder the link points to, keep the link
+        target = target.resolve()
     owned = set(owned_files)
-    _check_target(target, owned)
+    _check_target(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -266,6 +266,22 @@ def test_unwritable_target_names_path(tmp_path):
         save_adapter(trained_llama(), blocker)
 
 
+def test_symlinked_target_and_working_directory(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    save_adapter(trained_llama(seed=1), real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    new = trained_llama(seed=2)
+    save_adapter(new, link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert torch.equal(adapter_state(load_adapter(base_llama(), real))["model.layers.0.mlp.down_proj.lam"],
+                       adapter_state(new)["model.layers.0.mlp.down_proj.lam"])
+    monkeypatch.chdir(real)
+    with pytest.raises(ValueError, match="current working directory"):
+        save_adapter(new, ".")
+    assert (real / CONFIG_NAME).is_file()
+
+
 def test_missing_and_corrupt_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_adapter(base_llama(), tmp_path / "nowhere")

@@ -101,18 +101,22 @@ def test_llama_varied_ranks_reproduces_outputs(tmp_path):
     assert "model.layers.1.self_attn.v_proj" not in cfg["target_modules"]
 
 
-def test_weights_are_active_slots_with_scaled_lambda_folded(tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["adapter-dtype", "bf16"])
+def test_weights_are_active_slots_with_scaled_lambda_folded(tmp_path, dtype):
     model = randomize(wrap(llama(layers=2), flex_config()))
-    export_peft(model, tmp_path)
+    export_peft(model, tmp_path, dtype=dtype)
     t = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {v.dtype for v in t.values()} == {dtype or torch.float32}
+    tol = dict(rtol=2 ** -8, atol=1e-30) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
     for name, m in flex_modules(model):
         active = [j for j in range(m.r_max) if m.mask[j]]
         A = t[f"base_model.model.{name}.lora_A.weight"].double()
         B = t[f"base_model.model.{name}.lora_B.weight"].double()
         assert A.shape == (len(active), m.in_features) and B.shape == (m.out_features, len(active))
         for i, j in enumerate(active):
-            torch.testing.assert_close(A[i], m.Q[j].double(), rtol=0, atol=0)
-            torch.testing.assert_close(B[:, i], m.P[:, j].double() * m.lam[j].double() * m.scaling, rtol=1e-6, atol=1e-7)
+            exact_a = dict(rtol=0, atol=0) if dtype is None else tol
+            torch.testing.assert_close(A[i], m.Q[j].double(), **exact_a)
+            torch.testing.assert_close(B[:, i], m.P[:, j].double() * m.lam[j].double() * m.scaling, **tol)
 
 
 @pytest.mark.parametrize("save_head", [True, False], ids=["modules_to_save-classifier", "no-modules_to_save"])
