@@ -211,6 +211,12 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
     """Raise on the first difference between the saved adapter and the model's."""
     where = f"adapter {str(directory)!r}"
     mods = dict(flex_modules(model))
+    merged = [n for n, m in mods.items() if m.merged]
+    if merged:
+        raise ValueError(
+            f"cannot load {where} into merged modules (first: {merged[0]!r}): W holds the old ΔW; "
+            "call flexlora.unmerge(model) first"
+        )
     saved = meta["modules"]
     for name, info in saved.items():
         m = mods.get(name)

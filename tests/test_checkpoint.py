@@ -316,6 +316,9 @@ def test_save_rejects_unwrapped_and_merged_models(tmp_path):
     with pytest.raises(ValueError, match="merged"):
         save_adapter(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    save_adapter(trained_llama(seed=3), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"merged.*unmerge"):
+        load_adapter(model, tmp_path / "c")
 
 
 @pytest.mark.parametrize("wrapper", ["DataParallel", "torch.compile"])
