@@ -243,6 +243,30 @@ def test_expansion_has_zero_impact(init):
             assert not m.P[:, j].any() and not m.Q[j].any() and m.lam[j] == 0 and m.mask[j]
 
 
+@pytest.mark.parametrize("in_f,out_f", [(64, 64), (128, 96), (37, 200), (256, 256)], ids=lambda v: str(v))
+def test_expansion_is_bit_identical_across_shapes_and_ranks(in_f, out_f):
+    # BLAS picks its blocking by matrix shape: a forward whose GEMM widths follow the number of
+    # active slots can move the last bit when a λ = 0 slot switches on (on this x86 box, ranks
+    # 1, 3, 7, 11 -> +1 at these shapes did); zero impact means bit-identical, so it must not.
+    torch.manual_seed(0)
+    layers = nn.ModuleList(FlexLinear(in_f, out_f, r_max=16, r_init=r, alpha=8.0) for r in (1, 3, 7, 11, 15))
+    with torch.no_grad():
+        for m in layers:
+            m.lam[: m.r_init] = torch.randn(m.r_init)
+    holder = nn.Module()
+    holder.layers = layers
+    al = RankAllocator(holder, config(r_max=16, r_init=3, allocation_mode="expand_only", b0=5))
+    x = torch.randn(17, in_f)
+    with torch.no_grad():
+        before = [m(x) for m in layers]
+    ev = al._event(10, 5)
+    assert len(ev.expanded) == 5
+    with torch.no_grad():
+        for i, (m, y0) in enumerate(zip(layers, before)):
+            y1 = m(x)
+            assert torch.equal(y0, y1), f"r {m.r_init} -> {m.r_init + 1}: max diff {(y0 - y1).abs().max().item():.3g}"
+
+
 def test_small_init_moves_the_output():
     bank, al, opt = _trained_bank(expand_init="small", mode="expand_only")
     x = torch.randn(9, 5)
