@@ -123,7 +123,6 @@ def _adapter_meta(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, Any]:
                 "scaling": m.scaling,
                 "in_features": m.in_features,
                 "out_features": m.out_features,
-                "merged": bool(m.merged),
             }
             for (name, m), r in zip(mods, ranks)
         },
@@ -131,9 +130,9 @@ def _adapter_meta(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, Any]:
     }
 
 
-def _write_adapter(tmp: Path, model: nn.Module, allocator) -> None:
-    import safetensors.torch
-
+def _collect_adapter(model: nn.Module, allocator):
+    """Everything save_adapter writes, gathered in memory first: bad input fails before any disk
+    access. Returns (tensors, meta, allocator state or None)."""
     model = unwrap_model(model)
     cfg = _model_config(model)
     merged = [n for n, m in flex_modules(model) if m.merged]
@@ -141,13 +140,19 @@ def _write_adapter(tmp: Path, model: nn.Module, allocator) -> None:
         raise ValueError(
             f"cannot save an adapter while modules are merged (first: {merged[0]!r}); call flexlora.unmerge(model) first"
         )
-    tensors = _adapter_tensors(model, cfg)
-    meta = _adapter_meta(model, cfg)
+    alloc_state = None if allocator is None else allocator.state_dict()
+    return _adapter_tensors(model, cfg), _adapter_meta(model, cfg), alloc_state
+
+
+def _write_adapter(tmp: Path, collected) -> None:
+    import safetensors.torch
+
+    tensors, meta, alloc_state = collected
     safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "flexlora"})
     with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    if allocator is not None:
-        torch.save(allocator.state_dict(), tmp / ALLOCATOR_NAME)
+    if alloc_state is not None:
+        torch.save(alloc_state, tmp / ALLOCATOR_NAME)
 
 
 def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
@@ -163,8 +168,9 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
         the directory path. Raises ``PermissionError``/``OSError`` naming the path when it cannot be
         written; the previous content of ``directory`` survives any failure.
     """
+    collected = _collect_adapter(model, allocator)
     with atomic_directory(directory, _OWNED) as tmp:
-        _write_adapter(tmp, model, allocator)
+        _write_adapter(tmp, collected)
     return Path(directory)
 
 
@@ -420,8 +426,9 @@ def save_checkpoint(
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "flexlora_version": __version__,
     }
+    collected = _collect_adapter(model, allocator)
     with atomic_directory(directory, _OWNED) as tmp:
-        _write_adapter(tmp, model, allocator)
+        _write_adapter(tmp, collected)
         torch.save(state, tmp / TRAINING_STATE_NAME)
     return Path(directory)
 

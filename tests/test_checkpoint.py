@@ -190,12 +190,12 @@ def _partial_then_fail(tensors, filename, metadata=None):
     raise OSError(28, "No space left on device (injected)")
 
 
-class _BadAllocator:
-    def state_dict(self):
-        raise RuntimeError("allocator state failed (injected)")
+def _json_partial_then_fail(obj, f, **kw):
+    f.write('{"config": {')  # the weights file is already complete in the temporary folder
+    raise RuntimeError("interrupted while writing the config (injected)")
 
 
-@pytest.mark.parametrize("where", ["safetensors-write", "allocator-state"])
+@pytest.mark.parametrize("where", ["safetensors-write", "json-write-after-weights"])
 def test_failed_save_keeps_previous_save(tmp_path, monkeypatch, where):
     target = tmp_path / "adapter"
     old_model = trained_llama(seed=1)
@@ -209,8 +209,9 @@ def test_failed_save_keeps_previous_save(tmp_path, monkeypatch, where):
         with pytest.raises(OSError, match="injected"):
             save_adapter(new_model, target)
     else:
+        monkeypatch.setattr(json, "dump", _json_partial_then_fail)
         with pytest.raises(RuntimeError, match="injected"):
-            save_adapter(new_model, target, allocator=_BadAllocator())
+            save_adapter(new_model, target)
     monkeypatch.undo()
 
     assert file_bytes(target) == old, "previous save was modified"
@@ -308,7 +309,8 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
 
 def test_save_rejects_unwrapped_and_merged_models(tmp_path):
     with pytest.raises(ValueError, match="not wrapped"):
-        save_adapter(base_llama(), tmp_path / "a")
+        save_adapter(base_llama(), tmp_path / "new_parent" / "a")
+    assert not (tmp_path / "new_parent").exists(), "bad input touched the disk"
     model = trained_llama()
     from flexlora.merging import merge
 
