@@ -267,6 +267,18 @@ def test_unwritable_target_names_path(tmp_path):
         save_adapter(trained_llama(), blocker)
 
 
+def test_read_only_parent_names_path(tmp_path, monkeypatch):
+    # root ignores permission bits, so a read-only folder is simulated at the access check
+    import flexlora._atomic as atomic
+
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: Path(path) != ro)
+    with pytest.raises(PermissionError, match=r"read_only.*not writable"):
+        save_adapter(trained_llama(), ro / "adapter")
+    assert list(ro.iterdir()) == []
+
+
 def test_symlinked_target_and_working_directory(tmp_path, monkeypatch):
     real = tmp_path / "real"
     save_adapter(trained_llama(seed=1), real)
