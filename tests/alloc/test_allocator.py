@@ -262,7 +262,7 @@ def test_expansion_is_bit_identical_across_shapes_and_ranks(in_f, out_f):
     ev = al._event(10, 5)
     assert len(ev.expanded) == 5
     with torch.no_grad():
-        for i, (m, y0) in enumerate(zip(layers, before)):
+        for m, y0 in zip(layers, before):
             y1 = m(x)
             assert torch.equal(y0, y1), f"r {m.r_init} -> {m.r_init + 1}: max diff {(y0 - y1).abs().max().item():.3g}"
 
