@@ -221,7 +221,12 @@ def test_failed_save_keeps_previous_save(tmp_path, monkeypatch, where):
     assert all(torch.equal(v, adapter_state(loaded)[k]) for k, v in want.items())
 
 
-def test_resave_replaces_flexlora_files_and_keeps_other_files(tmp_path):
+@pytest.mark.parametrize("swap", ["renameat2-exchange", "two-renames"])
+def test_resave_replaces_flexlora_files_and_keeps_other_files(tmp_path, monkeypatch, swap):
+    import flexlora._atomic as atomic
+
+    if swap == "two-renames":  # the path taken where renameat2 is missing (not Linux, old libc)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     save_adapter(trained_llama(seed=1), tmp_path / "ad", allocator=None)
     (tmp_path / "ad" / ALLOCATOR_NAME).write_bytes(b"stale")
     (tmp_path / "ad" / "notes.txt").write_text("keep me")
@@ -232,6 +237,7 @@ def test_resave_replaces_flexlora_files_and_keeps_other_files(tmp_path):
     loaded = load_adapter(base_llama(), tmp_path / "ad")
     assert torch.equal(adapter_state(loaded)["model.layers.1.mlp.down_proj.lam"],
                        adapter_state(new)["model.layers.1.mlp.down_proj.lam"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"], "backup or temporary folder left behind"
 
 
 def test_allocator_state_sidecar_round_trip(tmp_path):
