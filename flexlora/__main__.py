@@ -1,0 +1,7 @@
+"""``python -m flexlora`` = the ``flexlora`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,283 @@
+"""Datasets for ``flexlora train``: JSONL / CSV files and the built-in movie sentences.
+
+A dataset is a list of texts, with one label per text or none (text only: causal-LM training).
+Every reading error is an :class:`InputError` naming the file and the line.
+
+Built-in data (fetched from PyPI on first use, then cached under :func:`cache_dir`):
+
+- ``movie-sentences``: the 10 605 Pang & Lee movie-review sentences with mean human ratings in
+  [-4, 4] that ship in the ``vaderSentiment==3.3.2`` source distribution; ratings of exactly 0
+  are dropped (10 568 left) and ``label = rating > 0`` (1 = positive).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+
+class InputError(Exception):
+    """Bad user input (model, data, flags, output directory): the CLI prints it on one line and
+    exits with code 2."""
+
+
+@dataclass
+class TextDataset:
+    """texts[i] with labels[i] (an int in [0, len(label_names))) or no labels at all."""
+
+    texts: List[str]
+    labels: Optional[List[int]] = None
+    label_names: Optional[List[str]] = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        return 0 if self.label_names is None else len(self.label_names)
+
+    def subset(self, idx: Sequence[int]) -> "TextDataset":
+        return TextDataset(
+            [self.texts[i] for i in idx],
+            None if self.labels is None else [self.labels[i] for i in idx],
+            self.label_names,
+            self.source,
+        )
+
+
+BUILTIN_DATA = ("movie-sentences",)
+
+
+def cache_dir() -> Path:
+    """Where built-in models and data are cached: ``$FLEXLORA_CACHE`` or ``~/.cache/flexlora``."""
+    env = os.environ.get("FLEXLORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flexlora"
+
+
+# --------------------------------------------------------------------------------------------
+# reading files
+
+
+def load_dataset(spec: str, cache: Optional[Path] = None) -> TextDataset:
+    """A built-in name (``movie-sentences``) or the path of a ``.jsonl`` / ``.json`` / ``.csv``
+    file. JSONL: one object per line with ``"text"`` and optionally ``"label"``. CSV: a header
+    row with a ``text`` column and optionally a ``label`` column. Either every example has a
+    label or none has; labels may be ints or strings (sorted, then numbered from 0)."""
+    if spec in BUILTIN_DATA:
+        return movie_sentences(cache)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(
+            f"--data: {spec!r} does not exist (expected a .jsonl/.csv file or one of {list(BUILTIN_DATA)})"
+        )
+    if path.is_dir():
+        raise InputError(f"--data: {spec!r} is a directory, expected a .jsonl or .csv file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise InputError(f"--data: {spec!r} has suffix {suffix!r}, expected .jsonl, .json, .csv or .tsv")
+    if not rows:
+        raise InputError(f"--data: {path} contains no examples")
+    return _build(rows, str(path))
+
+
+def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
+    rows = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
+            rows.append((lineno, _text_field(obj.get("text"), path, lineno), obj.get("label", _MISSING)))
+    return rows
+
+
+def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
+    rows = []
+    with _open_text(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return []
+            header = [h.strip().lower() for h in header]
+            if "text" not in header:
+                raise InputError(f"{path}:1: the header row must name a 'text' column (and optionally 'label'), got {header}")
+            ti = header.index("text")
+            li = header.index("label") if "label" in header else None
+            for rec in reader:
+                lineno = reader.line_num
+                if not rec or all(not c.strip() for c in rec):
+                    continue
+                if len(rec) != len(header):
+                    raise InputError(f"{path}:{lineno}: expected {len(header)} fields like the header, got {len(rec)}")
+                label = _MISSING if li is None else rec[li].strip()
+                rows.append((lineno, _text_field(rec[ti], path, lineno), label))
+        except csv.Error as e:
+            raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return rows
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _open_text(path: Path, newline=None):
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"--data: cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {data[e.start]:#04x})") from None
+    return io.StringIO(text, newline=newline)
+
+
+def _text_field(value, path: Path, lineno: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{path}:{lineno}: \"text\" must be a non-empty string, got {value!r}")
+    return value
+
+
+def _build(rows, source: str) -> TextDataset:
+    has = [not isinstance(r[2], _Missing) and r[2] != "" for r in rows]
+    if any(has) and not all(has):
+        bad = next(i for i, h in enumerate(has) if h != has[0])
+        what = "has no label but the first example has one" if has[0] else "has a label but the first example has none"
+        raise InputError(f"{source}:{rows[bad][0]}: this example {what}; label every example or none")
+    texts = [r[1] for r in rows]
+    if not has[0]:
+        return TextDataset(texts, None, None, source)
+    raw = []
+    for lineno, _, label in rows:
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise InputError(f"{source}:{lineno}: \"label\" must be an int or a string, got {label!r}")
+        raw.append(label)
+    # CSV labels are strings: treat "0", "1", ... as ints so they keep their numeric order.
+    if all(isinstance(v, int) or (isinstance(v, str) and _is_int(v)) for v in raw):
+        raw = [int(v) for v in raw]
+        names = sorted(set(raw))
+    elif all(isinstance(v, str) for v in raw):
+        names = sorted(set(raw))
+    else:
+        raise InputError(f"{source}: labels mix ints and strings; use one kind")
+    if len(names) < 2:
+        raise InputError(f"{source}: every example has the label {names[0]!r}; a classifier needs at least 2 labels")
+    ids = {v: i for i, v in enumerate(names)}
+    return TextDataset(texts, [ids[v] for v in raw], [str(v) for v in names], source)
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def split(ds: TextDataset, test_size: int, seed: int) -> Tuple[TextDataset, TextDataset]:
+    """A fixed seeded split: (train, test) with ``test_size`` test examples."""
+    if not 0 < test_size < len(ds):
+        raise InputError(f"--test-size must be in [1, {len(ds) - 1}] for {len(ds)} examples, got {test_size}")
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    return ds.subset(sorted(order[test_size:])), ds.subset(sorted(order[:test_size]))
+
+
+# --------------------------------------------------------------------------------------------
+# fetching from PyPI
+
+
+def pip(args: Sequence[str], what: str) -> None:
+    """Run ``python -m pip <args>``; a failure is an :class:`InputError` naming ``what``."""
+    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise InputError(f"could not fetch {what} from PyPI ({' '.join(args[:1])} failed: {last})")
+
+
+VADER_SDIST = "vaderSentiment==3.3.2"
+_VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+_VADER_MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def movie_sentences(cache: Optional[Path] = None) -> TextDataset:
+    """The built-in ``movie-sentences`` data (see the module docstring); fetched once, then read
+    from ``<cache>/data/movie_sentences.jsonl``."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    out = cache / "data" / "movie_sentences.jsonl"
+    if not out.exists():
+        with tempfile.TemporaryDirectory(prefix="flexlora-dl-") as tmp:
+            pip(["download", "--no-deps", "--no-binary", ":all:", "-d", tmp, VADER_SDIST], VADER_SDIST)
+            sdists = sorted(Path(tmp).glob("*.tar.gz"))
+            if not sdists:
+                raise InputError(f"could not fetch {VADER_SDIST}: pip left no .tar.gz source archive")
+            rows = parse_movie_sentences(read_movie_file(sdists[0]))
+        write_atomic(out, "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    return _build(_read_jsonl(out), "movie-sentences")
+
+
+def read_movie_file(sdist: Path) -> str:
+    """The movie ground-truth file's text from inside the vaderSentiment sdist (a tar.gz holding
+    another tar.gz)."""
+    try:
+        with tarfile.open(sdist) as outer:
+            inner_bytes = outer.extractfile(_VADER_INNER).read()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            return inner.extractfile(_VADER_MOVIES).read().decode("utf-8")
+    except (KeyError, tarfile.TarError, AttributeError) as e:
+        raise InputError(f"{sdist.name}: does not hold {_VADER_INNER} -> {_VADER_MOVIES} ({e})") from None
+
+
+def parse_movie_sentences(text: str) -> List[Tuple[str, int]]:
+    """Lines ``id \\t rating \\t sentence`` -> [(sentence, rating > 0)], rating 0 dropped."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        rating = float(parts[1])
+        if rating == 0:
+            continue
+        rows.append((parts[2].strip(), int(rating > 0)))
+    return rows
+
+
+def write_atomic(path: Path, data, mode: str = "w") -> None:
+    """Write ``data`` beside ``path``, then rename onto it: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode + ("b" if isinstance(data, bytes) else "")) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

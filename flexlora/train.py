@@ -1,0 +1,624 @@
+"""The training loop behind ``flexlora train``: FlexLoRA, PEFT LoRA or PEFT AdaLoRA on a
+sequence classifier (texts with labels) or a causal LM (texts only).
+
+Sequence classification = the model's last hidden states, mean-pooled over real tokens (as
+sentence-transformers pools), into a linear head. Before the adapters train, the head alone is
+fitted on the frozen model's pooled features (a linear probe, L-BFGS on the training split): its
+test accuracy is the "head only" number, and the adapter run starts from that head (so the
+adapters get a useful gradient from step 0).
+
+Per optimizer step: ``loss = task loss + allocator.orthogonal_loss()`` (FlexLoRA), backward,
+gradient clipping, ``optimizer.step()``, LR schedule, then ``allocator.step(step, optimizer)``
+(FlexLoRA) or ``update_and_allocate(step)`` (AdaLoRA — without it AdaLoRA trains as plain LoRA).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers.wrap import name_matches
+from .data import InputError, TextDataset, load_dataset, split, write_atomic
+from .models import BUILTIN_MODELS, resolve_model
+
+METHODS = ("flexlora", "lora", "adalora")
+TASKS = ("auto", "classify", "causal-lm")
+
+# --target-modules defaults by model_type (the paper adapts q, k, v, up, down on LLaMA).
+_DEFAULT_TARGETS = {
+    "bert": BUILTIN_MODELS["minilm"].default_targets,
+    "roberta": BUILTIN_MODELS["minilm"].default_targets,
+    "llama": BUILTIN_MODELS["smollm2"].default_targets,
+    "mistral": BUILTIN_MODELS["smollm2"].default_targets,
+    "qwen2": BUILTIN_MODELS["smollm2"].default_targets,
+}
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``flexlora train`` takes; ``None`` means "derived" (see :func:`resolve`)."""
+
+    model: str = "minilm"
+    data: str = "movie-sentences"
+    task: str = "auto"
+    method: str = "flexlora"
+    target_modules: Optional[List[str]] = None
+    r: int = 8
+    r_max: Optional[int] = None
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    head_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    seed: int = 0
+    output_dir: str = "flexlora-output"
+    # allocation (FlexLoRA; delta_t / t_warmup / t_final / b0 also drive AdaLoRA)
+    b0: Optional[int] = None
+    delta_t: Optional[int] = None
+    t_warmup: Optional[int] = None
+    t_final: Optional[int] = None
+    schedule: str = "cubic"
+    importance: str = "entropy"
+    allocation_mode: str = "prune_expand"
+    expand_init: str = "zero_impact"
+    orth_reg: float = 0.1
+    r_min: int = 1
+    log_every: Optional[int] = None
+    progress: bool = True
+    cache_dir: Optional[str] = None
+    threads: Optional[int] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+class MeanPoolClassifier(nn.Module):
+    """``logits = head(mean of encoder(x).last_hidden_state over real tokens)``.
+
+    input_ids, attention_mask: [B, T]; labels: [B] (optional). Returns a
+    ``SequenceClassifierOutput`` with ``loss`` (when labels are given) and ``logits`` [B, C]
+    (PEFT's AdaLoRA adds its orthogonality term to ``.loss``).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # PEFT reads model.config
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def pooled(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids, attention_mask, labels=None, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.head(self.pooled(input_ids, attention_mask))
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_model(path: Path, task: str, num_labels: int):
+    """(model, tokenizer) in float32 for ``task`` in {classify, causal-lm}."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds; all mean "not a usable model dir"
+        raise InputError(f"--model: cannot load a tokenizer from {path} ({_first_line(e)})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    try:
+        if task == "classify":
+            model = MeanPoolClassifier(AutoModel.from_pretrained(str(path), dtype=torch.float32), num_labels)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:
+        kind = "an encoder" if task == "classify" else "a causal LM"
+        raise InputError(f"--model: cannot load {path} as {kind} ({_first_line(e)})") from None
+    return model, tok
+
+
+def model_type_of(path: Path) -> str:
+    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+
+
+def is_causal_lm_dir(path: Path) -> bool:
+    arch = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in arch)
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters
+
+
+def add_adapters(model, opts: TrainOptions, targets: Sequence[str], steps: int, task: str):
+    """Wrap ``model`` with ``opts.method``; returns (model, allocator or None, peft AdaLoRA
+    model or None)."""
+    save = ["head"] if task == "classify" else []
+    if opts.method == "flexlora":
+        import flexlora
+
+        try:
+            cfg = flexlora.FlexLoRAConfig(
+                r_init=opts.r, r_max=opts.r_max, alpha=opts.alpha, dropout=opts.dropout,
+                target_modules=list(targets), modules_to_save=save, total_steps=steps,
+                t_warmup=opts.t_warmup, t_final=opts.t_final, delta_t=opts.delta_t, b0=opts.b0,
+                schedule=opts.schedule, r_min=opts.r_min, importance=opts.importance,
+                allocation_mode=opts.allocation_mode, expand_init=opts.expand_init,
+                orth_reg=opts.orth_reg, seed=opts.seed,
+            )
+        except ValueError as e:
+            raise InputError(_flag_message(str(e))) from None
+        try:
+            flexlora.wrap(model, cfg)
+        except ValueError as e:
+            raise InputError(f"--target-modules: {e}") from None
+        return model, flexlora.RankAllocator(model, cfg), None
+
+    try:
+        import peft
+    except ImportError:
+        raise InputError(f"--method {opts.method} needs the peft package (pip install peft)") from None
+    common = dict(target_modules=list(targets), lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                  modules_to_save=save or None)
+    if opts.method == "lora":
+        pcfg = peft.LoraConfig(r=opts.r, **common)
+    else:
+        pcfg = peft.AdaLoraConfig(
+            init_r=opts.r_max, target_r=opts.r, tinit=opts.t_warmup, tfinal=opts.t_final,
+            deltaT=opts.delta_t, total_step=steps, orth_reg_weight=opts.orth_reg, **common,
+        )
+    try:
+        pm = peft.get_peft_model(model, pcfg)
+    except ValueError as e:
+        raise InputError(f"--target-modules: {_first_line(e)}") from None
+    return pm, None, (pm if opts.method == "adalora" else None)
+
+
+def _flag_message(msg: str) -> str:
+    """'FlexLoRAConfig.t_warmup must be ...' -> '--t-warmup must be ...'."""
+    names = {"r_init": "r", "total_steps": "steps"}
+    if msg.startswith("FlexLoRAConfig."):
+        field_name = msg[len("FlexLoRAConfig."):].split(" ", 1)[0]
+        flag = "--" + names.get(field_name, field_name).replace("_", "-")
+        return flag + msg[len("FlexLoRAConfig.") + len(field_name):]
+    return msg
+
+
+def current_rank(model, method: str, opts: TrainOptions, n_modules: int, step: int) -> int:
+    """Total active rank over adapted modules (FlexLoRA: mask counts; AdaLoRA: non-zero λ after
+    its warm-up; LoRA: r per module)."""
+    if method == "flexlora":
+        import flexlora
+
+        return flexlora.count_parameters(model).total_rank
+    if method == "lora":
+        return opts.r * n_modules
+    if step <= opts.t_warmup:
+        return opts.r_max * n_modules
+    total = 0
+    for m in model.modules():
+        e = getattr(m, "lora_E", None)
+        if isinstance(e, nn.ParameterDict):
+            total += sum(int((p != 0).sum()) for p in e.values())
+    return total
+
+
+def adapted_module_count(model, method: str) -> int:
+    if method == "flexlora":
+        import flexlora
+
+        return len(flexlora.flex_modules(model))
+    return sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) or
+               isinstance(getattr(m, "lora_A", None), nn.ParameterDict))
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+
+
+def tokenize(tok, texts: Sequence[str], max_length: int) -> List[List[int]]:
+    return tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(ids: Sequence[List[int]], pad_id: int, labels=None, causal=False) -> Dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask [B, T]; labels [B] (classify) or [B, T] with -100
+    on padding (causal LM)."""
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        attn[i, : len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attn}
+    if causal:
+        batch["labels"] = input_ids.masked_fill(attn == 0, -100)
+    elif labels is not None:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    return batch
+
+
+def batch_stream(ids, labels, batch_size: int, pad_id: int, causal: bool, seed: int) -> Iterator[dict]:
+    """Endless seeded epochs of shuffled batches (the last, smaller batch of an epoch is kept)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(ids), generator=g).tolist()
+        for i in range(0, len(order), batch_size):
+            idx = order[i: i + batch_size]
+            yield collate([ids[j] for j in idx], pad_id, None if labels is None else [labels[j] for j in idx], causal)
+
+
+@torch.no_grad()
+def pooled_features(model: MeanPoolClassifier, ids, pad_id: int, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        b = collate(ids[i: i + batch_size], pad_id)
+        out.append(model.pooled(b["input_ids"], b["attention_mask"]))
+    return torch.cat(out)
+
+
+def fit_linear_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> None:
+    """Logistic regression of ``head`` on fixed features [n, d] (full-batch L-BFGS), in place."""
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(feats), labels) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+@torch.no_grad()
+def accuracy(model, ids, labels, pad_id: int, batch_size: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(ids), batch_size):
+        b = collate(ids[i: i + batch_size], pad_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        correct += int((logits.argmax(-1) == torch.tensor(labels[i: i + batch_size])).sum())
+    return correct / max(1, len(ids))
+
+
+@torch.no_grad()
+def lm_loss(model, ids, pad_id: int, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy over the real tokens of ``ids``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        b = collate(ids[i: i + batch_size], pad_id, causal=True)
+        n = int((b["labels"][:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        total += float(model(**b).loss) * n
+        count += n
+    return total / max(1, count)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def resolve(opts: TrainOptions, n_examples: int, builtin_data: bool) -> TrainOptions:
+    """Fill the derived defaults (returns a copy)."""
+    o = TrainOptions(**asdict(opts))
+    if o.r_max is None:
+        o.r_max = 2 * o.r
+    if o.alpha is None:
+        o.alpha = float(2 * o.r)
+    if o.test_size is None:
+        o.test_size = 2000 if builtin_data else (n_examples // 10 if n_examples >= 10 else 0)
+    if o.train_size is None and builtin_data and o.data == "movie-sentences":
+        o.train_size = 4000
+    return o
+
+
+def resolve_schedule(o: TrainOptions, n_train: int) -> int:
+    """Total optimizer steps from --steps or --epochs (1 epoch by default); allocation defaults
+    scaled to it: warm-up 20 %, final freeze 20 %, about 20 events, b0 = 10 % of the modules."""
+    if o.steps is not None and o.epochs is not None:
+        raise InputError("give --steps or --epochs, not both")
+    if o.steps is not None:
+        steps = o.steps
+    else:
+        epochs = 1.0 if o.epochs is None else o.epochs
+        steps = math.ceil(math.ceil(n_train / o.batch_size) * epochs)
+    if steps < 1:
+        raise InputError(f"--steps must be >= 1, got {steps}")
+    if o.t_warmup is None:
+        o.t_warmup = steps // 5
+    if o.t_final is None:
+        o.t_final = steps // 5
+    if o.delta_t is None:
+        o.delta_t = max(1, (steps - o.t_warmup - o.t_final) // 20)
+    return steps
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create ``path`` and prove it is writable before any training (fail fast, lose nothing)."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
+    return out
+
+
+def run(opts: TrainOptions) -> dict:
+    """Train as ``opts`` says, write the outputs into ``opts.output_dir`` and return the metrics."""
+    from tqdm.auto import tqdm
+
+    if opts.method not in METHODS:
+        raise InputError(f"--method must be one of {METHODS}, got {opts.method!r}")
+    if opts.task not in TASKS:
+        raise InputError(f"--task must be one of {TASKS}, got {opts.task!r}")
+    for name in ("r", "batch_size", "max_length"):
+        if getattr(opts, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.lr <= 0:
+        raise InputError(f"--lr must be > 0, got {opts.lr}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    t_start = time.perf_counter()
+    out = prepare_output_dir(opts.output_dir)
+    cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
+
+    model_dir = resolve_model(opts.model, cache)
+    ds = load_dataset(opts.data, cache)
+    o = resolve(opts, len(ds), builtin_data=opts.data == "movie-sentences")
+    task = o.task
+    if task == "auto":
+        task = "classify" if ds.labels is not None and not is_causal_lm_dir(model_dir) else "causal-lm"
+    if task == "classify" and ds.labels is None:
+        raise InputError(f"--task classify needs labels, but {ds.source} has only texts")
+
+    if o.test_size:
+        train_ds, test_ds = split(ds, o.test_size, o.seed)
+    else:
+        train_ds, test_ds = ds, TextDataset([], None, ds.label_names, ds.source)
+    if o.train_size is not None:
+        if o.train_size < 1:
+            raise InputError(f"--train-size must be >= 1, got {o.train_size}")
+        train_ds = train_ds.subset(range(min(o.train_size, len(train_ds))))
+    steps = resolve_schedule(o, len(train_ds))
+    targets = o.target_modules or list(_DEFAULT_TARGETS.get(model_type_of(model_dir), ("q_proj", "v_proj")))
+
+    torch.manual_seed(o.seed)
+    model, tok = load_model(model_dir, task, ds.num_labels)
+    pad_id = tok.pad_token_id
+    causal = task == "causal-lm"
+    train_ids = tokenize(tok, train_ds.texts, o.max_length)
+    test_ids = tokenize(tok, test_ds.texts, o.max_length)
+    if causal:  # a one-token text has nothing to predict
+        train_ids = [x for x in train_ids if len(x) >= 2]
+        test_ids = [x for x in test_ids if len(x) >= 2]
+        if not train_ids:
+            raise InputError(f"--data: every training text of {ds.source} is shorter than 2 tokens")
+
+    metrics: dict = {
+        "method": o.method, "model": o.model, "data": o.data, "task": task,
+        "train_examples": len(train_ids), "test_examples": len(test_ids), "steps": steps,
+        "batch_size": o.batch_size, "lr": o.lr, "max_length": o.max_length, "seed": o.seed,
+        "target_modules": list(targets), "r": o.r, "r_max": o.r_max,
+    }
+
+    # --- before the adapters train -------------------------------------------------------------
+    t0 = time.perf_counter()
+    if task == "classify":
+        y_train = torch.tensor(train_ds.labels)
+        fit_linear_probe(model.head, pooled_features(model, train_ids, pad_id), y_train)
+        if test_ids:
+            metrics["test_accuracy_head_only"] = accuracy(model, test_ids, test_ds.labels, pad_id)
+    elif test_ids:
+        metrics["test_loss_before"] = lm_loss(model, test_ids, pad_id)
+    metrics["seconds_before"] = round(time.perf_counter() - t0, 2)
+
+    # --- adapters ------------------------------------------------------------------------------
+    if o.b0 is None:  # FlexLoRA: 10 % of the adapted modules per event; AdaLoRA ignores it
+        n_targets = sum(1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and name_matches(n, list(targets)))
+        o.b0 = max(1, n_targets // 10)
+    model, allocator, adalora = add_adapters(model, o, targets, steps, task)
+    n_mod = adapted_module_count(model, o.method)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".head." in "." + n + "."}
+    groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": o.lr}]
+    if head_ids:
+        groups.append({"params": [p for p in trainable if id(p) in head_ids], "lr": o.head_lr or o.lr})
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    warm = max(1, int(o.warmup_ratio * steps))
+
+    def lr_factor(s: int) -> float:  # linear warm-up, then linear decay to 0
+        return (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    metrics["adapted_modules"] = n_mod
+    metrics["rank_budget"] = o.r * n_mod
+    metrics["trainable_params"] = sum(p.numel() for p in trainable)
+
+    # --- training ------------------------------------------------------------------------------
+    log_every = o.log_every or max(1, steps // 10)
+    stream = batch_stream(train_ids, None if causal else train_ds.labels, o.batch_size, pad_id, causal, o.seed)
+    log_rows = []
+    losses = []
+    tokens_total, train_time = 0, 0.0
+    ema = None
+    model.train()
+    bar = tqdm(total=steps, desc=f"{o.method} {o.model}", disable=not o.progress, dynamic_ncols=True,
+               file=sys.stderr)
+    for step in range(1, steps + 1):
+        batch = next(stream)
+        t_step = time.perf_counter()
+        loss = model(**batch).loss
+        total = loss + allocator.orthogonal_loss() if allocator is not None else loss
+        total.backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if allocator is not None:
+            allocator.step(step, optimizer)
+        elif adalora is not None:
+            adalora.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t_step
+        ntok = int(batch["attention_mask"].sum())
+        tokens_total += ntok
+        train_time += dt
+        lv = loss.item()
+        if not math.isfinite(lv):
+            bar.close()
+            raise RuntimeError(f"the loss became {lv} at step {step}; try a smaller --lr")
+        losses.append(lv)
+        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        rank = current_rank(model, o.method, o, n_mod, step)
+        log_rows.append({"step": step, "loss": round(lv, 6), "lr": optimizer.param_groups[0]["lr"],
+                         "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
+        bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            window = losses[-log_every:]
+            bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
+                      f"{tokens_total / train_time:.0f} tok/s")
+    bar.close()
+    metrics["train_seconds"] = round(train_time, 2)
+    metrics["tokens_per_s"] = round(tokens_total / max(train_time, 1e-9), 1)
+    k = max(1, min(len(losses) // 10, 20))
+    metrics["loss_first"] = round(sum(losses[:k]) / k, 4)
+    metrics["loss_last"] = round(sum(losses[-k:]) / k, 4)
+    metrics["total_rank_final"] = current_rank(model, o.method, o, n_mod, steps + 1)
+
+    # --- after --------------------------------------------------------------------------------
+    if test_ids:
+        if task == "classify":
+            metrics["test_accuracy_after"] = accuracy(model, test_ids, test_ds.labels, pad_id)
+        else:
+            metrics["test_loss_after"] = lm_loss(model, test_ids, pad_id)
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    save_outputs(out, model, allocator, o, task, log_rows, metrics, ds)
+    print_summary(metrics, out)
+    return metrics
+
+
+def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:
+    """adapter/ (FlexLoRA: flexlora.save_adapter; PEFT: save_pretrained, written beside and
+    renamed), rank_history.csv + rank_heatmap.png (FlexLoRA), train_log.csv, classifier_head.safetensors
+    (classify), metrics.json; every file written atomically."""
+    from safetensors.torch import save as st_save
+
+    files = {}
+    if o.method == "flexlora":
+        import flexlora
+
+        flexlora.save_adapter(model, out / "adapter", allocator=allocator)
+        allocator.history_csv(out / "rank_history.csv")
+        flexlora.plot_rank_heatmap(allocator.history, out / "rank_heatmap.png")
+        files.update(rank_history="rank_history.csv", rank_heatmap="rank_heatmap.png")
+    else:
+        _peft_save_atomic(model, out / "adapter")
+    files["adapter"] = "adapter"
+    if task == "classify":
+        head = model.head if hasattr(model, "head") else model.base_model.model.head
+        tensors = {k: v.detach().contiguous().clone() for k, v in _head_state(head).items()}
+        write_atomic(out / "classifier_head.safetensors",
+                     st_save(tensors, metadata={"label_names": json.dumps(ds.label_names)}), mode="w")
+        files["classifier_head"] = "classifier_head.safetensors"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(log_rows[0]))
+    w.writeheader()
+    w.writerows(log_rows)
+    write_atomic(out / "train_log.csv", buf.getvalue())
+    files["train_log"] = "train_log.csv"
+    metrics["files"] = files
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def _head_state(head) -> dict:
+    # PEFT wraps modules_to_save in a ModulesToSaveWrapper; the trained copy is the active one.
+    inner = getattr(head, "modules_to_save", None)
+    if inner is not None:
+        head = next(iter(inner.values()))
+    return {"weight": head.weight, "bias": head.bias}
+
+
+def _peft_save_atomic(model, path: Path) -> None:
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        old = None
+        if path.exists():
+            old = path.with_name("." + path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_summary(m: dict, out: Path) -> None:
+    """The final table on stdout."""
+    name = {"flexlora": "FlexLoRA", "lora": "PEFT LoRA", "adalora": "PEFT AdaLoRA"}[m["method"]]
+    rows = [
+        ("model", m["model"]),
+        ("data", f"{m['data']} ({m['train_examples']} train / {m['test_examples']} test)"),
+        ("task", m["task"]),
+        ("method", f"{name} on {m['adapted_modules']} modules, rank budget {m['rank_budget']} "
+                   f"(final total rank {m['total_rank_final']})"),
+        ("trainable params", f"{m['trainable_params']:,}"),
+        ("steps", f"{m['steps']} x batch {m['batch_size']}, lr {m['lr']}"),
+        ("train loss", f"{m['loss_first']:.4f} (first steps) -> {m['loss_last']:.4f} (last steps)"),
+        ("speed", f"{m['tokens_per_s']:.0f} tokens/s, {m['train_seconds']:.1f} s training"),
+    ]
+    if "test_accuracy_head_only" in m:
+        rows.append(("test accuracy", f"{m['test_accuracy_head_only']:.4f} head only (frozen model + linear probe)"))
+        rows.append(("", f"{m['test_accuracy_after']:.4f} after {name} (adapters + head)"))
+    if "test_loss_before" in m:
+        rows.append(("test loss", f"{m['test_loss_before']:.4f} base model (perplexity {math.exp(m['test_loss_before']):.2f})"))
+        rows.append(("", f"{m['test_loss_after']:.4f} after {name} (perplexity {math.exp(m['test_loss_after']):.2f})"))
+    rows.append(("total time", f"{m['total_seconds']:.1f} s"))
+    rows.append(("outputs", str(out)))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    print(line)
+    for k, v in rows:
+        print(f"{k:<{width}} | {v}")
+    print(line)

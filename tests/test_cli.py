@@ -1,0 +1,135 @@
+"""`flexlora train` end to end on tiny offline models: outputs, and every bad input -> exit code 2
+with a one-line message on stderr and no traceback; a failed run loses nothing saved before."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
+from flexlora.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rows = sentiment_rows(64)
+    return {
+        "root": root,
+        "bert": tiny_bert(root / "bert"),
+        "llama": tiny_llama(root / "llama"),
+        "data": write_jsonl(root / "d.jsonl", rows),
+        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
+    }
+
+
+FAST = ["--steps", "4", "--batch-size", "8", "--threads", "1", "--no-progress", "--r", "2"]
+
+
+def _run_bad(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    return e.value.code, lines
+
+
+def test_train_writes_outputs_and_summary(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "head only" in printed and "after FlexLoRA" in printed
+    assert "step     4/4" in printed or "step    4/4" in printed or "4/4" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "classify" and m["steps"] == 4
+    for f in ("adapter", "rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors"):
+        assert (out / f).exists(), f
+
+
+def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--model", str(tiny["llama"]), "--data", str(tiny["lm"]), "--output-dir", str(out),
+          "--target-modules", "q_proj,v_proj", "o_proj", *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target_modules"] == ["q_proj", "v_proj", "o_proj"] and m["adapted_modules"] == 6
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-model", "model-without-config", "empty-data", "malformed-data", "targets-match-nothing",
+     "output-dir-unwritable", "unknown-flag", "bad-flag-value", "steps-zero", "classify-without-labels",
+     "missing-data"],
+)
+def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
+    model, data = str(tiny["bert"]), str(tiny["data"])
+    extra = []
+    if case == "missing-model":
+        model = str(tmp_path / "no-such-model")
+        expect = "does not exist"
+    elif case == "model-without-config":
+        (tmp_path / "m").mkdir()
+        model = str(tmp_path / "m")
+        expect = "no config.json"
+    elif case == "empty-data":
+        (tmp_path / "e.jsonl").write_text("")
+        data = str(tmp_path / "e.jsonl")
+        expect = "contains no examples"
+    elif case == "malformed-data":
+        (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "c", "label": 1\n')
+        data = str(tmp_path / "bad.jsonl")
+        expect = "bad.jsonl:3: invalid JSON"
+    elif case == "missing-data":
+        data = str(tmp_path / "nothing.csv")
+        expect = "--data"
+    elif case == "targets-match-nothing":
+        extra = ["--target-modules", "no_such_proj"]
+        expect = "--target-modules"
+    elif case == "output-dir-unwritable":
+        (tmp_path / "a-file").write_text("x")
+        extra = ["--output-dir", str(tmp_path / "a-file" / "sub")]  # a directory under a regular file
+        expect = "--output-dir: cannot write"
+    elif case == "unknown-flag":
+        extra = ["--no-such-flag"]
+        expect = "unrecognized arguments"
+    elif case == "bad-flag-value":
+        extra = ["--r", "4", "--r-max", "2"]
+        expect = "--r must be"
+    elif case == "steps-zero":
+        extra = ["--steps", "0"]
+        expect = "--steps must be >= 1"
+    elif case == "classify-without-labels":
+        data = str(tiny["lm"])
+        extra = ["--task", "classify"]
+        expect = "needs labels"
+    argv = ["train", "--model", model, "--data", data, "--output-dir", str(tmp_path / "out"), *FAST, *extra]
+    code, lines = _run_bad(capsys, argv)
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("flexlora: error: "), lines
+    assert expect in lines[0], lines
+    assert "Traceback" not in lines[0]
+
+
+def test_failed_run_keeps_previous_outputs(tiny, tmp_path, capsys):
+    out = tmp_path / "keep"
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _ = _run_bad(capsys, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]),
+                                "--output-dir", str(out), "--target-modules", "nothing", *FAST])
+    assert code == 2
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_python_dash_m_help_subprocess():
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "flexlora", "train", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--target-modules" in proc.stdout and "--method" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "flexlora", "train", "--bogus"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unrecognized arguments: --bogus" in proc.stderr

