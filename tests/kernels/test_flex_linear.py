@@ -224,6 +224,18 @@ def test_non_contiguous_x(layout, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_broadcast_dy_from_sum(backend):
+    """y.sum().backward() hands the op a dy with strides (0, 0): the kernels must read it as ones."""
+    inp, _ = make_inputs(6, 20, 11, 8)
+    ref = reference(inp, torch.ones(6, 11, dtype=torch.float64))
+    ins = leaves(inp, torch.float32)
+    args = {k: v for k, v in ins.items() if k != "x_lora"}
+    flex_linear(**args, backend=backend).sum().backward()
+    for k in ("x", "P", "lam", "Q", "bias"):
+        assert rel_err(ins[k].grad, ref[k]) < 1e-5, f"{backend} d{k} with a broadcast dy"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_batch(backend):
     inp, _ = make_inputs(1, 8, 6, 4)
     ins = leaves(inp, torch.float32)
@@ -282,12 +294,13 @@ def test_scaling_as_tensor_equals_float():
             assert rel_err(out[k], ref[k]) < 1e-5, f"{backend} {k} with tensor scaling"
 
 
-def test_opcheck_custom_op():
-    """Schema, fake implementation and autograd registration agree with the real op."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_custom_op(backend):
+    """Schema, fake implementation (shapes and dtypes, e.g. fp32 u on Triton) and autograd agree."""
     inp, _ = make_inputs(6, 10, 7, 8, x_lora=True)
     ins = leaves(inp, torch.float32)
     args = (ins["x"], ins["x_lora"], ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"],
-            0.75, None, "torch")
+            0.75, None, backend)
     torch.library.opcheck(torch.ops.flexlora.flex_linear.default, args)
 
 
