@@ -200,12 +200,14 @@ def _is_int(s: str) -> bool:
 
 
 def split(ds: TextDataset, test_size: int, seed: int) -> Tuple[TextDataset, TextDataset]:
-    """A fixed seeded split: (train, test) with ``test_size`` test examples."""
+    """A fixed seeded split: (train, test) with ``test_size`` test examples, each in shuffled
+    order (files are often sorted by label, so the first n of the train split must be a random
+    sample, not a block)."""
     if not 0 < test_size < len(ds):
         raise InputError(f"--test-size must be in [1, {len(ds) - 1}] for {len(ds)} examples, got {test_size}")
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
-    return ds.subset(sorted(order[test_size:])), ds.subset(sorted(order[:test_size]))
+    return ds.subset(order[test_size:]), ds.subset(order[:test_size])
 
 
 # --------------------------------------------------------------------------------------------
