@@ -509,8 +509,9 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
         if idx is not None:
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     if needs[5]:
-        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j], reduced in fp32 for low-precision inputs.
-        dlam = ((ua.float() * dv.float()).sum(0) * dlam_scale).to(lam.dtype)
+        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j] = s·mask_j·(uᵀ dv)[j, j]: one small GEMM (r×r) in
+        # place of a multiply and a sum over [M, r]; fp32 for low-precision inputs.
+        dlam = ((ua.float().t() @ dv.float()).diagonal() * dlam_scale).to(lam.dtype)
         if idx is not None:
             dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
