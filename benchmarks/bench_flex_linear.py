@@ -211,7 +211,11 @@ def cases_for(rank_configs: Sequence[tuple], kinds: Sequence[str]) -> List[Case]
 
 
 def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds: int) -> List[dict]:
-    """Rows of the table for one shape: every mode, every case, ratios to ``cases[0]`` (frozen)."""
+    """Rows of the table for one shape: every mode, every case, ratios to ``cases[0]`` (frozen).
+
+    device "cuda": one ``do_bench`` median per case, plus the cost model; "cpu": ``rounds``
+    interleaved rounds, wall and CPU-time medians and per-round ratios.
+    """
     setups = {c: FACTORIES[c.kind](shape, c, dtype, device) for c in cases}
     all_grads = [t for s in setups.values() for t in s.grads]
     rows = []

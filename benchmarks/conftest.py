@@ -9,8 +9,10 @@ import os
 
 import torch
 
-os.environ["FLEXLORA_BACKEND"] = "torch"  # the CPU op, not Triton's interpreter, is what is timed here
-torch.set_num_threads(int(os.environ.get("FLEXLORA_BENCH_THREADS", "2")))
+if not torch.cuda.is_available():
+    # on CPU the torch path is what runs (and what is timed), never Triton's interpreter
+    os.environ.setdefault("FLEXLORA_BACKEND", "torch")
+    torch.set_num_threads(int(os.environ.get("FLEXLORA_BENCH_THREADS", "2")))
 
 
 def pytest_ignore_collect(collection_path, config):
