@@ -250,7 +250,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
     p.add_argument("--quick", action="store_true", help="one shape, fewer rounds (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="CPU rounds per case (default 9, --quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="CPU rounds per case (default 7, --quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--cases", default="flexlora,peft_lora,peft_adalora", help="comma list of compared cases")
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
@@ -286,11 +286,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         os.environ["FLEXLORA_BACKEND"] = "torch"
     if args.quick:
         dims = dims[1:2]
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds or (3 if args.quick else 7)
     cases = cases_for(rank_configs, args.kinds)
 
     where = f"{torch.cuda.get_device_name()}" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# flex_linear benchmark: {where}, {dtype}, M={M} tokens, torch {torch.__version__}")
+    if args.device == "cpu":
+        # other jobs on the same cores inflate small multi-threaded ops most (each one waits for a
+        # descheduled thread), so the adapter's ratio is only meaningful on a quiet machine
+        print(f"# load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     t_start = time.time()
     rows: List[dict] = []
     for K, N in dims:
@@ -308,6 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     _print_target(rows)
     path = args.csv or os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv")
     write_csv(rows, path)
+    if args.device == "cpu":
+        print(f"# load average after the run: {os.getloadavg()[0]:.2f}")
     print(f"# wrote {path} ({time.time() - t_start:.0f} s)")
     return rows
 
