@@ -34,6 +34,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # run from anywhere, without installing
+# Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP). On a machine
+# shared with other jobs a spinning thread holds a core its own descheduled sibling needs, and every
+# small multi-threaded op then waits a scheduler time slice; on a quiet machine it costs a thread
+# wake-up (microseconds) per op. Set OMP_WAIT_POLICY=ACTIVE to time OpenMP's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -294,7 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if args.device == "cpu":
         # other jobs on the same cores inflate small multi-threaded ops most (each one waits for a
         # descheduled thread), so the adapter's ratio is only meaningful on a quiet machine
-        print(f"# load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+        print(f"# load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     t_start = time.time()
     rows: List[dict] = []
     for K, N in dims:
@@ -310,12 +316,27 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         print(f"(ms: median wall time; ratio: median over {rounds} interleaved rounds of time / frozen time "
               "in the same round; cpu_ms, ratio_cpu: the same on process CPU time, steadier on a busy machine)")
     _print_target(rows)
+    print("\nratios to the frozen base (Markdown):\n" + markdown_ratios(rows))
     path = args.csv or os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv")
     write_csv(rows, path)
     if args.device == "cpu":
         print(f"# load average after the run: {os.getloadavg()[0]:.2f}")
     print(f"# wrote {path} ({time.time() - t_start:.0f} s)")
     return rows
+
+
+def markdown_ratios(rows: List[dict], key: str = "ratio") -> str:
+    """A Markdown table of ``key`` (e.g. "ratio"): one line per case, one column per (shape, mode)."""
+    cols = list(dict.fromkeys((r["K"], r["N"], r["mode"]) for r in rows))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    val = {(r["case"], r["K"], r["N"], r["mode"]): r[key] for r in rows}
+    head = "| case | " + " | ".join(f"{k}→{n} {m}" for k, n, m in cols) + " |"
+    sep = "|---|" + "---:|" * len(cols)
+    body = [
+        f"| {c} | " + " | ".join(f"{val[(c, k, n, m)]:.2f}×" if (c, k, n, m) in val else "" for k, n, m in cols) + " |"
+        for c in cases
+    ]
+    return "\n".join([head, sep, *body])
 
 
 def _print_target(rows: List[dict]) -> None:

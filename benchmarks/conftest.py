@@ -7,7 +7,9 @@ never sees this folder at all.
 
 import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in bench_flex_linear.py: see the reason there
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # on CPU the torch path is what runs (and what is timed), never Triton's interpreter
