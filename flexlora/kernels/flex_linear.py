@@ -428,7 +428,7 @@ def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tens
 
 
 def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Indices of the active slots when only those should be computed, else None (all R slots).
+    """Indices of the active slots on CPU, None on other devices (then all R slots are computed).
 
     On CPU the adapter GEMMs cost time in proportion to their width, so the torch path works on
     the r active slots only (index_select of P columns / Q rows: [N, r] and [r, K], small copies).
@@ -438,8 +438,7 @@ def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """
     if mask.device.type != "cpu":
         return None
-    idx = mask.nonzero().squeeze(1)
-    return None if idx.numel() == mask.numel() else idx
+    return mask.nonzero().squeeze(1)
 
 
 def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
@@ -455,17 +454,22 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     xl = x2 if xl2 is None else xl2
     g = _gate(lam, mask, scaling).to(dt)
     y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
-    idx = _active_slots(mask)
-    if idx is None:
+    if _active_slots(mask) is None:
         u = xl @ Q.to(dt).t()  # [M, R]
         y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
         return y, u
+    # CPU: the output GEMMs run over the live slots (g != 0) only. A slot switched on with λ = 0
+    # then leaves their widths, hence BLAS's blocking and every bit of y, unchanged (zero-impact
+    # expansion is bit-identical); active λ = 0 slots only feed u, which backward reads for dλ.
+    live = (g != 0).nonzero().squeeze(1)
+    idle = (mask & (g == 0)).nonzero().squeeze(1)
     u = xl.new_zeros(xl.shape[0], mask.numel())
-    if idx.numel() == 0:
-        return y, u
-    ua = xl @ Q.index_select(0, idx).to(dt).t()  # [M, r]
-    y.addmm_(ua * g.index_select(0, idx), P.index_select(1, idx).to(dt).t())
-    u.index_copy_(1, idx, ua)
+    if live.numel():
+        ul = xl @ Q.index_select(0, live).to(dt).t()  # [M, r_live]
+        y.addmm_(ul * g.index_select(0, live), P.index_select(1, live).to(dt).t())
+        u.index_copy_(1, live, ul)
+    if idle.numel():
+        u.index_copy_(1, idle, xl @ Q.index_select(0, idle).to(dt).t())
     return y, u
 
 
