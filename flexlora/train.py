@@ -277,14 +277,22 @@ def batch_stream(ids, labels, batch_size: int, pad_id: int, causal: bool, seed: 
             yield collate([ids[j] for j in idx], pad_id, None if labels is None else [labels[j] for j in idx], causal)
 
 
+def _by_length(ids) -> List[int]:
+    """Indices sorted by length: evaluation batches of similar lengths waste little padding."""
+    return sorted(range(len(ids)), key=lambda i: len(ids[i]))
+
+
 @torch.no_grad()
 def pooled_features(model: MeanPoolClassifier, ids, pad_id: int, batch_size: int = 128) -> torch.Tensor:
+    """[len(ids), hidden] mean-pooled features, in the order of ``ids``."""
     model.eval()
-    out = []
-    for i in range(0, len(ids), batch_size):
-        b = collate(ids[i: i + batch_size], pad_id)
-        out.append(model.pooled(b["input_ids"], b["attention_mask"]))
-    return torch.cat(out)
+    order = _by_length(ids)
+    out = torch.empty(len(ids), model.config.hidden_size)
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        b = collate([ids[j] for j in idx], pad_id)
+        out[idx] = model.pooled(b["input_ids"], b["attention_mask"]).float()
+    return out
 
 
 def fit_linear_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> None:
@@ -303,11 +311,13 @@ def fit_linear_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor,
 @torch.no_grad()
 def accuracy(model, ids, labels, pad_id: int, batch_size: int = 128) -> float:
     model.eval()
+    order = _by_length(ids)
     correct = 0
-    for i in range(0, len(ids), batch_size):
-        b = collate(ids[i: i + batch_size], pad_id)
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        b = collate([ids[j] for j in idx], pad_id)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        correct += int((logits.argmax(-1) == torch.tensor(labels[i: i + batch_size])).sum())
+        correct += int((logits.argmax(-1) == torch.tensor([labels[j] for j in idx])).sum())
     return correct / max(1, len(ids))
 
 
@@ -315,9 +325,10 @@ def accuracy(model, ids, labels, pad_id: int, batch_size: int = 128) -> float:
 def lm_loss(model, ids, pad_id: int, batch_size: int = 32) -> float:
     """Mean next-token cross-entropy over the real tokens of ``ids``."""
     model.eval()
+    order = _by_length(ids)
     total, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        b = collate(ids[i: i + batch_size], pad_id, causal=True)
+    for i in range(0, len(order), batch_size):
+        b = collate([ids[j] for j in order[i: i + batch_size]], pad_id, causal=True)
         n = int((b["labels"][:, 1:] != -100).sum())
         if n == 0:
             continue
