@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the training split (default 1)")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up then decay)")
+    g.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (linear warm-up then decay)")
     g.add_argument("--head-lr", type=float, default=None, help="learning rate of the classifier head (default --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="LR warm-up as a fraction of the steps")

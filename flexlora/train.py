@@ -63,7 +63,7 @@ class TrainOptions:
     steps: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-3
     head_lr: Optional[float] = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
