@@ -25,6 +25,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # `flexlora train --method lora|adalora` (PEFT baselines through the same loop)
+        "peft": ["peft>=0.13"],
+        # `flexlora train --model smollm2` reads a GGUF file (fetched into the cache if missing)
+        "llm": ["gguf>=0.10", "accelerate>=0.30"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ._atomic import atomic_directory
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules, name_matches, wrap
+from .layers.wrap import flex_modules, name_matches, unwrap_model, wrap
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,16 +49,6 @@ _SAVE_PREFIX = "modules_to_save."
 # --------------------------------------------------------------------------------------------
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model under DDP / DataParallel / torch.compile wrappers (their names carry a
-    ``module.`` / ``_orig_mod.`` prefix that must not reach the files)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _model_config(model: nn.Module) -> FlexLoRAConfig:

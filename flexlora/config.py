@@ -75,7 +75,8 @@ class FlexLoRAConfig:
     allocation_mode: str = _help(f"Ablation switch, one of {ALLOCATION_MODES}.", default="prune_expand")
     expand_init: str = _help(f"Init of a newly activated direction, one of {EXPAND_INITS}.", default="zero_impact")
     orth_reg: float = _help(
-        "Weight gamma of the orthogonality penalty ||P^T P - I||^2 + ||Q Q^T - I||^2 (>= 0).",
+        "Weight gamma of the orthogonality penalty: gamma times the mean over modules of "
+        "||P^T P - I||^2 + ||Q Q^T - I||^2 on the active slots (>= 0).",
         default=0.1,
     )
     sensitivity_beta: float = _help(

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import _base_name, _model_config, _module_state, _saved_modules, unwrap_model
+from .checkpoint import _base_name, _model_config, _module_state, _saved_modules
+from .layers.wrap import unwrap_model
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules
 

@@ -18,7 +18,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .checkpoint import unwrap_model
+from .layers.wrap import unwrap_model
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules
 

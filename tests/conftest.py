@@ -8,3 +8,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FLEXLORA_BACKEND", "torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # The tests' tensors are tiny: a thread pool only adds a barrier per op, and on a shared
+    # machine each barrier can wait a whole scheduler slice (10-100x slower steps were measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

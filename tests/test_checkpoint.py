@@ -17,14 +17,6 @@ from flexlora.checkpoint import ALLOCATOR_NAME, CONFIG_NAME, WEIGHTS_NAME
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: on a busy machine a multi-thread pool makes every op wait (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def base_llama(hidden=32, layers=2):
     torch.manual_seed(0)

@@ -18,13 +18,6 @@ from flexlora import FlexLoRAConfig, export_peft, flex_modules, wrap
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def llama(layers=12):
     torch.manual_seed(0)

@@ -13,14 +13,6 @@ IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 MASKS = ["all-on", "all-off", "random"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: on a busy machine a multi-thread pool makes every op wait (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def trained_llama(dtype=torch.float32, mask_kind="random"):
     torch.manual_seed(0)

@@ -27,14 +27,6 @@ CONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: with 2+ threads on a busy machine every op waits on its thread pool (~100x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def seed_all(seed):
     torch.manual_seed(seed)

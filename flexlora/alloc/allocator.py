@@ -41,7 +41,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..config import FlexLoRAConfig
 from ..kernels.spectral_entropy import spectral_entropy_and_slots
 from ..layers.flex_linear import FlexLinear
-from ..layers.wrap import flex_modules
+from ..layers.wrap import flex_modules, unwrap_model
 from ._batch import stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
@@ -122,15 +122,6 @@ def event_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919 + 0x5F3759DF) % (2**63 - 1)
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model under DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _unwrap_optimizer(optimizer):
@@ -168,7 +159,7 @@ class RankAllocator:
     """
 
     def __init__(self, model: nn.Module, config: Optional[FlexLoRAConfig] = None) -> None:
-        inner = _unwrap_model(model)
+        inner = unwrap_model(model)
         if config is None:
             config = getattr(inner, "flexlora_config", None)
             if config is None:

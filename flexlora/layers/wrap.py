@@ -111,3 +111,15 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     adapter_ids = {id(p) for _, m in mods for p in (m.P, m.lam, m.Q)}
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids)
     return ParameterCount(total_rank, adapter, other)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / DataParallel / torch.compile wrappers (their names carry a
+    ``module.`` / ``_orig_mod.`` prefix that must not reach the files)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -11,13 +11,6 @@ from flexlora import FlexLoRACallback, FlexLoRAConfig, RankAllocator
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Sequences(torch.utils.data.Dataset):
     def __init__(self, n=512, length=12, vocab=32):

@@ -1,7 +1,6 @@
 """200 CPU optimizer steps of a tiny config-built LLaMA with FlexLoRA adapters and the allocator
 in a plain training loop: the loss falls, ranks really move, and the budget never changes."""
 
-import pytest
 import torch
 
 import flexlora
@@ -9,14 +8,6 @@ from flexlora import FlexLoRAConfig, RankAllocator
 
 STEPS = 200
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from threads, and on a loaded 2-core box 2 threads run ~10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed=0):

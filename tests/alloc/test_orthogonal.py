@@ -43,7 +43,7 @@ def make_modules(adapter_dtype=torch.float32, seed=0):
 
 
 def reference(mods, gamma):
-    """(loss, [(dP, dQ)]) in float64."""
+    """(loss, [(dP, dQ)]) in float64: γ times the mean over modules of the masked penalties."""
     total = torch.zeros((), dtype=torch.float64)
     leaves = []
     for m in mods:
@@ -54,7 +54,7 @@ def reference(mods, gamma):
         eye = torch.eye(len(A), dtype=torch.float64)
         total = total + ((Pa.t() @ Pa - eye) ** 2).sum() + ((Qa @ Qa.t() - eye) ** 2).sum()
         leaves.append((P, Q))
-    total = total * gamma
+    total = total * gamma / len(mods)
     total.backward()
     return total.detach(), [(P.grad, Q.grad) for P, Q in leaves]
 
