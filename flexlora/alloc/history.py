@@ -135,5 +135,11 @@ def plot_rank_heatmap(history, path: Union[str, os.PathLike], *, title: str = "F
 
 
 def _short(name: str, keep: int = 3) -> str:
-    """The last ``keep`` dotted components: 'model.layers.3.self_attn.q_proj' -> '3.self_attn.q_proj'."""
-    return ".".join(name.split(".")[-keep:])
+    """From the last layer index on: 'bert.encoder.layer.3.attention.self.query' ->
+    '3.attention.self.query' (the index tells repeated names apart); the last ``keep`` dotted
+    components when the name holds no index."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[i:])
+    return ".".join(parts[-keep:])
