@@ -428,7 +428,8 @@ def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tens
 
 
 def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Indices of the active slots on CPU, None on other devices (then all R slots are computed).
+    """Indices of the active slots on CPU when some are inactive; None when every slot is active
+    or on other devices (then all R slots are computed, with no gather).
 
     On CPU the adapter GEMMs cost time in proportion to their width, so the torch path works on
     the r active slots only (index_select of P columns / Q rows: [N, r] and [r, K], small copies).
@@ -438,7 +439,8 @@ def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """
     if mask.device.type != "cpu":
         return None
-    return mask.nonzero().squeeze(1)
+    idx = mask.nonzero().squeeze(1)
+    return None if idx.numel() == mask.numel() else idx
 
 
 def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
@@ -454,14 +456,16 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     xl = x2 if xl2 is None else xl2
     g = _gate(lam, mask, scaling).to(dt)
     y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
-    if _active_slots(mask) is None:
-        u = xl @ Q.to(dt).t()  # [M, R]
-        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
-        return y, u
     # CPU: the output GEMMs run over the live slots (g != 0) only. A slot switched on with λ = 0
     # then leaves their widths, hence BLAS's blocking and every bit of y, unchanged (zero-impact
     # expansion is bit-identical); active λ = 0 slots only feed u, which backward reads for dλ.
-    live = (g != 0).nonzero().squeeze(1)
+    # When every slot is live (or off CPU) no gather is needed: a module with all R slots live
+    # has no free slot, so no expansion can switch it to the gathered path.
+    live = None if x2.device.type != "cpu" else (g != 0).nonzero().squeeze(1)
+    if live is None or live.numel() == mask.numel():
+        u = xl @ Q.to(dt).t()  # [M, R]
+        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
+        return y, u
     idle = (mask & (g == 0)).nonzero().squeeze(1)
     u = xl.new_zeros(xl.shape[0], mask.numel())
     if live.numel():
