@@ -688,9 +688,11 @@ def flex_linear(
             TRITON_INTERPRET=1; the torch path otherwise; env FLEXLORA_BACKEND sets the default.
 
     Returns:
-        y: [..., N] in x's dtype. Differentiable in x, x_lora, weight, bias, P, lam and Q.
+        y: [..., N] in x's dtype (in the autocast dtype inside ``torch.autocast``, as
+        ``nn.Linear``). Differentiable in x, x_lora, weight, bias, P, lam and Q.
     """
     _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling)
+    x, x_lora = _autocast_inputs(x, x_lora)
     if torch.compiler.is_compiling():
         # Decided once per traced graph from static facts (device, dtype, env); keeps dynamo out
         # of choose_backend's lru_cache / importlib internals.
@@ -698,6 +700,17 @@ def flex_linear(
     else:
         chosen = _resolve_backend(x, backend)
     return _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, chosen)
+
+
+def _autocast_inputs(x, x_lora):
+    """Inside ``torch.autocast`` cast the inputs to the autocast dtype, as ``nn.Linear`` does: a
+    custom op is opaque to autocast, and without this the base GEMM would silently run in fp32
+    (the op computes in x's dtype, casting W, P and Q to it)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, x_lora
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), None if x_lora is None else x_lora.to(dt)
 
 
 def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):

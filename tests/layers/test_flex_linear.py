@@ -222,3 +222,21 @@ def test_merged_flag_skips_adapter():
     x = torch.randn(2, 6)
     layer.merged = True
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
+    # A custom op is opaque to autocast: FlexLinear must cast its input itself, or the base GEMM
+    # silently runs in fp32 under mixed precision (HF Trainer's bf16=True).
+    layer = make_layer(24, 10, 4, 4, torch.float32)
+    x = torch.randn(3, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_base = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16 == y_base.dtype
+    want = reference(x.detach(), layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.mask, layer.scaling)
+    xb = x.detach().bfloat16()  # the error budget: the same math with bf16 inputs
+    plain = reference(xb, layer.weight.bfloat16(), layer.bias.bfloat16(), layer.P.bfloat16(),
+                      layer.lam.bfloat16(), layer.Q.bfloat16(), layer.mask, layer.scaling)
+    assert rel_err(y, want) <= 2 * rel_err(plain.bfloat16(), want) + 2e-3
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lam.grad.dtype == torch.float32
