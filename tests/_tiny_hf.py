@@ -32,6 +32,20 @@ def save_tokenizer(path: Path) -> int:
     return len(vocab)
 
 
+def llama_model(layers=2, hidden=32, vocab=64, intermediate=48, max_positions=32, seed=0, **extra):
+    """A config-built ``LlamaForCausalLM`` with random weights drawn after ``torch.manual_seed(seed)``
+    (4 heads, 2 KV heads; ``extra`` goes to ``LlamaConfig``), for in-memory tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, **extra,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def tiny_bert(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel

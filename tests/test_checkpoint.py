@@ -8,23 +8,19 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification
 
 import flexlora
 from flexlora import FlexLoRAConfig, flex_modules, load_adapter, save_adapter, wrap
 from flexlora.checkpoint import ALLOCATOR_NAME, CONFIG_NAME, WEIGHTS_NAME
+from _tiny_hf import llama_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 
 def base_llama(hidden=32, layers=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return llama_model(layers=layers, hidden=hidden).eval()
 
 
 def adapter_config(**kw):

@@ -11,21 +11,17 @@ import peft  # a test extra (setup.py extras_require["test"]), not a runtime dep
 import pytest
 import safetensors.torch
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification
 
 from flexlora import FlexLoRAConfig, export_peft, flex_modules, wrap
+from _tiny_hf import llama_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 
 def llama(layers=12):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return llama_model(layers=layers).eval()
 
 
 def flex_config(**kw):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexlora
 from flexlora import FlexLinear, FlexLoRAConfig, flex_modules, wrap
 from flexlora.merging import merge, merge_and_unload, unmerge
+from _tiny_hf import llama_model
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 MASKS = ["all-on", "all-off", "random"]
@@ -15,12 +15,7 @@ MASKS = ["all-on", "all-off", "random"]
 
 
 def trained_llama(dtype=torch.float32, mask_kind="random"):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = llama_model().to(dtype).eval()
     wrap(model, FlexLoRAConfig(r_init=3, r_max=6, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"],
                                total_steps=100, t_warmup=1, t_final=0))
     g = torch.Generator().manual_seed(1)

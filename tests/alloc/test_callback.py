@@ -7,6 +7,7 @@ import torch
 
 import flexlora
 from flexlora import FlexLoRACallback, FlexLoRAConfig, RankAllocator
+from _tiny_hf import llama_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,12 +28,7 @@ class Sequences(torch.utils.data.Dataset):
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return llama_model(vocab=32, intermediate=64, max_positions=64, initializer_range=0.3)
 
 
 def make_trainer(tmp_path, model, callbacks, max_steps, accumulation=1):

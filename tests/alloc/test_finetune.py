@@ -5,20 +5,14 @@ import torch
 
 import flexlora
 from flexlora import FlexLoRAConfig, RankAllocator
+from _tiny_hf import llama_model
 
 STEPS = 200
 
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
-    )
-    return LlamaForCausalLM(cfg)
+    return llama_model(seed=seed, vocab=32, intermediate=64, max_positions=64, initializer_range=0.3)
 
 
 def batch(g, n=16, length=12, vocab=32):

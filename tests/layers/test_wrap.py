@@ -6,23 +6,17 @@ import torch.nn as nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
 
 import flexlora
 from flexlora import FlexLinear, FlexLoRAConfig, count_parameters, flex_modules, wrap
+from _tiny_hf import llama_model
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 64, (2, 9))}
+    return llama_model().eval(), {"input_ids": torch.randint(0, 64, (2, 9))}
 
 
 def tiny_bert():
