@@ -202,6 +202,7 @@ def measure(case: Case, args) -> List[Dict]:
     total_steps = 10_000
     runners = {v: Runner(v, case.build(), args, total_steps) for v in args.variants}
     times: Dict[str, List[float]] = {v: [] for v in runners}
+    cpu_times: Dict[str, List[float]] = {v: [] for v in runners}
     mem: Dict[str, float] = {}
     cuda = case.device == "cuda"
     for v, r in runners.items():  # warm-up (and, on CUDA, peak memory)
@@ -226,10 +227,16 @@ def measure(case: Case, args) -> List[Dict]:
                 torch.cuda.synchronize()
                 times[v].append(start.elapsed_time(end) / 1000 / args.steps)
             else:
-                t0 = time.perf_counter()
+                # one untimed step first: the step right after another variant ran pays for the
+                # page faults and cache misses of switching working sets (a training job never
+                # switches), and which variant pays more depends on the order
+                for _ in range(args.settle):
+                    r.step(ids)
+                c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(args.steps):
                     r.step(ids)
                 times[v].append((time.perf_counter() - t0) / args.steps)
+                cpu_times[v].append((time.process_time() - c0) / args.steps)
     ranks = {}
     if "flexlora" in runners:
         ranks["flexlora"] = flexlora.count_parameters(runners["flexlora"].model).total_rank
@@ -239,21 +246,24 @@ def measure(case: Case, args) -> List[Dict]:
         row = {"case": case.name, "variant": v, "step_ms": 1000 * med[v], "tokens_per_s": tokens / med[v],
                "memory_mib": mem[v], "spread": (max(times[v]) - min(times[v])) / med[v]}
         for base in ("floor", "lora", "adalora"):
-            if base in med:
-                row[f"x_{base}"] = med[v] / med[base]
+            if base in med:  # median over repeats of the ratio within a repeat: resists drift
+                row[f"x_{base}"] = statistics.median(a / b for a, b in zip(times[v], times[base]))
+        if cpu_times[v] and "floor" in cpu_times:
+            row["x_floor_cpu"] = statistics.median(a / b for a, b in zip(cpu_times[v], cpu_times["floor"]))
         rows.append(row)
     return rows
 
 
 def print_table(rows: List[Dict], cuda: bool) -> None:
     mem_name = "peak MiB" if cuda else "act+state MiB"
-    head = f"{'case':<34} {'variant':<9} {'step ms':>9} {'tok/s':>9} {mem_name:>14} {'x floor':>8} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7}"
+    head = (f"{'case':<34} {'variant':<9} {'step ms':>9} {'tok/s':>9} {mem_name:>14} {'x floor':>8} "
+            f"{'(CPU)':>6} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(f"{r['case']:<34} {r['variant']:<9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['memory_mib']:>14.1f} "
-              f"{f('x_floor'):>8} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%}")
+              f"{f('x_floor'):>8} {f('x_floor_cpu'):>6} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%}")
 
 
 def main(argv=None) -> int:
@@ -268,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--settle", type=int, default=1,
+                   help="CPU: untimed steps at the start of every repeat, after switching variants")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--adapter-dtype-like-base", action="store_true",

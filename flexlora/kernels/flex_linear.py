@@ -443,37 +443,59 @@ def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
     return None if idx.numel() == mask.numel() else idx
 
 
+def _thin_transposed(width: int) -> bool:
+    """Whether the CPU path computes a thin product of the given width transposed.
+
+    MKL's fp32 GEMM is several times slower when the thin side of the output is a width not a
+    multiple of 16 (one AVX-512 register) than when that width is the output's row count: at
+    M = 1024, N = 512, width 8, dy·P takes 0.43 ms and (Pᵀ·dyᵀ)ᵀ 0.17 ms, dyᵀ·u 0.73 ms and
+    (uᵀ·dy)ᵀ 0.16 ms; at width 16 or 32 the plain order is as fast or faster
+    (benchmarks/bench_flex_linear.py). The choice depends on the width only, so it is fixed for
+    a given rank: results are deterministic.
+    """
+    return width % 16 != 0
+
+
+def _thin(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """a·b for a: [L, T], b: [T, w] with w small; computed as (bᵀ·aᵀ)ᵀ when `transposed`
+    (the result is then a [L, w] view of a [w, L] tensor: columns are contiguous)."""
+    return (b.t() @ a.t()).t() if transposed else a @ b
+
+
 def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     """Torch-path forward on 2-D inputs.
 
     x2: [M, K]; xl2: [M, K] or None (then x2 feeds the adapter); weight: [N, K]; bias: [N] or
     None; P: [N, R]; lam, mask: [R]; Q: [R, K]; scaling: float or 0-d tensor.
-    Returns (y [M, N] in x2's dtype, u [M, R] saved for backward): u = xl2·Qᵀ on the active
-    slots; inactive columns are 0 where only active slots are computed (CPU) — backward never
-    reads them except through g = 0 or mask = 0.
+    Returns (y [M, N] in x2's dtype, u [M, R] saved for backward, possibly a transposed view):
+    u = xl2·Qᵀ on the active slots; inactive columns are 0 where only active slots are computed
+    (CPU) — backward never reads them except through g = 0 or mask = 0.
     """
     dt = x2.dtype
     xl = x2 if xl2 is None else xl2
     g = _gate(lam, mask, scaling).to(dt)
     y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
+    R = mask.numel()
+    if x2.device.type != "cpu":  # forced torch path off CPU: all R slots, no host sync
+        u = xl @ Q.to(dt).t()
+        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
+        return y, u
     # CPU: the output GEMMs run over the live slots (g != 0) only. A slot switched on with λ = 0
     # then leaves their widths, hence BLAS's blocking and every bit of y, unchanged (zero-impact
     # expansion is bit-identical); active λ = 0 slots only feed u, which backward reads for dλ.
-    # When every slot is live (or off CPU) no gather is needed: a module with all R slots live
-    # has no free slot, so no expansion can switch it to the gathered path.
-    live = None if x2.device.type != "cpu" else (g != 0).nonzero().squeeze(1)
-    if live is None or live.numel() == mask.numel():
-        u = xl @ Q.to(dt).t()  # [M, R]
-        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
+    live = g.nonzero().squeeze(1)
+    if live.numel() == R:  # every slot live: no gather (such a module has no free slot to expand)
+        u = _thin(xl, Q.to(dt).t(), _thin_transposed(R))
+        y.addmm_(u * g, P.to(dt).t())
         return y, u
-    idle = (mask & (g == 0)).nonzero().squeeze(1)
-    u = xl.new_zeros(xl.shape[0], mask.numel())
+    u = xl.new_zeros(R, xl.shape[0]).t()  # slot-major, as backward reads it
     if live.numel():
-        ul = xl @ Q.index_select(0, live).to(dt).t()  # [M, r_live]
+        ul = _thin(xl, Q.index_select(0, live).to(dt).t(), _thin_transposed(live.numel()))
         y.addmm_(ul * g.index_select(0, live), P.index_select(1, live).to(dt).t())
         u.index_copy_(1, live, ul)
+    idle = (mask & (g == 0)).nonzero().squeeze(1)
     if idle.numel():
-        u.index_copy_(1, idle, xl @ Q.index_select(0, idle).to(dt).t())
+        u.index_copy_(1, idle, _thin(xl, Q.index_select(0, idle).to(dt).t(), _thin_transposed(idle.numel())))
     return y, u
 
 
@@ -496,10 +518,11 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
         dlam_scale = maskf.float() * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
         Pa, Qa = P.index_select(1, idx).to(dt), Q.index_select(0, idx).to(dt)
-        ua = u.index_select(1, idx)
+        ua = u.t().index_select(0, idx).t()  # [M, r], slot-major
         ga = (lam.index_select(0, idx) * s).to(dt)
         dlam_scale = s
-    dv = dy @ Pa  # [M, r]
+    tr = _thin_transposed(Pa.shape[1])
+    dv = _thin(dy, Pa, tr)  # [M, r]
     dvg = dv * ga
     dx = dxl = dW = db = dP = dlam = dQ = None
     if needs[0]:
@@ -513,7 +536,7 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
     if needs[3]:
         db = dy.sum(0).to(weight.dtype)
     if needs[4]:
-        dP = (dy.t() @ (ua * ga)).to(P.dtype)
+        dP = _thin(dy.t(), ua * ga, tr).to(P.dtype)  # [N, r]
         if idx is not None:
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     if needs[5]:
@@ -541,6 +564,22 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _forward(x, x_lora, weight, bias, P, lam, Q, mask, s, backend):
+    """One forward on 2-D inputs through the chosen backend: (y [M, N], u [M, R])."""
+    if backend == "triton":
+        with _on_device(x):
+            return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+    return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+
+
+def _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, s, backend, needs):
+    """One backward on 2-D inputs through the chosen backend: the 7 gradients, None where not needed."""
+    if backend == "triton":
+        with _on_device(dy):
+            return _triton_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, s, needs)
+    return _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, needs)
+
+
 @torch.library.custom_op("flexlora::flex_linear", mutates_args=())
 def _op_fwd(
     x: torch.Tensor,
@@ -556,11 +595,8 @@ def _op_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D forward: returns (y [M, N], u [M, R]); u is returned only to be saved for backward."""
-    s = _scale(scaling, scaling_t)
-    if backend == "triton":
-        with _on_device(x):
-            return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
-    return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+    y, u = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+    return y, u.contiguous()  # the fake's layout; the eager path keeps the torch path's own
 
 
 @_op_fwd.register_fake
@@ -587,12 +623,7 @@ def _op_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D backward: (dx, dx_lora, dweight, dbias, dP, dlam, dQ); an empty tensor where not needed."""
-    s = _scale(scaling, scaling_t)
-    if backend == "triton":
-        with _on_device(dy):
-            grads = _triton_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
-    else:
-        grads = _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, tuple(needs))
+    grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(scaling, scaling_t), backend, tuple(needs))
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
 
@@ -628,6 +659,33 @@ def _op_backward(ctx, dy, du):
 
 
 _op_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+class _EagerFlexLinear(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager mode.
+
+    A ``torch.library`` custom op costs ~0.4 ms of Python per call and backward (schema checks,
+    pytree work, a second custom op for the backward): on a LLaMA block at hidden 512 that is a
+    third of the adapter's whole cost on CPU, and on a GPU it is launch latency the kernels cannot
+    hide. Eager calls take this plain ``autograd.Function`` (one Python frame each way); traced
+    calls (``torch.compile``) take the custom op, which dynamo keeps as one opaque node.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
+        y, u = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, u, scaling_t)
+        ctx.scaling, ctx.backend = scaling, backend
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, x_lora, weight, P, lam, Q, mask, u, scaling_t = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:7])
+        needs = needs[:1] + (needs[1] and x_lora is not None,) + needs[2:]
+        grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs)
+        return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,7 +779,10 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
         s, s_t = 1.0, scaling.to(device=x.device, dtype=torch.float32)
     else:
         s, s_t = float(scaling), None
-    y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
+    else:
+        y = _EagerFlexLinear.apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

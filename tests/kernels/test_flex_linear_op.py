@@ -271,6 +271,50 @@ def test_torch_matches_float64(shape, dtype, mask_mode):
     check_case(*shape, dtype, "torch", mask_mode)
 
 
+@pytest.mark.parametrize("active", [1, 8, 15, 16, 17, 32, 48])
+def test_torch_thin_widths(active):
+    """The CPU path runs its thin products transposed or not by their width (active slots, a
+    multiple of 16 or not) and gathers the active slots out of r_max = 48: every width agrees
+    with float64, with inactive gradients exactly 0."""
+    inp, dy = make_inputs(40, 24, 36, 48)
+    inp["mask"] = torch.zeros(48, dtype=torch.bool)
+    inp["mask"][torch.randperm(48, generator=torch.Generator().manual_seed(active))[:active]] = True
+    ref, plain = reference(inp, dy), reference(inp, dy, torch.float32)
+    out, ins = run_op(inp, dy, torch.float32, "torch")
+    assert_matches(out, ins, ref, plain, torch.float32, f"active={active}")
+    assert_inactive_zero(out, inp["mask"], f"active={active}")
+
+
+def test_torch_active_slot_with_zero_lambda():
+    """An active slot with λ = 0 (just expanded) is left out of the output products but still
+    gets its dλ (the only gradient that is not 0 there) from u."""
+    inp, dy = make_inputs(20, 16, 12, 24, "on")
+    inp["lam"][[3, 7, 20]] = 0.0
+    inp["mask"][[5, 6]] = False
+    ref, plain = reference(inp, dy), reference(inp, dy, torch.float32)
+    out, ins = run_op(inp, dy, torch.float32, "torch")
+    assert_matches(out, ins, ref, plain, torch.float32, "zero-lambda slots")
+    assert out["lam"][[3, 7, 20]].abs().min() > 0, "dλ of an active λ = 0 slot must not vanish"
+    assert torch.equal(out["P"][:, [3, 7, 20]], torch.zeros(12, 3)), "dP of a λ = 0 slot is s·λ·(...) = 0"
+
+
+def test_eager_calls_take_the_autograd_function(monkeypatch):
+    """Eager calls go through the plain autograd.Function (no custom-op dispatch cost); the same
+    numbers as the registered op."""
+    inp, dy = make_inputs(6, 10, 7, 8)
+    calls = []
+    real = fl._EagerFlexLinear.apply
+    monkeypatch.setattr(fl._EagerFlexLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    out, _ = run_op(inp, dy, torch.float32, "torch")
+    assert calls == [1]
+    ins = leaves(inp, torch.float32)
+    y, _ = torch.ops.flexlora.flex_linear(ins["x"], None, ins["weight"], ins["bias"], ins["P"], ins["lam"],
+                                          ins["Q"], ins["mask"], 0.75, None, "torch")
+    via_op = collect(y, dy, ins)
+    for k in ("y", "x", "P", "lam", "Q", "bias"):
+        assert torch.equal(out[k], via_op[k]), f"{k}: eager Function and custom op differ"
+
+
 @pytest.mark.parametrize("variant", ["x_lora", "no_bias", "grad_weight", "leading_dims"])
 def test_torch_variants(variant):
     kw = {
