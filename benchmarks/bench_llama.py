@@ -17,7 +17,8 @@ Variants, all on the same base weights:
 - ``adalora``: PEFT AdaLoRA, target_r=8 (init_r 12), tinit=0, deltaT as FlexLoRA, its
   orthogonality term (added by PEFT to the loss) and ``update_and_allocate`` every step.
 
-One step = forward + loss + backward + AdamW step + allocator step + zero_grad. CPU: interleaved
+One step = forward + loss + backward + AdamW step (fused where available, every variant) + allocator
+step + zero_grad. CPU: interleaved
 repeats (floor, flexlora, lora, adalora, floor, ...), median per variant. CUDA: CUDA events after
 warm-up, median. Memory: CUDA peak allocated per variant; CPU the bytes autograd saves for
 backward in one step (saved-tensor hooks, unique storages) plus trainable parameters, their
@@ -115,6 +116,17 @@ def case_cuda_8b(args) -> Case:
 # --- variants --------------------------------------------------------------------------------------
 
 
+def adamw(params, lr):
+    """AdamW in its fused form where the build has one (CPU and CUDA since torch 2.4): the
+    for-loop form costs ~6 ms a step on CPU for the 120 small adapter tensors of the small case,
+    the fused one ~1 ms. Every variant gets the same optimizer."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr)
+
+
+
 class Runner:
     """One variant ready to step: ``step(input_ids)`` runs one full training step."""
 
@@ -152,7 +164,7 @@ class Runner:
             if variant == "adalora":
                 self.adalora = model
         self.model = model
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(self, input_ids: torch.Tensor) -> None:
         self.t += 1

@@ -423,8 +423,12 @@ def _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling=1.0) -> None
 
 def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tensor:
     """g = s·λ⊙mask, [R], in λ's dtype."""
-    g = lam * mask.to(lam.dtype)
-    return g * scaling
+    return (lam * mask) * scaling  # a bool mask promotes to λ's dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (``.to`` costs a dispatch even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
@@ -473,29 +477,29 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     """
     dt = x2.dtype
     xl = x2 if xl2 is None else xl2
-    g = _gate(lam, mask, scaling).to(dt)
-    y = F.linear(x2, weight.to(dt), None if bias is None else bias.to(dt))
+    g = _cast(_gate(lam, mask, scaling), dt)
+    y = F.linear(x2, _cast(weight, dt), None if bias is None else _cast(bias, dt))
     R = mask.numel()
     if x2.device.type != "cpu":  # forced torch path off CPU: all R slots, no host sync
-        u = xl @ Q.to(dt).t()
-        y.addmm_(u * g, P.to(dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
+        u = xl @ _cast(Q, dt).t()
+        y.addmm_(u * g, _cast(P, dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
         return y, u
     # CPU: the output GEMMs run over the live slots (g != 0) only. A slot switched on with λ = 0
     # then leaves their widths, hence BLAS's blocking and every bit of y, unchanged (zero-impact
     # expansion is bit-identical); active λ = 0 slots only feed u, which backward reads for dλ.
     live = g.nonzero().squeeze(1)
     if live.numel() == R:  # every slot live: no gather (such a module has no free slot to expand)
-        u = _thin(xl, Q.to(dt).t(), _thin_transposed(R))
-        y.addmm_(u * g, P.to(dt).t())
+        u = _thin(xl, _cast(Q, dt).t(), _thin_transposed(R))
+        y.addmm_(u * g, _cast(P, dt).t())
         return y, u
     u = xl.new_zeros(R, xl.shape[0]).t()  # slot-major, as backward reads it
     if live.numel():
-        ul = _thin(xl, Q.index_select(0, live).to(dt).t(), _thin_transposed(live.numel()))
-        y.addmm_(ul * g.index_select(0, live), P.index_select(1, live).to(dt).t())
+        ul = _thin(xl, _cast(Q.index_select(0, live), dt).t(), _thin_transposed(live.numel()))
+        y.addmm_(ul * g.index_select(0, live), _cast(P.index_select(1, live), dt).t())
         u.index_copy_(1, live, ul)
     idle = (mask & (g == 0)).nonzero().squeeze(1)
     if idle.numel():
-        u.index_copy_(1, idle, _thin(xl, Q.index_select(0, idle).to(dt).t(), _thin_transposed(idle.numel())))
+        u.index_copy_(1, idle, _thin(xl, _cast(Q.index_select(0, idle), dt).t(), _thin_transposed(idle.numel())))
     return y, u
 
 
@@ -513,20 +517,20 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
     idx = _active_slots(mask)
     if idx is None:  # all R slots: the mask enters through g and the dλ factor
         maskf = mask.to(lam.dtype)
-        Pa, Qa, ua = P.to(dt), Q.to(dt), u
-        ga = (lam * maskf * s).to(dt)
+        Pa, Qa, ua = _cast(P, dt), _cast(Q, dt), u
+        ga = _cast(lam * maskf * s, dt)
         dlam_scale = maskf.float() * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
-        Pa, Qa = P.index_select(1, idx).to(dt), Q.index_select(0, idx).to(dt)
+        Pa, Qa = _cast(P.index_select(1, idx), dt), _cast(Q.index_select(0, idx), dt)
         ua = u.t().index_select(0, idx).t()  # [M, r], slot-major
-        ga = (lam.index_select(0, idx) * s).to(dt)
+        ga = _cast(lam.index_select(0, idx) * s, dt)
         dlam_scale = s
     tr = _thin_transposed(Pa.shape[1])
     dv = _thin(dy, Pa, tr)  # [M, r]
     dvg = dv * ga
     dx = dxl = dW = db = dP = dlam = dQ = None
     if needs[0]:
-        dx = dy @ weight.to(dt)
+        dx = dy @ _cast(weight, dt)
         if xl2 is None:
             dx.addmm_(dvg, Qa)  # fused into the base dx, no [M, K] temporary
     if needs[1] and xl2 is not None:
@@ -536,17 +540,17 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
     if needs[3]:
         db = dy.sum(0).to(weight.dtype)
     if needs[4]:
-        dP = _thin(dy.t(), ua * ga, tr).to(P.dtype)  # [N, r]
+        dP = _cast(_thin(dy.t(), ua * ga, tr), P.dtype)  # [N, r]
         if idx is not None:
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     if needs[5]:
         # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j] = s·mask_j·(uᵀ dv)[j, j]: one small GEMM (r×r) in
         # place of a multiply and a sum over [M, r]; fp32 for low-precision inputs.
-        dlam = ((ua.float().t() @ dv.float()).diagonal() * dlam_scale).to(lam.dtype)
+        dlam = _cast((_cast(ua, torch.float32).t() @ _cast(dv, torch.float32)).diagonal() * dlam_scale, lam.dtype)
         if idx is not None:
             dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
-        dQ = (dvg.t() @ xl).to(Q.dtype)
+        dQ = _cast(dvg.t() @ xl, Q.dtype)
         if idx is not None:
             dQ = Q.new_zeros(Q.shape).index_copy_(0, idx, dQ)
     return dx, dxl, dW, db, dP, dlam, dQ

@@ -156,10 +156,13 @@ def test_budget_invariant_over_1000_random_events():
         assert not m.P[:, off].any() and not m.lam[off].any() and not m.Q[off].any()
 
 
-def _trained_bank(steps=5, wd=0.1, expand_init="zero_impact", mode="prune_expand"):
+ADAMW_IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def _trained_bank(steps=5, wd=0.1, expand_init="zero_impact", mode="prune_expand", impl="for-loop"):
     bank = Bank([6] * 4, r_init=3, seed=3)
     al = RankAllocator(bank, config(expand_init=expand_init, allocation_mode=mode))
-    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2, weight_decay=wd)
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2, weight_decay=wd, **ADAMW_IMPLS[impl])
     g = torch.Generator().manual_seed(0)
     for t in range(1, steps + 1):
         x = torch.randn(16, 5, generator=g)
@@ -170,8 +173,9 @@ def _trained_bank(steps=5, wd=0.1, expand_init="zero_impact", mode="prune_expand
     return bank, al, opt
 
 
-def test_optimizer_state_surgery_is_exact():
-    bank, al, opt = _trained_bank()
+@pytest.mark.parametrize("impl", list(ADAMW_IMPLS))
+def test_optimizer_state_surgery_is_exact(impl):
+    bank, al, opt = _trained_bank(impl=impl)
     before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in bank.parameters() if p in opt.state}
     ptrs = [(m.P.data_ptr(), m.lam.data_ptr(), m.Q.data_ptr(), m.mask.data_ptr()) for m in bank.layers]
     ev = al._event(10, 2)
@@ -197,8 +201,9 @@ def test_optimizer_state_surgery_is_exact():
     assert before[id(m.lam)]["exp_avg_sq"][pruned_slot] > 0
 
 
-def test_inactive_slots_do_not_move_under_adamw_weight_decay():
-    bank, al, opt = _trained_bank(steps=3, wd=0.5)
+@pytest.mark.parametrize("impl", list(ADAMW_IMPLS))
+def test_inactive_slots_do_not_move_under_adamw_weight_decay(impl):
+    bank, al, opt = _trained_bank(steps=3, wd=0.5, impl=impl)
     al._event(10, 2)  # pruned slots now inactive too
     snap = [(m.mask.clone(), m.P.detach().clone(), m.lam.detach().clone(), m.Q.detach().clone()) for m in bank.layers]
     g = torch.Generator().manual_seed(5)
