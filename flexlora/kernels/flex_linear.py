@@ -530,9 +530,13 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
     dvg = dv * ga
     dx = dxl = dW = db = dP = dlam = dQ = None
     if needs[0]:
-        dx = dy @ _cast(weight, dt)
-        if xl2 is None:
-            dx.addmm_(dvg, Qa)  # fused into the base dx, no [M, K] temporary
+        if xl2 is None and dvg.shape[1]:
+            # the thin product first, then the base GEMM accumulates onto it (beta = 1): MKL
+            # reads dx inside the compute-bound GEMM instead of a separate pass over [M, K]
+            dx = dvg @ Qa
+            dx.addmm_(dy, _cast(weight, dt))
+        else:
+            dx = dy @ _cast(weight, dt)
     if needs[1] and xl2 is not None:
         dxl = dvg @ Qa
     if needs[2]:
