@@ -23,6 +23,7 @@ Saved for backward: x, x_lora, u (M×R, small); nothing M×N.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Optional, Union
 
@@ -471,50 +472,74 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
 
     x2: [M, K]; xl2: [M, K] or None (then x2 feeds the adapter); weight: [N, K]; bias: [N] or
     None; P: [N, R]; lam, mask: [R]; Q: [R, K]; scaling: float or 0-d tensor.
-    Returns (y [M, N] in x2's dtype, u [M, R] saved for backward, possibly a transposed view):
-    u = xl2·Qᵀ on the active slots; inactive columns are 0 where only active slots are computed
-    (CPU) — backward never reads them except through g = 0 or mask = 0.
+    Returns (y [M, N] in x2's dtype, u, slots): u = xl2·Qᵀ, saved for backward. slots None: u is
+    [M, R] (every slot; off CPU, or every slot active). Otherwise slots is the [r] index of the
+    active slots and u is [M, r], their columns only (:func:`_full_u` widens it).
     """
     dt = x2.dtype
     xl = x2 if xl2 is None else xl2
-    g = _cast(_gate(lam, mask, scaling), dt)
     y = F.linear(x2, _cast(weight, dt), None if bias is None else _cast(bias, dt))
     R = mask.numel()
     if x2.device.type != "cpu":  # forced torch path off CPU: all R slots, no host sync
         u = xl @ _cast(Q, dt).t()
-        y.addmm_(u * g, _cast(P, dt).t())  # s·λ⊙mask folded into the [M, R] factor; y updated in place
-        return y, u
-    # CPU: the output GEMMs run over the live slots (g != 0) only. A slot switched on with λ = 0
-    # then leaves their widths, hence BLAS's blocking and every bit of y, unchanged (zero-impact
-    # expansion is bit-identical); active λ = 0 slots only feed u, which backward reads for dλ.
-    live = g.nonzero().squeeze(1)
-    if live.numel() == R:  # every slot live: no gather (such a module has no free slot to expand)
-        u = _thin(xl, _cast(Q, dt).t(), _thin_transposed(R))
-        y.addmm_(u * g, _cast(P, dt).t())
-        return y, u
-    u = xl.new_zeros(R, xl.shape[0]).t()  # slot-major, as backward reads it
+        y.addmm_(u * _cast(_gate(lam, mask, scaling), dt), _cast(P, dt).t())  # g folded into [M, R]
+        return y, u, None
+    # CPU: the r active slots only (index_select of P columns / Q rows: small copies)
+    slots = mask.nonzero().squeeze(1)
+    r = slots.numel()
+    if r == R:
+        slots = None
+        Qa, Pa, ga = Q, P, lam * scaling
+    else:
+        Qa, Pa, ga = Q.index_select(0, slots), P.index_select(1, slots), lam.index_select(0, slots) * scaling
+    ga = _cast(ga, dt)
+    if r and bool(ga.eq(0).any()):
+        # An active slot with λ = 0 (just expanded): the output GEMMs run over the live slots
+        # (λ != 0) only, so the new slot leaves their width, hence BLAS's blocking and every bit
+        # of y, unchanged (zero-impact expansion is bit-identical); its u still feeds dλ.
+        return y, _u_split_live(xl, Qa, Pa, ga, y, dt), slots
+    u = _thin(xl, _cast(Qa, dt).t(), _thin_transposed(r))  # [M, r]
+    if r:
+        y.addmm_(u * ga, _cast(Pa, dt).t())  # s·λ folded into the [M, r] factor; y updated in place
+    return y, u, slots
+
+
+def _u_split_live(xl, Qa, Pa, ga, y, dt):
+    """u over the active slots [M, r] when some have λ = 0; adds the live ones' product to y."""
+    live, idle = ga.ne(0).nonzero().squeeze(1), ga.eq(0).nonzero().squeeze(1)
+    u = xl.new_empty(Qa.shape[0], xl.shape[0]).t()  # slot-major, as backward reads it
+    ul = _thin(xl, _cast(Qa.index_select(0, live), dt).t(), _thin_transposed(live.numel()))
     if live.numel():
-        ul = _thin(xl, _cast(Q.index_select(0, live), dt).t(), _thin_transposed(live.numel()))
-        y.addmm_(ul * g.index_select(0, live), _cast(P.index_select(1, live), dt).t())
-        u.index_copy_(1, live, ul)
-    idle = (mask & (g == 0)).nonzero().squeeze(1)
-    if idle.numel():
-        u.index_copy_(1, idle, _thin(xl, _cast(Q.index_select(0, idle), dt).t(), _thin_transposed(idle.numel())))
-    return y, u
+        y.addmm_(ul * ga.index_select(0, live), _cast(Pa.index_select(1, live), dt).t())
+    u.index_copy_(1, live, ul)
+    u.index_copy_(1, idle, _thin(xl, _cast(Qa.index_select(0, idle), dt).t(), _thin_transposed(idle.numel())))
+    return u
 
 
-def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
+def _full_u(u: torch.Tensor, slots: Optional[torch.Tensor], R: int) -> torch.Tensor:
+    """u [M, R] from the forward's (u, slots): inactive columns 0."""
+    if slots is None:
+        return u
+    return u.new_zeros(R, u.shape[0]).index_copy_(0, slots, u.t()).t()
+
+
+def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=None):
     """Torch-path backward on 2-D inputs.
 
-    dy: [M, N]; the other tensors as in :func:`_torch_fwd` (u from it); needs: 7 bools, whether
-    a gradient is wanted for (x, x_lora, weight, bias, P, lam, Q).
+    dy: [M, N]; the other tensors as in :func:`_torch_fwd`; u [M, R] (every slot), or [M, r]
+    when `slots` (the [r] active indices, from the forward) is given. needs: 7 bools, whether a
+    gradient is wanted for (x, x_lora, weight, bias, P, lam, Q).
     Returns (dx, dx_lora, dweight, dbias, dP, dlam, dQ), None where not needed. Gradients of
     inactive slots are exactly 0.0 (products with g = 0 or mask = 0, or never computed).
     """
     s = scaling
     dt = dy.dtype
     xl = x2 if xl2 is None else xl2
-    idx = _active_slots(mask)
+    if slots is None and u.shape[1] == mask.numel():
+        slots = _active_slots(mask)
+        if slots is not None:
+            u = u.t().index_select(0, slots).t()  # [M, r], slot-major
+    idx = slots
     if idx is None:  # all R slots: the mask enters through g and the dλ factor
         maskf = mask.to(lam.dtype)
         Pa, Qa, ua = _cast(P, dt), _cast(Q, dt), u
@@ -522,7 +547,7 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs):
         dlam_scale = maskf.float() * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
         Pa, Qa = _cast(P.index_select(1, idx), dt), _cast(Q.index_select(0, idx), dt)
-        ua = u.t().index_select(0, idx).t()  # [M, r], slot-major
+        ua = u
         ga = _cast(lam.index_select(0, idx) * s, dt)
         dlam_scale = s
     tr = _thin_transposed(Pa.shape[1])
@@ -573,19 +598,20 @@ def _on_device(t: torch.Tensor):
 
 
 def _forward(x, x_lora, weight, bias, P, lam, Q, mask, s, backend):
-    """One forward on 2-D inputs through the chosen backend: (y [M, N], u [M, R])."""
+    """One forward on 2-D inputs through the chosen backend: (y [M, N], u, slots), u [M, R] when
+    slots is None, else [M, r] over the slots (torch path on CPU)."""
     if backend == "triton":
         with _on_device(x):
-            return _triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
+            return (*_triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s), None)
     return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
 
 
-def _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, s, backend, needs):
+def _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, s, backend, needs, slots=None):
     """One backward on 2-D inputs through the chosen backend: the 7 gradients, None where not needed."""
     if backend == "triton":
         with _on_device(dy):
             return _triton_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, s, needs)
-    return _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, needs)
+    return _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, needs, slots)
 
 
 @torch.library.custom_op("flexlora::flex_linear", mutates_args=())
@@ -603,8 +629,8 @@ def _op_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D forward: returns (y [M, N], u [M, R]); u is returned only to be saved for backward."""
-    y, u = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
-    return y, u.contiguous()  # the fake's layout; the eager path keeps the torch path's own
+    y, u, slots = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+    return y, _full_u(u, slots, mask.numel()).contiguous()  # the fake's shape and layout
 
 
 @_op_fwd.register_fake
@@ -680,20 +706,31 @@ class _EagerFlexLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
-        y, u = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
-        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, u, scaling_t)
+    def forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
+        # (y, u, slots): u stays compact ([M, r] over the active slots) between the two passes
+        return _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward, as torch.func requires
+        x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend = inputs
+        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, output[1], output[2], scaling_t)
         ctx.scaling, ctx.backend = scaling, backend
-        return y
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, x_lora, weight, P, lam, Q, mask, u, scaling_t = ctx.saved_tensors
+    def backward(ctx, dy, du, dslots):
+        x, x_lora, weight, P, lam, Q, mask, u, slots, scaling_t = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:7])
         needs = needs[:1] + (needs[1] and x_lora is not None,) + needs[2:]
-        grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs)
+        grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs,
+                          slots)
         return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
+
+
+# Function.apply binds its arguments to forward's signature on every call (for torch.func); a
+# precomputed signature spares inspect rebuilding it each time (~25 µs a call).
+_EagerFlexLinear.forward.__signature__ = inspect.signature(_EagerFlexLinear.forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,7 +827,7 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
     if torch.compiler.is_compiling():
         y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     else:
-        y = _EagerFlexLinear.apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
+        y = _EagerFlexLinear.apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

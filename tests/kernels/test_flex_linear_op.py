@@ -300,8 +300,10 @@ def test_torch_active_slot_with_zero_lambda():
 
 def test_eager_calls_take_the_autograd_function(monkeypatch):
     """Eager calls go through the plain autograd.Function (no custom-op dispatch cost); the same
-    numbers as the registered op."""
+    numbers as the registered op (which widens u to all r_max slots), also with an active λ = 0."""
     inp, dy = make_inputs(6, 10, 7, 8)
+    assert inp["mask"][0] and not inp["mask"].all()
+    inp["lam"][0] = 0.0
     calls = []
     real = fl._EagerFlexLinear.apply
     monkeypatch.setattr(fl._EagerFlexLinear, "apply", lambda *a: calls.append(1) or real(*a))
@@ -313,6 +315,23 @@ def test_eager_calls_take_the_autograd_function(monkeypatch):
     via_op = collect(y, dy, ins)
     for k in ("y", "x", "P", "lam", "Q", "bias"):
         assert torch.equal(out[k], via_op[k]), f"{k}: eager Function and custom op differ"
+
+
+def test_torch_func_grad_matches_float64():
+    """torch.func.grad (functorch) through the eager op gives the float64 reference gradients."""
+    inp, dy = make_inputs(9, 11, 7, 8)
+    ref = reference(inp, dy)
+    ins = leaves(inp, torch.float32)
+    names = ("x", "bias", "P", "lam", "Q")
+
+    def objective(*ts):
+        args = {**ins, **dict(zip(names, ts))}
+        args.pop("x_lora")
+        return (flex_linear(**args, backend="torch") * dy.float()).sum()
+
+    grads = torch.func.grad(objective, argnums=tuple(range(len(names))))(*(ins[k].detach() for k in names))
+    for k, g in zip(names, grads):
+        assert rel_err(g, ref[k]) < 1e-5, f"torch.func.grad d{k}"
 
 
 @pytest.mark.parametrize("variant", ["x_lora", "no_bias", "grad_weight", "leading_dims"])
