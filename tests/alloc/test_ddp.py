@@ -3,6 +3,7 @@ same allocation decisions and draw the same new directions, so masks and paramet
 bit-identical across ranks after the events."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ def _worker(rank, init_file, out_dir):
     try:
         for skew_scores in (False, True):
             _train(rank, out_dir, skew_scores)
+        dist.barrier()  # no rank tears down while another still talks to it
+        open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
     finally:
         dist.destroy_process_group()
 
@@ -91,7 +94,16 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # About one full-suite run in five, gloo aborted a worker while it tore down the process
+        # group after its work ("terminate called without an active exception", SIGABRT). A
+        # worker writes rank<r>.done only after every result is saved and both ranks passed a
+        # final barrier: such a run is judged by its results; any earlier exit fails here.
+        if not all((out / f"rank{r}.done").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"a DDP worker exited abnormally after finishing its work: {e}")
     return out
 
 
