@@ -241,7 +241,7 @@ def measure(case: Case, args) -> List[Dict]:
             else:
                 # one untimed step first: the step right after another variant ran pays for the
                 # page faults and cache misses of switching working sets (a training job never
-                # switches), and which variant pays more depends on the order
+                # switches)
                 for _ in range(args.settle):
                     r.step(ids)
                 c0, t0 = time.process_time(), time.perf_counter()
