@@ -228,8 +228,14 @@ def measure(case: Case, args) -> List[Dict]:
             mem[v] = torch.cuda.max_memory_allocated() / 2**20
         else:
             mem[v] = (saved_bytes(r, ids) + r.state_bytes()) / 2**20
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
-        for v, r in runners.items():
+    for rep in range(args.repeats):
+        # interleaved, so drifting machine load hits every variant alike; the order is reversed
+        # every other repeat and its start rotates, so no variant always runs right after the
+        # same other one (which one ran before moved a ratio by ~5 % on CPU)
+        order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
+        k = (rep // 2) % len(order)
+        for v in order[k:] + order[:k]:
+            r = runners[v]
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
