@@ -473,9 +473,11 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
 
     x2: [M, K]; xl2: [M, K] or None (then x2 feeds the adapter); weight: [N, K]; bias: [N] or
     None; P: [N, R]; lam, mask: [R]; Q: [R, K]; scaling: float or 0-d tensor.
-    Returns (y [M, N] in x2's dtype, u, slots): u = xl2·Qᵀ, saved for backward. slots None: u is
-    [M, R] (every slot; off CPU, or every slot active). Otherwise slots is the [r] index of the
-    active slots and u is [M, r], their columns only (:func:`_full_u` widens it).
+    Returns (y [M, N] in x2's dtype, u, slots, gathered): u = xl2·Qᵀ, saved for backward. slots
+    None: u is [M, R] (every slot; off CPU, or every slot active). Otherwise slots is the [r]
+    index of the active slots and u is [M, r], their columns only (:func:`_full_u` widens it).
+    gathered: (P [N, r], Q [r, K], s·λ [r]) of those slots in x2's dtype, which backward may
+    reuse instead of gathering again; None off CPU.
     """
     dt = x2.dtype
     xl = x2 if xl2 is None else xl2
@@ -484,7 +486,7 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     if x2.device.type != "cpu":  # forced torch path off CPU: all R slots, no host sync
         u = xl @ _cast(Q, dt).t()
         y.addmm_(u * _cast(_gate(lam, mask, scaling), dt), _cast(P, dt).t())  # g folded into [M, R]
-        return y, u, None
+        return y, u, None, None
     # CPU: the r active slots only (index_select of P columns / Q rows: small copies)
     slots = mask.nonzero().squeeze(1)
     r = slots.numel()
@@ -493,27 +495,27 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
         Qa, Pa, ga = Q, P, lam * scaling
     else:
         Qa, Pa, ga = Q.index_select(0, slots), P.index_select(1, slots), lam.index_select(0, slots) * scaling
-    ga = _cast(ga, dt)
-    if r and bool(ga.eq(0).any()):
+    Qa, Pa, ga = _cast(Qa, dt), _cast(Pa, dt), _cast(ga, dt)
+    if r and not bool(ga.all()):
         # An active slot with λ = 0 (just expanded): the output GEMMs run over the live slots
         # (λ != 0) only, so the new slot leaves their width, hence BLAS's blocking and every bit
         # of y, unchanged (zero-impact expansion is bit-identical); its u still feeds dλ.
-        return y, _u_split_live(xl, Qa, Pa, ga, y, dt), slots
-    u = _thin(xl, _cast(Qa, dt).t(), _thin_transposed(r))  # [M, r]
+        return y, _u_split_live(xl, Qa, Pa, ga, y), slots, (Pa, Qa, ga)
+    u = _thin(xl, Qa.t(), _thin_transposed(r))  # [M, r]
     if r:
-        y.addmm_(u * ga, _cast(Pa, dt).t())  # s·λ folded into the [M, r] factor; y updated in place
-    return y, u, slots
+        y.addmm_(u * ga, Pa.t())  # s·λ folded into the [M, r] factor; y updated in place
+    return y, u, slots, (Pa, Qa, ga)
 
 
-def _u_split_live(xl, Qa, Pa, ga, y, dt):
+def _u_split_live(xl, Qa, Pa, ga, y):
     """u over the active slots [M, r] when some have λ = 0; adds the live ones' product to y."""
     live, idle = ga.ne(0).nonzero().squeeze(1), ga.eq(0).nonzero().squeeze(1)
     u = xl.new_empty(Qa.shape[0], xl.shape[0]).t()  # slot-major, as backward reads it
-    ul = _thin(xl, _cast(Qa.index_select(0, live), dt).t(), _thin_transposed(live.numel()))
+    ul = _thin(xl, Qa.index_select(0, live).t(), _thin_transposed(live.numel()))
     if live.numel():
-        y.addmm_(ul * ga.index_select(0, live), _cast(Pa.index_select(1, live), dt).t())
+        y.addmm_(ul * ga.index_select(0, live), Pa.index_select(1, live).t())
     u.index_copy_(1, live, ul)
-    u.index_copy_(1, idle, _thin(xl, _cast(Qa.index_select(0, idle), dt).t(), _thin_transposed(idle.numel())))
+    u.index_copy_(1, idle, _thin(xl, Qa.index_select(0, idle).t(), _thin_transposed(idle.numel())))
     return u
 
 
@@ -524,11 +526,12 @@ def _full_u(u: torch.Tensor, slots: Optional[torch.Tensor], R: int) -> torch.Ten
     return u.new_zeros(R, u.shape[0]).index_copy_(0, slots, u.t()).t()
 
 
-def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=None):
+def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=None, gathered=None):
     """Torch-path backward on 2-D inputs.
 
     dy: [M, N]; the other tensors as in :func:`_torch_fwd`; u [M, R] (every slot), or [M, r]
-    when `slots` (the [r] active indices, from the forward) is given. needs: 7 bools, whether a
+    when `slots` (the [r] active indices, from the forward) is given; gathered: the forward's
+    (P, Q, s·λ) of its slots, or None (then gathered here). needs: 7 bools, whether a
     gradient is wanted for (x, x_lora, weight, bias, P, lam, Q).
     Returns (dx, dx_lora, dweight, dbias, dP, dlam, dQ), None where not needed. Gradients of
     inactive slots are exactly 0.0 (products with g = 0 or mask = 0, or never computed).
@@ -540,15 +543,16 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
         slots = _active_slots(mask)
         if slots is not None:
             u = u.t().index_select(0, slots).t()  # [M, r], slot-major
-    idx = slots
-    if idx is None:  # all R slots: the mask enters through g and the dλ factor
+    idx, ua = slots, u
+    if gathered is not None and gathered[2].dtype == dt:  # the forward's slots (all or some)
+        (Pa, Qa, ga), dlam_scale = gathered, s
+    elif idx is None:  # all R slots: the mask enters through g and the dλ factor
         maskf = mask.to(lam.dtype)
-        Pa, Qa, ua = _cast(P, dt), _cast(Q, dt), u
+        Pa, Qa = _cast(P, dt), _cast(Q, dt)
         ga = _cast(lam * maskf * s, dt)
         dlam_scale = maskf.float() * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
         Pa, Qa = _cast(P.index_select(1, idx), dt), _cast(Q.index_select(0, idx), dt)
-        ua = u
         ga = _cast(lam.index_select(0, idx) * s, dt)
         dlam_scale = s
     tr = _thin_transposed(Pa.shape[1])
@@ -574,9 +578,9 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
         if idx is not None:
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     if needs[5]:
-        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j] = s·mask_j·(uᵀ dv)[j, j]: one small GEMM (r×r) in
-        # place of a multiply and a sum over [M, r]; fp32 for low-precision inputs.
-        dlam = _cast((_cast(ua, torch.float32).t() @ _cast(dv, torch.float32)).diagonal() * dlam_scale, lam.dtype)
+        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j]: one fused dot per column, fp32 for low precision
+        dlam = _cast(torch.linalg.vecdot(_cast(ua, torch.float32), _cast(dv, torch.float32), dim=0) * dlam_scale,
+                     lam.dtype)
         if idx is not None:
             dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
@@ -599,20 +603,21 @@ def _on_device(t: torch.Tensor):
 
 
 def _forward(x, x_lora, weight, bias, P, lam, Q, mask, s, backend):
-    """One forward on 2-D inputs through the chosen backend: (y [M, N], u, slots), u [M, R] when
-    slots is None, else [M, r] over the slots (torch path on CPU)."""
+    """One forward on 2-D inputs through the chosen backend: (y [M, N], u, slots, gathered), u
+    [M, R] when slots is None, else [M, r] over the slots (torch path on CPU); gathered: see
+    :func:`_torch_fwd` (None on Triton)."""
     if backend == "triton":
         with _on_device(x):
-            return (*_triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s), None)
+            return (*_triton_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s), None, None)
     return _torch_fwd(x, x_lora, weight, bias, P, lam, Q, mask, s)
 
 
-def _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, s, backend, needs, slots=None):
+def _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, s, backend, needs, slots=None, gathered=None):
     """One backward on 2-D inputs through the chosen backend: the 7 gradients, None where not needed."""
     if backend == "triton":
         with _on_device(dy):
             return _triton_bwd(dy, x, x_lora, weight, P, lam, Q, mask, u, s, needs)
-    return _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, needs, slots)
+    return _torch_bwd(dy.contiguous(), x, x_lora, weight, P, lam, Q, mask, u, s, needs, slots, gathered)
 
 
 @torch.library.custom_op("flexlora::flex_linear", mutates_args=())
@@ -630,7 +635,7 @@ def _op_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D forward: returns (y [M, N], u [M, R]); u is returned only to be saved for backward."""
-    y, u, slots = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+    y, u, slots, _ = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
     return y, _full_u(u, slots, mask.numel()).contiguous()  # the fake's shape and layout
 
 
@@ -707,24 +712,29 @@ class _EagerFlexLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
-        # (y, u, slots): u stays compact ([M, r] over the active slots) between the two passes
-        return _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+        # (y, u, slots, P_a, Q_a, g_a): u stays compact ([M, r] over the active slots) between the
+        # two passes, and backward reuses the forward's gathered factors of those slots
+        y, u, slots, gathered = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+        Pa, Qa, ga = gathered or (None, None, None)
+        # with every slot active these are P and Q themselves: never hand an input back as an output
+        return y, u, slots, None if Pa is P else Pa, None if Qa is Q else Qa, ga
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # separate from forward, as torch.func requires
         x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend = inputs
-        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, output[1], output[2], scaling_t)
+        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, *output[1:], scaling_t)
         ctx.scaling, ctx.backend = scaling, backend
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, du, dslots):
-        x, x_lora, weight, P, lam, Q, mask, u, slots, scaling_t = ctx.saved_tensors
+    def backward(ctx, dy, *_):
+        x, x_lora, weight, P, lam, Q, mask, u, slots, Pa, Qa, ga, scaling_t = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:7])
         needs = needs[:1] + (needs[1] and x_lora is not None,) + needs[2:]
+        gathered = None if ga is None else (P if Pa is None else Pa, Q if Qa is None else Qa, ga)
         grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs,
-                          slots)
+                          slots, gathered)
         return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
 
 
