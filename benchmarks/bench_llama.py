@@ -44,9 +44,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import flexlora  # noqa: E402
+from _common import median_ratio  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ["floor", "flexlora", "lora", "adalora"]
@@ -124,7 +125,6 @@ def adamw(params, lr):
         return torch.optim.AdamW(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, lr=lr)
-
 
 
 class Runner:
@@ -255,9 +255,6 @@ def measure(case: Case, args) -> List[Dict]:
                     r.step(ids)
                 times[v].append((time.perf_counter() - t0) / args.steps)
                 cpu_times[v].append((time.process_time() - c0) / args.steps)
-    ranks = {}
-    if "flexlora" in runners:
-        ranks["flexlora"] = flexlora.count_parameters(runners["flexlora"].model).total_rank
     rows = []
     med = {v: statistics.median(t) for v, t in times.items()}
     for v in runners:
@@ -265,9 +262,9 @@ def measure(case: Case, args) -> List[Dict]:
                "memory_mib": mem[v], "spread": (max(times[v]) - min(times[v])) / med[v]}
         for base in ("floor", "lora", "adalora"):
             if base in med:  # median over repeats of the ratio within a repeat: resists drift
-                row[f"x_{base}"] = statistics.median(a / b for a, b in zip(times[v], times[base]))
+                row[f"x_{base}"] = median_ratio(times[v], times[base])
         if cpu_times[v] and "floor" in cpu_times:
-            row["x_floor_cpu"] = statistics.median(a / b for a, b in zip(cpu_times[v], cpu_times["floor"]))
+            row["x_floor_cpu"] = median_ratio(cpu_times[v], cpu_times["floor"])
         rows.append(row)
     return rows
 

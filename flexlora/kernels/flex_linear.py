@@ -441,7 +441,8 @@ def _active_slots(mask: torch.Tensor) -> Optional[torch.Tensor]:
     the r active slots only (index_select of P columns / Q rows: [N, r] and [r, K], small copies).
     ``nonzero`` reads the mask on the host: free on CPU, a sync on CUDA, so CUDA (where this path
     runs only when forced) keeps all R slots. The data-dependent r is invisible to torch.compile:
-    this runs inside the flexlora::flex_linear custom op, whose outputs keep their full shapes.
+    under compile this runs inside the flexlora::flex_linear custom op, whose outputs keep their
+    full shapes (only the eager autograd.Function keeps u at width r between the passes).
     """
     if mask.device.type != "cpu":
         return None
@@ -455,9 +456,9 @@ def _thin_transposed(width: int) -> bool:
     MKL's fp32 GEMM is several times slower when the thin side of the output is a width not a
     multiple of 16 (one AVX-512 register) than when that width is the output's row count: at
     M = 1024, N = 512, width 8, dy·P takes 0.43 ms and (Pᵀ·dyᵀ)ᵀ 0.17 ms, dyᵀ·u 0.73 ms and
-    (uᵀ·dy)ᵀ 0.16 ms; at width 16 or 32 the plain order is as fast or faster
-    (benchmarks/bench_flex_linear.py). The choice depends on the width only, so it is fixed for
-    a given rank: results are deterministic.
+    (uᵀ·dy)ᵀ 0.16 ms; at width 16 or 32 the plain order is as fast or faster (measured on the
+    project's AVX-512 EPYC machine, see docs/kernels.md). The choice depends on the width only,
+    so it is fixed for a given rank: results are deterministic.
     """
     return width % 16 != 0
 
@@ -488,10 +489,9 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
         y.addmm_(u * _cast(_gate(lam, mask, scaling), dt), _cast(P, dt).t())  # g folded into [M, R]
         return y, u, None, None
     # CPU: the r active slots only (index_select of P columns / Q rows: small copies)
-    slots = mask.nonzero().squeeze(1)
-    r = slots.numel()
-    if r == R:
-        slots = None
+    slots = _active_slots(mask)
+    r = R if slots is None else slots.numel()
+    if slots is None:
         Qa, Pa, ga = Q, P, lam * scaling
     else:
         Qa, Pa, ga = Q.index_select(0, slots), P.index_select(1, slots), lam.index_select(0, slots) * scaling
