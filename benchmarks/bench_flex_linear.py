@@ -67,13 +67,14 @@ class Case:
     kind: str
     r_max: int = 0
     rank: int = 0
+    backend: Optional[str] = None  # FlexLinear only: "triton" / "torch" forced, None = library's choice
 
     @property
     def label(self) -> str:
         if self.kind == "frozen":
             return "frozen nn.Linear"
         if self.kind == "flexlora":
-            return f"FlexLinear r_max={self.r_max} r={self.rank}"
+            return f"FlexLinear r_max={self.r_max} r={self.rank}" + (f" [{self.backend}]" if self.backend else "")
         return f"{'PEFT LoRA' if self.kind == 'peft_lora' else 'PEFT AdaLoRA'} r={self.rank}"
 
 
@@ -133,6 +134,7 @@ def make_flexlora(shape: Shape, case: Case, dtype: torch.dtype, device: str) -> 
         active = torch.randperm(case.r_max, generator=g)[: case.rank]
         layer.mask.zero_()
         layer.mask[active.to(layer.mask.device)] = True
+    layer.backend = case.backend
     return _io(layer, shape, dtype, device)
 
 
@@ -204,11 +206,11 @@ def cost(shape: Shape, rank: int, mode: str, elem: int) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 
-def cases_for(rank_configs: Sequence[tuple], kinds: Sequence[str]) -> List[Case]:
-    """Frozen first (the baseline), then FlexLinear at each (r_max, rank), then PEFT at each rank."""
+def cases_for(rank_configs: Sequence[tuple], kinds: Sequence[str], backends: Sequence[Optional[str]] = (None,)) -> List[Case]:
+    """Frozen first (the baseline), then FlexLinear at each (r_max, rank) and backend, then PEFT at each rank."""
     out = [Case("frozen")]
     if "flexlora" in kinds:
-        out += [Case("flexlora", r_max, r) for r_max, r in rank_configs]
+        out += [Case("flexlora", r_max, r, b) for b in backends for r_max, r in rank_configs]
     for kind in ("peft_lora", "peft_adalora"):
         if kind in kinds:
             out += [Case(kind, r, r) for r in sorted({r for _, r in rank_configs})]
@@ -259,7 +261,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--cases", default="flexlora,peft_lora,peft_adalora", help="comma list of compared cases")
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
-                   help="FlexLinear backend (default: the library's choice; the CPU run forces torch)")
+                   help="FlexLinear backend (default: CUDA times both, the Triton kernels and the torch "
+                        "path on cuBLAS, as two rows; the CPU run uses the torch path)")
     p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/flex_linear_<device>.csv)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.cases.split(",") if k.strip()]
@@ -279,8 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         dtype, M = torch.bfloat16, 8192
         dims = [(4096, 4096), (4096, 14336), (14336, 4096)]
         rank_configs = [(64, 32)]
-        if args.backend:
-            os.environ["FLEXLORA_BACKEND"] = args.backend
+        backends = (args.backend,) if args.backend else ("triton", "torch")
     else:
         torch.set_num_threads(args.threads)
         dtype, M = torch.float32, 2048
@@ -289,10 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         if args.backend == "triton":
             raise SystemExit("--device cpu: the Triton backend runs on CPU only under its interpreter (not a benchmark)")
         os.environ["FLEXLORA_BACKEND"] = "torch"
+        backends = (None,)
     if args.quick:
         dims = dims[1:2]
     rounds = args.rounds or (3 if args.quick else 7)
-    cases = cases_for(rank_configs, args.kinds)
+    cases = cases_for(rank_configs, args.kinds, backends)
 
     where = f"{torch.cuda.get_device_name()}" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# flex_linear benchmark: {where}, {dtype}, M={M} tokens, torch {torch.__version__}")

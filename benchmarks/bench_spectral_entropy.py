@@ -77,13 +77,14 @@ def entropy_loop(mods, eps=1e-12, item=False):
 
 
 def orth_loop(mods, gamma=0.1):
+    """The penalty module by module: γ times the mean over modules (as orthogonal_loss defines it)."""
     total = 0.0
     for m in mods:
         mf = m.mask.float()
         M = mf[:, None] * mf[None, :]
         eye = torch.eye(m.P.shape[1], device=m.P.device)
         total = total + (((m.P.t() @ m.P - eye) * M) ** 2).sum() + (((m.Q @ m.Q.t() - eye) * M) ** 2).sum()
-    return total * gamma
+    return total * (gamma / len(mods))
 
 
 H100_SXM_BYTES_PER_S = 3.35e12  # HBM3 bandwidth, for the roofline column

@@ -22,11 +22,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def choose_backend(x: torch.Tensor, backend: Optional[str]) -> str:
+def choose_backend(x: torch.Tensor, backend: Optional[str], cuda_default: str = "triton") -> str:
     """Pick the backend for an op whose main input is ``x``.
 
-    ``backend=None`` means: Triton for CUDA tensors, and for CPU tensors when the Triton
-    interpreter is on (that is how CI exercises the kernels); the torch path otherwise.
+    ``backend=None`` means: ``cuda_default`` for CUDA tensors (Triton, unless an op measures its
+    torch path faster there), Triton for CPU tensors when the Triton interpreter is on (that is
+    how CI exercises the kernels); the torch path otherwise.
     ``"triton"`` / ``"torch"`` force one; forcing Triton where it cannot run is an error.
     The environment variable ``FLEXLORA_BACKEND`` ("triton" / "torch") sets the default that
     ``None`` resolves to (the test-suite uses it to keep model-level tests off the slow
@@ -47,4 +48,6 @@ def choose_backend(x: torch.Tensor, backend: Optional[str]) -> str:
                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
             )
         return "triton"
+    if x.is_cuda and cuda_default == "torch":
+        return "torch"
     return "triton" if can_triton else "torch"

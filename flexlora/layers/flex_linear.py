@@ -31,6 +31,12 @@ class FlexLinear(nn.Module):
             base layer's at init).
         device, dtype: of the base weight; adapter parameters are float32 unless
             ``adapter_dtype`` says otherwise.
+
+    Attributes:
+        backend: None (the library's choice: cuBLAS-backed torch path on CUDA and CPU, the
+            Triton kernels under TRITON_INTERPRET=1; see
+            :func:`flexlora.kernels.flex_linear`), or "triton" / "torch" to force this layer's
+            path, e.g. ``layer.backend = "torch"`` to compare the two on a GPU.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class FlexLinear(nn.Module):
         out_features, in_features = weight.shape
         self.in_features = in_features
         self.out_features = out_features
+        self.backend: Optional[str] = None
         self.r_max = int(r_max)
         self.r_init = int(r_init)
         self.alpha = float(alpha)
@@ -118,7 +125,8 @@ class FlexLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         return flex_linear(
-            x, self.weight, self.bias, self.P, self.lam, self.Q, self.mask, self.scaling, x_lora=x_lora
+            x, self.weight, self.bias, self.P, self.lam, self.Q, self.mask, self.scaling, x_lora=x_lora,
+            backend=self.backend,
         )
 
     def delta_weight(self) -> torch.Tensor:

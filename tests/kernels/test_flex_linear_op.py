@@ -193,6 +193,25 @@ def test_triton_variants(variant):
     check_case(10, 24, 18, 8, dtype, "triton", **kw)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adapter_bf16_under_fp32_compute(backend):
+    """λ, P, Q stored in bf16, x in fp32: the op computes the function of the stored values with
+    fp32 rounding only (s·λ is not rounded to bf16 on the way); the bf16 gradients of P, λ, Q
+    carry one bf16 rounding."""
+    inp, dy = make_inputs(10, 24, 18, 8)
+    for k in ("P", "lam", "Q"):
+        inp[k] = inp[k].to(torch.bfloat16).double()
+    ref, plain = reference(inp, dy), reference(inp, dy, torch.float32)
+    out, ins = run_op(inp, dy, torch.float32, backend, adapter_dtype=torch.bfloat16)
+    for k in ("y", "x", "bias"):
+        tol = 2.0 * rel_err(plain[k], ref[k]) + FLOOR[torch.float32]
+        assert rel_err(out[k], ref[k]) <= tol, f"{backend} {k}: {rel_err(out[k], ref[k]):.2e} > {tol:.2e}"
+    for k in ("P", "lam", "Q"):
+        assert out[k].dtype == torch.bfloat16
+        # one rounding to bf16: 2^-8 to nearest; the interpreter's stores truncate (2^-7)
+        assert rel_err(out[k], ref[k]) <= 2.0 ** -7, f"{backend} d{k}: {rel_err(out[k], ref[k]):.2e}"
+
+
 def test_triton_leading_dims_with_x_lora():
     check_case(6, 20, 12, 8, torch.float32, "triton", lead=(2, 3), x_lora=True)
 
@@ -478,7 +497,8 @@ def test_backend_rule(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fl._resolve_backend(x, None) == "triton", "CPU + interpreter defaults to Triton"
     assert fl._resolve_backend(x, "torch") == "torch", "explicit torch wins"
-    assert fl._resolve_backend(_FakeCuda(), None) == "triton", "CUDA defaults to Triton"
+    assert fl._resolve_backend(_FakeCuda(), None) == "torch", "CUDA defaults to the torch path (cuBLAS)"
+    assert fl._resolve_backend(_FakeCuda(), "triton") == "triton", "explicit Triton on CUDA"
     assert fl._resolve_backend(x.double(), None) == "torch", "fp64 falls back to torch by default"
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         fl._resolve_backend(x.double(), "triton")
@@ -488,7 +508,10 @@ def test_backend_rule(monkeypatch):
     monkeypatch.delenv("FLEXLORA_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert fl._resolve_backend(x, None) == "torch", "CPU without interpreter defaults to torch"
-    assert fl._resolve_backend(_FakeCuda(), None) == "triton", "CUDA needs no interpreter"
+    assert fl._resolve_backend(_FakeCuda(), "triton") == "triton", "CUDA needs no interpreter"
+    monkeypatch.setenv("FLEXLORA_BACKEND", "triton")
+    assert fl._resolve_backend(_FakeCuda(), None) == "triton", "env FLEXLORA_BACKEND=triton on CUDA"
+    monkeypatch.delenv("FLEXLORA_BACKEND")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fl._resolve_backend(x, "triton")
     # interpreter switched on after import: kernels were built for a GPU, so CPU cannot run them
