@@ -12,7 +12,8 @@ rounds of (case time / frozen time in the same round), which resists the drift o
 ``ratio_cpu`` is the same on process CPU time, which stays steady when other jobs share the cores.
 
 CUDA (bf16): LLaMA-3-8B projections 4096→4096, 4096→14336, 14336→4096 at 8192 tokens, r_max 64 with
-32 active, timed by ``triton.testing.do_bench``. Beside each row an analytic cost model: the FLOPs and
+32 active, timed by ``triton.testing.do_bench``; FlexLinear twice, on the default torch path
+(cuBLAS) and on the fused Triton kernels (``--backend`` picks one). Beside each row an analytic cost model: the FLOPs and
 bytes the op's math needs at the active rank (every tensor read or written once, in the activation
 dtype), the H100 SXM roofline time max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), and the achieved
 fraction roofline / measured.
