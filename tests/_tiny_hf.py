@@ -61,17 +61,11 @@ def tiny_bert(path: Path) -> Path:
 
 
 def tiny_llama(path: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path.mkdir(parents=True, exist_ok=True)
     v = save_tokenizer(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                      initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    model = llama_model(vocab=v, intermediate=64, max_positions=64, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3, initializer_range=0.2)
+    model.save_pretrained(str(path))
     return path
 
 

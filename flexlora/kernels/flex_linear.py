@@ -46,9 +46,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Default on CUDA tensors: the torch path, i.e. cuBLAS for every product (base GEMM accumulating
 # onto the rank-R product with beta = 1). Measured on an H100 (bf16, 8192 tokens, LLaMA-3-8B
-# projections, r_max 64 with 32 active; docs/kernels.md): fwd+bwd 1.10-1.21x the frozen layer at
-# 4096→14336 / 14336→4096 on the GPU's own time, against 1.57-1.67x for the fused Triton kernels,
-# whose base GEMM reaches ~0.45 of the roofline where cuBLAS reaches ~0.75. backend="triton" (or
+# projections, r_max 64 with 32 active; docs/benchmarks.md): fwd+bwd 1.08-1.25x the frozen layer
+# at 4096→14336 / 14336→4096 (do_bench, two runs), against 1.57-1.67x for the fused Triton
+# kernels, whose base GEMM reaches ~0.45 of the roofline where cuBLAS reaches ~0.75. backend="triton" (or
 # FLEXLORA_BACKEND=triton) still runs the fused kernels.
 CUDA_DEFAULT_BACKEND = "torch"
 
@@ -304,7 +304,8 @@ def _autotune() -> bool:
 
 def _fused(out, M, L, T, R, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
            u=None, g=None, v=None, v_strides=(0, 0), bias=None):
-    """Launch `_fused_kernel` (autotuned on GPU; one small fixed config under the interpreter)."""
+    """Launch `_fused_kernel` (autotuned on GPU unless `_autotune()` is off; a fixed config then,
+    and one small fixed config under the interpreter)."""
     has_base, has_lora = a is not None, u is not None
     dummy = out
     args = (
