@@ -497,7 +497,7 @@ def _thin_transposed(width: int) -> bool:
 def _thin(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
     """a·b for a: [L, T], b: [T, w] with w small; computed as (bᵀ·aᵀ)ᵀ when `transposed`
     (the result is then a [L, w] view of a [w, L] tensor: columns are contiguous)."""
-    return (b.t() @ a.t()).t() if transposed else a @ b
+    return torch.mm(b.t(), a.t()).t() if transposed else torch.mm(a, b)
 
 
 def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
@@ -515,15 +515,11 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     xl = x2 if xl2 is None else xl2
     if x2.device.type != "cpu":  # CUDA (cuBLAS): all R slots, no host sync
         Qc, Pc, g = _cast(Q, dt), _cast(P, dt), _cast(_gate(_wide(lam, dt), mask, scaling), dt)
-        u = xl @ Qc.t()
-        # the rank-R product first (a write of y), then the base GEMM accumulates onto it in
-        # its epilogue (beta = 1): on an H100 at 4096→14336 this saves 0.15 ms against a
-        # separate read-modify-write pass of y after the base GEMM
-        ug = u * g
-        y = torch.mm(ug, Pc.t()) if bias is None else torch.addmm(_cast(bias, dt), ug, Pc.t())
-        y.addmm_(x2, _cast(weight, dt).t())
+        u = torch.mm(xl, Qc.t())
+        # the base GEMM accumulates onto the rank-R product in its epilogue: on an H100 at
+        # 4096→14336 this saves 0.15 ms against a read-modify-write pass of y afterwards
+        y = _base_onto(x2, weight, bias, u * g, Pc, dt)
         return y, u, None, (Pc, Qc, g)
-    y = F.linear(x2, _cast(weight, dt), None if bias is None else _cast(bias, dt))
     R = mask.numel()
     # CPU: the r active slots only (index_select of P columns / Q rows: small copies)
     slots = _active_slots(mask)
@@ -534,26 +530,39 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
         Qa, Pa, ga = Q.index_select(0, slots), P.index_select(1, slots), _wide(lam.index_select(0, slots), dt) * scaling
     Qa, Pa, ga = _cast(Qa, dt), _cast(Pa, dt), _cast(ga, dt)
     if r and not bool(ga.all()):
-        # An active slot with λ = 0 (just expanded): the output GEMMs run over the live slots
-        # (λ != 0) only, so the new slot leaves their width, hence BLAS's blocking and every bit
+        # An active slot with λ = 0 (just expanded): the output product runs over the live slots
+        # (λ != 0) only, so the new slot leaves its width, hence BLAS's blocking and every bit
         # of y, unchanged (zero-impact expansion is bit-identical); its u still feeds dλ.
-        return y, _u_split_live(xl, Qa, Pa, ga, y), slots, (Pa, Qa, ga)
-    u = _thin(xl, Qa.t(), _thin_transposed(r))  # [M, r]
-    if r:
-        y.addmm_(u * ga, Pa.t())  # s·λ folded into the [M, r] factor; y updated in place
+        u, ug_live, P_live = _u_split_live(xl, Qa, Pa, ga)
+    else:
+        u = _thin(xl, Qa.t(), _thin_transposed(r))  # [M, r]
+        ug_live, P_live = u * ga, Pa  # s·λ folded into the [M, r] factor
+    y = _base_onto(x2, weight, bias, ug_live, P_live, dt)
     return y, u, slots, (Pa, Qa, ga)
 
 
-def _u_split_live(xl, Qa, Pa, ga, y):
-    """u over the active slots [M, r] when some have λ = 0; adds the live ones' product to y."""
+def _base_onto(x2, weight, bias, ug, Pl, dt):
+    """y = x2·Wᵀ + ug·Plᵀ (+ b), [M, N]: the rank-r product (+ b) is written first and the base
+    GEMM accumulates onto it (beta = 1), reading y inside its compute-bound blocks. Adding the
+    product to y afterwards costs a separate read-modify-write pass over y [M, N], by then out of
+    cache: 0.25-0.6 ms a module at the CPU LLaMA benchmark's shapes (M 1024, r 8), ~2 % of its
+    step (docs/kernels.md)."""
+    w, b = _cast(weight, dt), None if bias is None else _cast(bias, dt)
+    if ug.shape[1] == 0:
+        return F.linear(x2, w, b)
+    y = torch.mm(ug, Pl.t()) if b is None else torch.addmm(b, ug, Pl.t())
+    return y.addmm_(x2, w.t())
+
+
+def _u_split_live(xl, Qa, Pa, ga):
+    """When some active slots have λ = 0: u over the active slots [M, r] (slot-major), and the
+    live slots' (u⊙g [M, l], P [N, l]) for the output product."""
     live, idle = ga.ne(0).nonzero().squeeze(1), ga.eq(0).nonzero().squeeze(1)
     u = xl.new_empty(Qa.shape[0], xl.shape[0]).t()  # slot-major, as backward reads it
     ul = _thin(xl, Qa.index_select(0, live).t(), _thin_transposed(live.numel()))
-    if live.numel():
-        y.addmm_(ul * ga.index_select(0, live), Pa.index_select(1, live).t())
     u.index_copy_(1, live, ul)
     u.index_copy_(1, idle, _thin(xl, Qa.index_select(0, idle).t(), _thin_transposed(idle.numel())))
-    return u
+    return u, ul * ga.index_select(0, live), Pa.index_select(1, live)
 
 
 def _full_u(u: torch.Tensor, slots: Optional[torch.Tensor], R: int) -> torch.Tensor:
@@ -595,27 +604,29 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
         ga = _cast(_wide(lam.index_select(0, idx), dt) * s, dt)
         dlam_scale = s
     tr = _thin_transposed(Pa.shape[1])
-    dv = _thin(dy, Pa, tr)  # [M, r]
-    dvg = dv * ga
     dx = dxl = dW = db = dP = dlam = dQ = None
-    if needs[0]:
-        if xl2 is None and dvg.shape[1]:
-            # the thin product first, then the base GEMM accumulates onto it (beta = 1): MKL
-            # reads dx inside the compute-bound GEMM instead of a separate pass over [M, K]
-            dx = dvg @ Qa
-            dx.addmm_(dy, _cast(weight, dt))
-        else:
-            dx = dy @ _cast(weight, dt)
-    if needs[1] and xl2 is not None:
-        dxl = dvg @ Qa
-    if needs[2]:
-        dW = (dy.t() @ x2).to(weight.dtype)
-    if needs[3]:
-        db = dy.sum(0).to(weight.dtype)
+    # the two thin products that read dy [M, N] first, back to back while it is in cache (the
+    # base GEMM dy·W evicts it): 0.15-0.4 ms a module at the CPU LLaMA benchmark's shapes
+    dv = _thin(dy, Pa, tr)  # [M, r]
     if needs[4]:
         dP = _cast(_thin(dy.t(), ua * ga, tr), P.dtype)  # [N, r]
         if idx is not None:
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
+    dvg = dv * ga
+    if needs[0]:
+        if xl2 is None and dvg.shape[1]:
+            # the thin product first, then the base GEMM accumulates onto it (beta = 1): MKL
+            # reads dx inside the compute-bound GEMM instead of a separate pass over [M, K]
+            dx = torch.mm(dvg, Qa)
+            dx.addmm_(dy, _cast(weight, dt))
+        else:
+            dx = torch.mm(dy, _cast(weight, dt))
+    if needs[1] and xl2 is not None:
+        dxl = torch.mm(dvg, Qa)
+    if needs[2]:
+        dW = torch.mm(dy.t(), x2).to(weight.dtype)
+    if needs[3]:
+        db = dy.sum(0).to(weight.dtype)
     if needs[5]:
         # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j]: one fused dot per column, fp32 for low precision
         dlam = _cast(torch.linalg.vecdot(_cast(ua, torch.float32), _cast(dv, torch.float32), dim=0) * dlam_scale,
@@ -623,7 +634,7 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
         if idx is not None:
             dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
-        dQ = _cast(dvg.t() @ xl, Q.dtype)
+        dQ = _cast(torch.mm(dvg.t(), xl), Q.dtype)
         if idx is not None:
             dQ = Q.new_zeros(Q.shape).index_copy_(0, idx, dQ)
     return dx, dxl, dW, db, dP, dlam, dQ
@@ -740,46 +751,96 @@ def _op_backward(ctx, dy, du):
 _op_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+def _eager_forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
+    """Forward of the eager Functions: (y, u, slots, P_a, Q_a, g_a). u stays compact ([M, r] over
+    the active slots) between the two passes, and backward reuses the forward's gathered factors
+    of those slots; P_a / Q_a are None where they are P / Q themselves (every slot active)."""
+    y, u, slots, gathered = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
+    Pa, Qa, ga = gathered or (None, None, None)
+    return y, u, slots, None if Pa is P else Pa, None if Qa is Q else Qa, ga
+
+
+@torch.autograd.function.once_differentiable
+def _eager_backward(ctx, dy, *_):
+    """Backward of the eager Functions, from ctx.saved_tensors = (x, x_lora, weight, P, lam, Q,
+    mask, u, slots, P_a, Q_a, g_a, scaling_t)."""
+    if dy is None:  # no gradient reached y (grads are not materialized)
+        return (None,) * 11
+    x, x_lora, weight, P, lam, Q, mask, u, slots, Pa, Qa, ga, scaling_t = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:7])
+    needs = needs[:1] + (needs[1] and x_lora is not None,) + needs[2:]
+    gathered = None if ga is None else (P if Pa is None else Pa, Q if Qa is None else Qa, ga)
+    grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs,
+                      slots, gathered)
+    return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
+
+
 class _EagerFlexLinear(torch.autograd.Function):
     """The same forward and backward as the custom op, for eager mode.
 
     A ``torch.library`` custom op costs ~0.25 ms more Python per call and backward (schema
     checks, pytree work, a second custom op for the backward): 10 ms a step on the CPU LLaMA
-    benchmark (40 adapted modules), and on a GPU it is launch latency the kernels cannot hide. Eager calls take this plain ``autograd.Function`` (one Python frame each way); traced
-    calls (``torch.compile``) take the custom op, which dynamo keeps as one opaque node.
+    benchmark (40 adapted modules), and on a GPU it is launch latency the kernels cannot hide.
+    Eager calls take a plain ``autograd.Function`` (one Python frame each way); traced calls
+    (``torch.compile``) take the custom op, which dynamo keeps as one opaque node.
+
+    This one keeps forward and setup_context apart, as torch.func (grad, vmap, ...) requires; it
+    runs when a functorch transform is active. Otherwise :class:`_FastEagerFlexLinear` runs.
     """
 
     @staticmethod
     def forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
-        # (y, u, slots, P_a, Q_a, g_a): u stays compact ([M, r] over the active slots) between the
-        # two passes, and backward reuses the forward's gathered factors of those slots
-        y, u, slots, gathered = _forward(x, x_lora, weight, bias, P, lam, Q, mask, _scale(scaling, scaling_t), backend)
-        Pa, Qa, ga = gathered or (None, None, None)
-        # with every slot active these are P and Q themselves: never hand an input back as an output
-        return y, u, slots, None if Pa is P else Pa, None if Qa is Q else Qa, ga
+        return _eager_forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # separate from forward, as torch.func requires
+    def setup_context(ctx, inputs, output):
         x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend = inputs
         ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, *output[1:], scaling_t)
         ctx.scaling, ctx.backend = scaling, backend
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # the 5 side outputs never get a gradient: without this, autograd would allocate and
+        # zero-fill one per output ([M, r], [N, r], ...) for every backward call
+        ctx.set_materialize_grads(False)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, *_):
-        x, x_lora, weight, P, lam, Q, mask, u, slots, Pa, Qa, ga, scaling_t = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:7])
-        needs = needs[:1] + (needs[1] and x_lora is not None,) + needs[2:]
-        gathered = None if ga is None else (P if Pa is None else Pa, Q if Qa is None else Qa, ga)
-        grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(ctx.scaling, scaling_t), ctx.backend, needs,
-                          slots, gathered)
-        return (*[gr if need else None for gr, need in zip(grads, needs)], None, None, None, None)
+    backward = staticmethod(_eager_backward)
 
 
 # Function.apply binds its arguments to forward's signature on every call (for torch.func); a
 # precomputed signature spares inspect rebuilding it each time (~25 µs a call).
 _EagerFlexLinear.forward.__signature__ = inspect.signature(_EagerFlexLinear.forward)
+
+
+class _FastEagerFlexLinear(torch.autograd.Function):
+    """:class:`_EagerFlexLinear` with forward and context in one method, and y its only output.
+
+    Function.apply of the split form binds every call's arguments to forward's signature, and
+    turns the five side outputs into graph outputs (wrapped, marked non-differentiable): ~50 µs
+    of Python per forward + backward that this form skips (the op's fixed cost was ~0.3 ms, which
+    the 150 adapted modules of SmolLM2-135M pay every step). torch.func cannot run this form, so
+    :func:`_eager_apply` picks the split one while a functorch transform is active.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend):
+        y, *side = _eager_forward(x, x_lora, weight, bias, P, lam, Q, mask, scaling, scaling_t, backend)
+        ctx.save_for_backward(x, x_lora, weight, P, lam, Q, mask, *side, scaling_t)
+        ctx.scaling, ctx.backend = scaling, backend
+        return y
+
+    backward = staticmethod(_eager_backward)
+
+
+# A private torch function (stable since torch 2.0); where a build lacks it, every eager call
+# takes the torch.func-safe Function.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _eager_apply(*args) -> torch.Tensor:
+    """y of the eager Function for (x, x_lora, weight, bias, P, lam, Q, mask, scaling,
+    scaling_t, backend)."""
+    if _functorch_active():
+        return _EagerFlexLinear.apply(*args)[0]
+    return _FastEagerFlexLinear.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,7 +939,7 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
     if torch.compiler.is_compiling():
         y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     else:
-        y = _EagerFlexLinear.apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)[0]
+        y = _eager_apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -324,17 +324,28 @@ def test_torch_active_slot_with_zero_lambda():
     assert torch.equal(out["P"][:, [3, 7, 20]], torch.zeros(12, 3)), "dP of a λ = 0 slot is s·λ·(...) = 0"
 
 
+def _count_applies(monkeypatch, cls, calls):
+    real = cls.apply
+    monkeypatch.setattr(cls, "apply", lambda *a: calls.append(cls.__name__) or real(*a))
+
+
 def test_eager_calls_take_the_autograd_function(monkeypatch):
-    """Eager calls go through the plain autograd.Function (no custom-op dispatch cost); the same
-    numbers as the registered op (which widens u to all r_max slots), also with an active λ = 0."""
+    """Eager calls go through the one-piece autograd.Function (no custom-op dispatch, no argument
+    binding); the same numbers as the registered op (which widens u to all r_max slots) and as the
+    torch.func-safe split Function, also with an active λ = 0."""
     inp, dy = make_inputs(6, 10, 7, 8)
     assert inp["mask"][0] and not inp["mask"].all()
     inp["lam"][0] = 0.0
     calls = []
-    real = fl._EagerFlexLinear.apply
-    monkeypatch.setattr(fl._EagerFlexLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    _count_applies(monkeypatch, fl._FastEagerFlexLinear, calls)
+    _count_applies(monkeypatch, fl._EagerFlexLinear, calls)
     out, _ = run_op(inp, dy, torch.float32, "torch")
-    assert calls == [1]
+    assert calls == ["_FastEagerFlexLinear"]
+    monkeypatch.setattr(fl, "_functorch_active", lambda: True)  # as inside torch.func.grad
+    split, _ = run_op(inp, dy, torch.float32, "torch")
+    assert calls == ["_FastEagerFlexLinear", "_EagerFlexLinear"]
+    for k in ("y", "x", "P", "lam", "Q", "bias"):
+        assert torch.equal(out[k], split[k]), f"{k}: the two eager Functions differ"
     ins = leaves(inp, torch.float32)
     y, _ = torch.ops.flexlora.flex_linear(ins["x"], None, ins["weight"], ins["bias"], ins["P"], ins["lam"],
                                           ins["Q"], ins["mask"], 0.75, None, "torch")
@@ -343,8 +354,12 @@ def test_eager_calls_take_the_autograd_function(monkeypatch):
         assert torch.equal(out[k], via_op[k]), f"{k}: eager Function and custom op differ"
 
 
-def test_torch_func_grad_matches_float64():
-    """torch.func.grad (functorch) through the eager op gives the float64 reference gradients."""
+def test_torch_func_grad_matches_float64(monkeypatch):
+    """torch.func.grad (functorch) through the eager op gives the float64 reference gradients
+    (through the split Function: the one-piece one cannot run under a transform)."""
+    calls = []
+    _count_applies(monkeypatch, fl._FastEagerFlexLinear, calls)
+    _count_applies(monkeypatch, fl._EagerFlexLinear, calls)
     inp, dy = make_inputs(9, 11, 7, 8)
     ref = reference(inp, dy)
     ins = leaves(inp, torch.float32)
@@ -358,6 +373,7 @@ def test_torch_func_grad_matches_float64():
     grads = torch.func.grad(objective, argnums=tuple(range(len(names))))(*(ins[k].detach() for k in names))
     for k, g in zip(names, grads):
         assert rel_err(g, ref[k]) < 1e-5, f"torch.func.grad d{k}"
+    assert calls and set(calls) == {"_EagerFlexLinear"}  # functorch re-enters apply at its own level
 
 
 @pytest.mark.parametrize("variant", ["x_lora", "no_bias", "grad_weight", "leading_dims"])
