@@ -4,8 +4,8 @@ Timing
     * CUDA: :func:`cuda_time_ms` wraps ``triton.testing.do_bench`` (median, L2 flushed, grads reset).
     * CPU: :func:`interleaved_times_ms` runs every case once per round, round-robin, rotating the
       start, so that slow drift and bursts of load on a shared machine hit all cases alike; it
-      keeps wall and process-CPU time; report medians (and per-round ratios, :func:`median_ratio`),
-      never a single run.
+      keeps wall and process-CPU time; report medians (and per-round ratios, :func:`median_ratio`,
+      with a bootstrap interval, :func:`median_ratio_ci`), never a single run.
 
 Roofline
     :class:`Roofline` gives the lower bound on time of a kernel that must do ``flops`` and move
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -78,6 +79,20 @@ def interleaved_times_ms(
 def median_ratio(times: Sequence[float], base_times: Sequence[float]) -> float:
     """Median over rounds of ``times[i] / base_times[i]`` (both measured in the same round)."""
     return statistics.median(t / b for t, b in zip(times, base_times))
+
+
+def median_ratio_ci(times: Sequence[float], base_times: Sequence[float], level: float = 0.95,
+                    resamples: int = 2000) -> Tuple[float, float]:
+    """Percentile-bootstrap interval of :func:`median_ratio`: the rounds are resampled with
+    replacement ``resamples`` times (fixed seed, so a CSV can be reproduced from its samples).
+    On a shared machine one run's ratio moves by a few percent; the interval says how far."""
+    ratios = [t / b for t, b in zip(times, base_times)]
+    if len(ratios) < 2:
+        return (float("nan"), float("nan"))
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return meds[int(tail * resamples)], meds[min(resamples - 1, int((1.0 - tail) * resamples))]
 
 
 def cuda_time_ms(fn: Callable[[], object], grads_to_none: Sequence[torch.Tensor] = ()) -> float:

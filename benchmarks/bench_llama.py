@@ -47,7 +47,7 @@ import torch.nn as nn
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import flexlora  # noqa: E402
-from _common import median_ratio  # noqa: E402
+from _common import median_ratio, median_ratio_ci  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ["floor", "flexlora", "lora", "adalora"]
@@ -263,6 +263,8 @@ def measure(case: Case, args) -> List[Dict]:
         for base in ("floor", "lora", "adalora"):
             if base in med:  # median over repeats of the ratio within a repeat: resists drift
                 row[f"x_{base}"] = median_ratio(times[v], times[base])
+        if "floor" in med and v != "floor":
+            row["x_floor_lo"], row["x_floor_hi"] = median_ratio_ci(times[v], times["floor"])
         if cpu_times[v] and "floor" in cpu_times:
             row["x_floor_cpu"] = median_ratio(cpu_times[v], cpu_times["floor"])
         rows.append(row)
@@ -272,13 +274,34 @@ def measure(case: Case, args) -> List[Dict]:
 def print_table(rows: List[Dict], cuda: bool) -> None:
     mem_name = "peak MiB" if cuda else "act+state MiB"
     head = (f"{'case':<34} {'variant':<9} {'step ms':>9} {'tok/s':>9} {mem_name:>14} {'x floor':>8} "
-            f"{'(CPU)':>6} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7}")
+            f"{'(95% CI)':>15} {'(CPU)':>6} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        ci = f"[{r['x_floor_lo']:.3f}, {r['x_floor_hi']:.3f}]" if "x_floor_lo" in r else "-"
         print(f"{r['case']:<34} {r['variant']:<9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['memory_mib']:>14.1f} "
-              f"{f('x_floor'):>8} {f('x_floor_cpu'):>6} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%}")
+              f"{f('x_floor'):>8} {ci:>15} {f('x_floor_cpu'):>6} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%}")
+
+
+def print_targets(rows: List[Dict], cuda: bool) -> None:
+    """The issue's targets, read off this run: FlexLoRA <= 1.08x the floor on CPU, below PEFT LoRA
+    and AdaLoRA everywhere, <= 0.80x AdaLoRA on CUDA (point estimates; the interval says how far a
+    rerun may move them)."""
+    for r in rows:
+        if r["variant"] != "flexlora":
+            continue
+        checks = []
+        if not cuda and "x_floor" in r:
+            checks.append(("<= 1.08x the floor", r["x_floor"] <= 1.08,
+                           f"{r['x_floor']:.3f}x, 95% CI [{r['x_floor_lo']:.3f}, {r['x_floor_hi']:.3f}]"))
+        for base, name in (("lora", "PEFT LoRA"), ("adalora", "PEFT AdaLoRA")):
+            if f"x_{base}" in r:
+                checks.append((f"below {name}", r[f"x_{base}"] < 1.0, f"{r[f'x_{base}']:.3f}x"))
+        if cuda and "x_adalora" in r:
+            checks.append(("<= 0.80x PEFT AdaLoRA", r["x_adalora"] <= 0.80, f"{r['x_adalora']:.3f}x"))
+        for what, ok, value in checks:
+            print(f"target {r['case']}: FlexLoRA {what}: {value} ({'met' if ok else 'NOT met'})")
 
 
 def main(argv=None) -> int:
@@ -320,6 +343,7 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.empty_cache()
     print_table(rows, cuda)
+    print_targets(rows, cuda)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)

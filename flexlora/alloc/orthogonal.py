@@ -55,9 +55,10 @@ def _masked_grams(P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor):
 
 
 def _group_grads(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, F: torch.Tensor, scale):
-    """4·scale·P·E [b, out, R] and 4·scale·F·Q [b, R, in], in E's dtype."""
-    gP = torch.bmm(P.to(E.dtype), E).mul_(4.0 * scale)
-    gQ = torch.bmm(F, Q.to(E.dtype)).mul_(4.0 * scale)
+    """4·scale·P·E [b, out, R] and 4·scale·F·Q [b, R, in], in E's dtype. scale: a number or a
+    0-d tensor; it multiplies the small [b, R, R] factors, not the [b, out, R] products."""
+    gP = torch.bmm(P.to(E.dtype), E * (4.0 * scale))
+    gQ = torch.bmm(F * (4.0 * scale), Q.to(E.dtype))
     return gP, gQ
 
 
@@ -83,9 +84,7 @@ class _OrthogonalLossGroup(torch.autograd.Function):
     def backward(ctx, dloss):
         E, F, *factors = ctx.saved_tensors
         b = len(factors) // 2
-        gP, gQ = _group_grads(torch.stack(factors[:b]), torch.stack(factors[b:]), E, F, ctx.gamma)
-        gP.mul_(dloss)
-        gQ.mul_(dloss)
+        gP, gQ = _group_grads(torch.stack(factors[:b]), torch.stack(factors[b:]), E, F, dloss * ctx.gamma)
         needs = ctx.needs_input_grad[2:]
         grads = [
             g.to(t.dtype) if need else None
