@@ -240,3 +240,70 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
     assert rel_err(y, want) <= 2 * rel_err(plain.bfloat16(), want) + 2e-3
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lam.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("mask_kind", ["on", "random"])
+def test_activation_checkpointing_matches_float64(use_reentrant, mask_kind):
+    """torch.utils.checkpoint recomputes the forward in backward: output and every gradient equal
+    the float64 reference (and the un-checkpointed run), with the op's compact saved state
+    (active-slot u, gathered factors) rebuilt by the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(19, 23, 8, 8, torch.float32)
+    set_mask(layer, mask_kind)
+    x = torch.randn(5, 19, dtype=torch.float64)
+    dy = torch.randn(5, 23, dtype=torch.float64)
+
+    def grads(use_ckpt):
+        xi = x.float().requires_grad_()
+        for p in (layer.P, layer.lam, layer.Q):
+            p.grad = None
+        y = checkpoint(layer, xi, use_reentrant=use_reentrant) if use_ckpt else layer(xi)
+        y.backward(dy.float())
+        return y.detach(), xi.grad, layer.P.grad, layer.lam.grad, layer.Q.grad
+
+    leaves = [x.clone().requires_grad_()] + [t.detach().double().requires_grad_() for t in (layer.P, layer.lam, layer.Q)]
+    xr, Pr, lr, Qr = leaves
+    yr = reference(xr, layer.weight, layer.bias, Pr, lr, Qr, layer.mask, layer.scaling)
+    yr.backward(dy)
+    ref = (yr.detach(), xr.grad, Pr.grad, lr.grad, Qr.grad)
+    ckpt, plain = grads(True), grads(False)
+    for name, c, p, r in zip(("y", "x", "P", "lam", "Q"), ckpt, plain, ref):
+        assert rel_err(c, r) < 1e-5, f"checkpointed d{name} vs float64"
+        assert torch.equal(c, p), f"checkpointed d{name} differs from the plain run"
+    inactive = ~layer.mask
+    assert torch.equal(ckpt[2][:, inactive], torch.zeros_like(ckpt[2][:, inactive]))
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_hf_gradient_checkpointing_on_a_wrapped_llama():
+    """model.gradient_checkpointing_enable() on a FlexLoRA-wrapped LLaMA: same loss and adapter
+    gradients as without it."""
+    import flexlora
+    from _tiny_hf import llama_model
+
+    def run(ckpt):
+        model = llama_model(layers=2, seed=3)
+        cfg = flexlora.FlexLoRAConfig(r_init=4, r_max=8, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        flexlora.wrap(model, cfg)
+        mods = flexlora.flex_modules(model)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for _, m in mods:
+                m.lam.normal_()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [(n, m.P.grad.clone(), m.Q.grad.clone(), m.lam.grad.clone()) for n, m in mods]
+
+    (l0, g0), (l1, g1) = run(False), run(True)
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=0)
+    assert len(g0) == 6
+    for (n, *a), (_, *b) in zip(g0, g1):
+        for t0, t1 in zip(a, b):
+            assert t0.abs().max() > 0, n
+            assert rel_err(t1, t0) < 1e-5, n
