@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     print_targets(rows, cuda)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+            keys = list(dict.fromkeys(k for r in rows for k in r))  # first-seen order: stable across runs
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)

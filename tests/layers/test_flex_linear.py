@@ -276,6 +276,39 @@ def test_activation_checkpointing_matches_float64(use_reentrant, mask_kind):
     assert torch.equal(ckpt[2][:, inactive], torch.zeros_like(ckpt[2][:, inactive]))
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_with_dropout_and_a_zero_lambda_slot(use_reentrant):
+    """Recomputation under checkpoint draws the same dropout mask (RNG state preserved) and takes
+    the same live/idle split for an active λ = 0 slot: bit-equal to the plain run, and that slot's
+    dλ is non-zero while its dP column is exactly 0."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = FlexLinear(19, 23, r_max=8, r_init=6, alpha=12.0, dropout=0.3)
+    with torch.no_grad():
+        layer.lam.normal_()
+        layer.lam[2] = 0.0  # active (r_init 6), λ = 0: just expanded
+    layer.train()
+    x = torch.randn(5, 19)
+    dy = torch.randn(5, 23)
+
+    def run(use_ckpt):
+        xi = x.clone().requires_grad_()
+        for p in (layer.P, layer.lam, layer.Q):
+            p.grad = None
+        torch.manual_seed(7)
+        y = checkpoint(layer, xi, use_reentrant=use_reentrant) if use_ckpt else layer(xi)
+        y.backward(dy)
+        return y.detach(), xi.grad, layer.P.grad.clone(), layer.lam.grad.clone(), layer.Q.grad.clone()
+
+    plain, ckpt = run(False), run(True)
+    for name, a, b in zip(("y", "x", "P", "lam", "Q"), plain, ckpt):
+        assert torch.equal(a, b), f"checkpointed d{name} differs from the plain run"
+    assert ckpt[3][2] != 0 and torch.equal(ckpt[2][:, 2], torch.zeros(23))
+    torch.manual_seed(8)
+    assert not torch.equal(layer(x), plain[0]), "another dropout mask must change y (the test sees dropout)"
+
+
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_hf_gradient_checkpointing_on_a_wrapped_llama():
     """model.gradient_checkpointing_enable() on a FlexLoRA-wrapped LLaMA: same loss and adapter
@@ -295,12 +328,15 @@ def test_hf_gradient_checkpointing_on_a_wrapped_llama():
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        calls = []
+        mods[0][1].register_forward_hook(lambda *_: calls.append(1))
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return loss.detach(), [(n, m.P.grad.clone(), m.Q.grad.clone(), m.lam.grad.clone()) for n, m in mods]
+        return loss.detach(), [(n, m.P.grad.clone(), m.Q.grad.clone(), m.lam.grad.clone()) for n, m in mods], len(calls)
 
-    (l0, g0), (l1, g1) = run(False), run(True)
+    (l0, g0, calls0), (l1, g1, calls1) = run(False), run(True)
+    assert (calls0, calls1) == (1, 2), "with checkpointing the layer's forward must run again in backward"
     assert torch.allclose(l0, l1, rtol=1e-6, atol=0)
     assert len(g0) == 6
     for (n, *a), (_, *b) in zip(g0, g1):
