@@ -520,25 +520,27 @@ def _torch_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
         # 4096→14336 this saves 0.15 ms against a read-modify-write pass of y afterwards
         y = _base_onto(x2, weight, bias, u * g, Pc, dt)
         return y, u, None, (Pc, Qc, g)
-    R = mask.numel()
     # CPU: the r active slots only (index_select of P columns / Q rows: small copies)
     slots = _active_slots(mask)
-    r = R if slots is None else slots.numel()
-    if slots is None:
-        Qa, Pa, ga = Q, P, _wide(lam, dt) * scaling
-    else:
-        Qa, Pa, ga = Q.index_select(0, slots), P.index_select(1, slots), _wide(lam.index_select(0, slots), dt) * scaling
-    Qa, Pa, ga = _cast(Qa, dt), _cast(Pa, dt), _cast(ga, dt)
-    if r and not bool(ga.all()):
+    Pa, Qa, ga = _gather_slots(P, lam, Q, slots, scaling, dt)
+    if ga.numel() and not bool(ga.all()):
         # An active slot with λ = 0 (just expanded): the output product runs over the live slots
         # (λ != 0) only, so the new slot leaves its width, hence BLAS's blocking and every bit
         # of y, unchanged (zero-impact expansion is bit-identical); its u still feeds dλ.
         u, ug_live, P_live = _u_split_live(xl, Qa, Pa, ga)
     else:
-        u = _thin(xl, Qa.t(), _thin_transposed(r))  # [M, r]
+        u = _thin(xl, Qa.t(), _thin_transposed(ga.numel()))  # [M, r]
         ug_live, P_live = u * ga, Pa  # s·λ folded into the [M, r] factor
     y = _base_onto(x2, weight, bias, ug_live, P_live, dt)
     return y, u, slots, (Pa, Qa, ga)
+
+
+def _gather_slots(P, lam, Q, slots, scaling, dt):
+    """(P [N, r], Q [r, K], s·λ [r]) of the given [r] slots (all R when slots is None), in dt.
+    No mask factor: the caller passes active slots only, or every slot is active."""
+    if slots is not None:
+        P, lam, Q = P.index_select(1, slots), lam.index_select(0, slots), Q.index_select(0, slots)
+    return _cast(P, dt), _cast(Q, dt), _cast(_wide(lam, dt) * scaling, dt)
 
 
 def _base_onto(x2, weight, bias, ug, Pl, dt):
@@ -595,14 +597,10 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
         if x2.device.type != "cpu":  # all R slots, some may be inactive: dλ needs the mask
             dlam_scale = mask.to(torch.float32) * s
     elif idx is None:  # all R slots: the mask enters through g and the dλ factor
-        maskf = mask.to(lam.dtype)
-        Pa, Qa = _cast(P, dt), _cast(Q, dt)
-        ga = _cast(_wide(lam, dt) * maskf * s, dt)
-        dlam_scale = maskf.float() * s
+        Pa, Qa, ga = _cast(P, dt), _cast(Q, dt), _cast(_gate(_wide(lam, dt), mask, s), dt)
+        dlam_scale = mask.to(torch.float32) * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
-        Pa, Qa = _cast(P.index_select(1, idx), dt), _cast(Q.index_select(0, idx), dt)
-        ga = _cast(_wide(lam.index_select(0, idx), dt) * s, dt)
-        dlam_scale = s
+        (Pa, Qa, ga), dlam_scale = _gather_slots(P, lam, Q, idx, s, dt), s
     tr = _thin_transposed(Pa.shape[1])
     dx = dxl = dW = db = dP = dlam = dQ = None
     # the two thin products that read dy [M, N] first, back to back while it is in cache (the
@@ -614,11 +612,8 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
             dP = P.new_zeros(P.shape).index_copy_(1, idx, dP)
     dvg = dv * ga
     if needs[0]:
-        if xl2 is None and dvg.shape[1]:
-            # the thin product first, then the base GEMM accumulates onto it (beta = 1): MKL
-            # reads dx inside the compute-bound GEMM instead of a separate pass over [M, K]
-            dx = torch.mm(dvg, Qa)
-            dx.addmm_(dy, _cast(weight, dt))
+        if xl2 is None:  # dy·W accumulates onto (dv⊙g)·Q, as the forward's y (beta = 1)
+            dx = _base_onto(dy, weight.t(), None, dvg, Qa.t(), dt)
         else:
             dx = torch.mm(dy, _cast(weight, dt))
     if needs[1] and xl2 is not None:
