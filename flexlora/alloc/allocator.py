@@ -108,10 +108,17 @@ def plan_event(
         return [], expand_ok(())[:b]
     if mode != "prune_expand":
         raise ValueError(f"plan_event: mode must be prune_expand, prune_only or expand_only, got {mode!r}")
-    k = min(b, len(prune_ok))
-    k = min(k, len(expand_ok(set(prune_ok[:k]))))
+    # The largest k <= b such that the k lowest prunable modules and k expandable modules outside
+    # them both exist. Taking more modules on the prune side leaves fewer to expand, so the
+    # expandable count left over falls as k grows and the feasible k form a prefix: count up.
+    expandable = [ranks[i] < r_max[i] for i in range(n)]
+    left, k = sum(expandable), 0
+    for i in prune_ok[: min(b, len(prune_ok))]:
+        left -= expandable[i]
+        if left < k + 1:
+            break
+        k += 1
     pruned = prune_ok[:k]
-    # Shrinking the pruned set can only enlarge the expand-eligible set, so k still fits.
     expanded = expand_ok(set(pruned))[:k]
     return pruned, expanded
 

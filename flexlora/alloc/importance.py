@@ -53,14 +53,16 @@ def _scalings(modules: Sequence, device) -> torch.Tensor:
 def normalized_entropy(energy: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
     """−Σ pⱼ log(pⱼ+ε)/log(count), pⱼ = energyⱼ/Σ energy, per row of energy [n, k] (≥ 0, zeros
     for absent entries) with count [n] the number of entries that count; 0 when count < 2 or
-    the energy is all 0. Computed in energy's dtype."""
+    the energy is all 0; NaN when a row holds a NaN or inf (also at count < 2, so a diverged
+    module is reported, not scored 0). Computed in energy's dtype."""
     emax = energy.amax(dim=1, keepdim=True)
     x = energy / torch.where(emax > 0, emax, 1.0)
     total = x.sum(dim=1, keepdim=True)
     p = x / torch.where(total > 0, total, 1.0)
     H = (-p * torch.log(p + eps)).sum(dim=1)
     ok = (count >= 2) & (emax[:, 0] > 0)
-    return torch.where(ok, H / torch.log(count.clamp_min(2).to(energy.dtype)), 0.0)
+    ent = torch.where(ok, H / torch.log(count.clamp_min(2).to(energy.dtype)), 0.0)
+    return torch.where(energy.isfinite().all(dim=1), ent, float("nan"))
 
 
 class Importance:

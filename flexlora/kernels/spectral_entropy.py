@@ -5,7 +5,7 @@ modules have different r_max). For row i with active set A = {j : mask[i, j]}, r
 
     sⱼ = λⱼ² / Σ_{k∈A} λₖ²                                  (j ∈ A)
     I  = −Σ_{j∈A} sⱼ·log(sⱼ + ε) / log(r)                   ∈ [0, 1]
-    I  = 0 exactly when r < 2 or Σ_{k∈A} λₖ² = 0            (never NaN / inf)
+    I  = 0 exactly when r < 2 or Σ_{k∈A} λₖ² = 0            (finite λ: never NaN / inf)
 
 In the same pass: min_slot = argmin_{j∈A} |λⱼ| (ties → lowest index; −1 when A is empty),
 free_slot = min{j ∉ A} (−1 when every slot is active) and rank = r.
@@ -14,8 +14,9 @@ Numerics: everything is computed in fp32 whatever λ's dtype. λ is divided by m
 before squaring, so λ as large as fp32's max or as small as its smallest normal never overflows
 or underflows to a 0/0: sⱼ is scale-invariant, the division changes nothing but the range.
 
-A NaN among a row's active λ gives a NaN entropy (so that callers can report it rather than act
-on it); min_slot of such a row is unspecified.
+A NaN or ±inf among a row's active λ gives a NaN entropy whatever r, rank 1 included (so that
+callers can report a diverged module rather than score it 0 and prune it); min_slot of such a
+row is unspecified.
 
 The op is not differentiable (its outputs drive discrete decisions); it reads λ detached.
 """
@@ -74,7 +75,11 @@ if triton is not None:
         H = tl.sum(h, axis=1)
         r = tl.sum(act.to(tl.int32), axis=1)
         denom = tl.log(tl.maximum(r.to(tl.float32), 2.0))
-        ent = tl.where((r < 2) | (amax == 0.0), 0.0, H / denom)  # NaN λ stays NaN
+        ent = tl.where((r < 2) | (amax == 0.0), 0.0, H / denom)
+        # a NaN / inf active λ makes the row NaN also at r < 2, where the line above gives 0
+        # (tl.max need not propagate NaN, so test the slots themselves)
+        bad = tl.sum((act & ((a != a) | (a == float("inf")))).to(tl.int32), axis=1) > 0
+        ent = tl.where(bad, float("nan"), ent)
 
         # smallest |λ| among active slots; ties → lowest index (min over candidate indices)
         key = tl.where(act, a, float("inf"))
@@ -148,7 +153,9 @@ def spectral_entropy_and_slots_torch(
     s = e / torch.where(total > 0, total, 1.0)
     H = torch.where(mask, -s * torch.log(s + eps), 0.0).sum(dim=1)
     r = mask.sum(dim=1)
-    ent = torch.where((r < 2) | (amax[:, 0] == 0), 0.0, H / torch.log(r.clamp_min(2).float()))  # NaN λ stays NaN
+    ent = torch.where((r < 2) | (amax[:, 0] == 0), 0.0, H / torch.log(r.clamp_min(2).float()))
+    bad = (mask & ~a.isfinite()).any(dim=1)  # NaN / inf active λ: NaN at every rank, rank 1 too
+    ent = torch.where(bad, float("nan"), ent)
     # argmin/argmax return the first extremum on ties (documented), hence "lowest index"
     key = torch.where(mask, a, float("inf"))
     min_slot = torch.where(r > 0, key.argmin(dim=1), -1)

@@ -120,6 +120,61 @@ def test_plan_event_rules():
         plan_event([0.1], [2], [4], 1, 1, "both")
 
 
+def _plan_brute_force(scores, ranks, r_max, r_min, b):
+    """The rule written out: the largest k <= b for which the k lowest-scoring prunable modules
+    and the k highest-scoring expandable modules outside them exist (ties: lower index first)."""
+    n = len(scores)
+    low = sorted((i for i in range(n) if ranks[i] > r_min), key=lambda i: (scores[i], i))
+    for k in range(min(b, len(low)), 0, -1):
+        high = sorted((i for i in range(n) if ranks[i] < r_max[i] and i not in low[:k]), key=lambda i: (-scores[i], i))
+        if len(high) >= k:
+            return low[:k], high[:k]
+    return [], []
+
+
+def test_plan_event_budget_beyond_half_the_modules_moves_the_most_it_can():
+    # 4 modules, all movable both ways: b = 1 moves one pair, any b >= 2 moves two (it used to
+    # move fewer as b grew: 1 pair at b = 3, none at b >= 4)
+    for b, k in [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2), (100, 2)]:
+        pruned, expanded = plan_event([0.1, 0.2, 0.3, 0.4], [2] * 4, [4] * 4, 1, b)
+        assert pruned == [0, 1][:k] and expanded == [3, 2][:k], (b, pruned, expanded)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        r_max = torch.randint(1, 5, (n,), generator=gen).tolist()
+        ranks = [int(torch.randint(0, r + 1, (1,), generator=gen)) for r in r_max]
+        scores = (torch.randint(0, 4, (n,), generator=gen) / 4).tolist()  # ties on purpose
+        r_min, b = int(torch.randint(0, 2, (1,), generator=gen)), int(torch.randint(0, 10, (1,), generator=gen))
+        got = plan_event(scores, ranks, r_max, r_min, b)
+        assert got == _plan_brute_force(scores, ranks, r_max, r_min, b), (scores, ranks, r_max, r_min, b, got)
+
+
+def test_allocator_with_a_large_b0_still_moves_rank():
+    # b0 = 4 on a 4-module model: two pairs move at the first event (none moved before the fix)
+    bank = Bank([4] * 4, r_init=2)
+    with torch.no_grad():
+        for k, m in enumerate(bank.layers):
+            m.lam[:2] = torch.tensor([1.0, 0.1 + 0.3 * k])  # entropies increase with k
+    al = RankAllocator(bank, config(r_max=4, b0=4))
+    ev = al._event(10, 4)
+    assert [name for name, _ in ev.pruned] == ["layers.0", "layers.1"]
+    assert [name for name, _ in ev.expanded] == ["layers.3", "layers.2"]
+    assert [int(m.mask.sum()) for m in bank.layers] == [1, 1, 3, 3]
+
+
+def test_a_diverged_rank_1_module_is_reported_not_pruned():
+    bank = Bank([4] * 3, r_init=1)
+    with torch.no_grad():
+        for m in bank.layers:
+            m.lam[0] = 1.0
+    al = RankAllocator(bank, config(r_max=4, r_min=0))
+    with torch.no_grad():
+        bank.layers[1].lam[0] = float("nan")  # its score was 0.0 (rank 1), lowest: it was pruned
+    with pytest.raises(FloatingPointError, match="layers.1"):
+        al._event(10, 1)
+    assert [int(m.mask.sum()) for m in bank.layers] == [1, 1, 1]  # nothing acted on
+
+
 @pytest.mark.parametrize("mode,delta", [("prune_only", -1), ("expand_only", +1)], ids=["prune_only", "expand_only"])
 def test_ablation_modes_change_the_budget_by_design(mode, delta):
     bank = Bank([6] * 4, r_init=3)

@@ -290,3 +290,19 @@ def test_nan_parameters_give_nan_not_a_crash(name):
     s = make_importance(FlexLoRAConfig(importance=name)).scores(mods)
     assert torch.isnan(s[1]), f"{name}: {s}"
     assert not torch.isnan(s[[0, 3, 4, 5, 6, 7]]).any(), f"{name}: {s}"
+
+
+@pytest.mark.parametrize("name", [n for n in IMPORTANCE_METRICS if n != "sensitivity"])
+def test_nan_in_a_rank_1_module_gives_nan(name):
+    # module 3 has one active slot (slot 4): a finite module of rank 1 scores by the metric's rule
+    # (0 for the entropies); a NaN there must still come out NaN, or the allocator would prune it
+    mods = make_modules()
+    assert int(mods[3].mask.sum()) == 1 and mods[3].mask[4]
+    with torch.no_grad():
+        if name in ("entropy", "nuclear", "frobenius"):
+            mods[3].lam[4] = float("nan")
+        else:
+            mods[3].P[0, 4] = float("nan")
+    s = make_importance(FlexLoRAConfig(importance=name)).scores(mods)
+    assert torch.isnan(s[3]), f"{name}: {s}"
+    assert not torch.isnan(s[[0, 1, 4, 5, 6, 7]]).any(), f"{name}: {s}"

@@ -199,3 +199,17 @@ def test_nan_lambda_is_reported_not_hidden(backend):
     mask[1, 2] = False  # an inactive NaN slot does not matter
     ent = spectral_entropy(lam, mask, backend=backend)
     assert torch.isfinite(ent).all(), ent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_lambda_gives_nan_at_every_rank(backend, bad):
+    # rows of rank 1 and 2 (where a finite row scores 0 or by formula), each with one bad active λ,
+    # beside finite rows of the same ranks, and a bad λ in an inactive slot
+    lam = torch.tensor([[bad, 0.0, 0.0], [bad, 1.0, 0.0], [2.0, 0.0, 0.0], [2.0, 1.0, 0.0], [1.0, 0.0, bad]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    ent = spectral_entropy(lam, mask, backend=backend)
+    assert torch.isnan(ent[:2]).all(), ent
+    s = torch.tensor([4.0, 1.0], dtype=torch.float64) / 5.0
+    want = float(-(s * torch.log(s + EPS)).sum() / math.log(2))
+    assert ent[2].item() == 0.0 and abs(ent[3].item() - want) < 1e-6 and ent[4].item() == 0.0, ent
