@@ -288,13 +288,44 @@ def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tens
             )
 
 
+def _wrap_undoable(model: nn.Module, config: FlexLoRAConfig):
+    """wrap(model, config), returning a function that puts the original nn.Linear modules and
+    requires_grad flags back (a failed load must not leave a plain model wrapped)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    wrap(model, config)
+
+    def undo() -> None:
+        for name, _ in flex_modules(model):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linears[name])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if hasattr(model, "flexlora_config"):
+            del model.flexlora_config
+
+    return undo
+
+
+def _adapter_snapshot(model: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, copy) of everything load_adapter may overwrite: the slot tensors of every
+    FlexLinear and the trainable tensors of modules_to_save."""
+    model = unwrap_model(model)
+    out = [(getattr(m, key), getattr(m, key).detach().clone()) for _, m in flex_modules(model) for key in _SLOT_TENSORS]
+    cfg = _model_config(model) if hasattr(model, "flexlora_config") else None
+    if cfg is not None:
+        for _, module in _saved_modules(model, cfg):
+            out += [(t, t.detach().clone()) for t in _module_state(module).values()]
+    return out
+
+
 def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool = True) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return the model.
 
     ``model`` is either already wrapped (its config must produce the same modules, shapes, r_max and
     scaling as the save; allocation fields may differ), or a plain base model, which is then wrapped
     with the saved config first. Every check runs before anything is copied, so a failed load leaves
-    the model untouched. Masks (ranks) are restored exactly, as are the full r_max buffers.
+    the model untouched (a plain model is handed back plain). Masks (ranks) are restored exactly, as are the full r_max buffers.
 
     Args:
         model: the base model, wrapped or not.
@@ -313,25 +344,34 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = _read_tensors(directory)
+    undo_wrap = None
     if not any(isinstance(m, FlexLinear) for m in model.modules()):
         try:
             cfg = FlexLoRAConfig.from_dict(meta["config"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{str(directory / CONFIG_NAME)!r} holds an invalid config: {e}") from e
         try:
-            wrap(model, cfg)
+            undo_wrap = _wrap_undoable(model, cfg)
         except ValueError as e:
             raise ValueError(
                 f"adapter {str(directory)!r} does not match the model (another base model?): {e}"
             ) from e
-    saved_base = meta.get("base_model_name_or_path")
-    if saved_base and _base_name(model) and saved_base != _base_name(model):
-        warnings.warn(
-            f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
-            stacklevel=2,
-        )
-    _check_match(model, meta, tensors, directory)
-    alloc_state = _read_allocator_state(directory, weights_only) if allocator is not None else None
+    try:
+        saved_base = meta.get("base_model_name_or_path")
+        if saved_base and _base_name(model) and saved_base != _base_name(model):
+            warnings.warn(
+                f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
+                stacklevel=2,
+            )
+        _check_match(model, meta, tensors, directory)
+        alloc_state = _read_allocator_state(directory, weights_only) if allocator is not None else None
+        check = getattr(allocator, "_check_state", None)  # RankAllocator: other modules or seed
+        if check is not None:
+            check(alloc_state)
+    except BaseException:
+        if undo_wrap is not None:  # a plain model given: hand it back plain
+            undo_wrap()
+        raise
     _apply(model, meta, tensors)
     if allocator is not None:
         allocator.load_state_dict(alloc_state)
@@ -437,7 +477,8 @@ def load_checkpoint(
     same order) and ``scheduler`` exactly as for a new run, then call this; training continues with
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
     streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
-    checked before anything is modified. ``weights_only`` goes to ``torch.load`` of the ``.pt``
+    checked before anything is modified (and should loading the optimizer or scheduler state fail
+anyway, what was already restored is put back). ``weights_only`` goes to ``torch.load`` of the ``.pt``
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
     RankAllocator without unpickling arbitrary objects.
     """
@@ -449,10 +490,45 @@ def load_checkpoint(
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is not None and state.get(key) is None:
             raise ValueError(f"checkpoint {str(directory)!r} holds no {key} state, but a {key} was given")
-    load_adapter(model, directory, allocator=allocator, weights_only=weights_only)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        _check_optimizer_state(optimizer, state["optimizer"], directory)
+    wrapped = any(isinstance(m, FlexLinear) for m in unwrap_model(model).modules())
+    snapshot = _adapter_snapshot(model) if wrapped else []
+    alloc_before = allocator.state_dict() if allocator is not None else None
+    load_adapter(model, directory, allocator=allocator, weights_only=weights_only)
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except BaseException:
+        # what load_adapter copied goes back: a failed load leaves the objects as they were
+        with torch.no_grad():
+            for t, old in snapshot:
+                t.copy_(old)
+        if allocator is not None:
+            allocator.load_state_dict(alloc_before)
+        raise
     _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _check_optimizer_state(optimizer, saved, directory: Path) -> None:
+    """The checks torch's Optimizer.load_state_dict makes (group count, parameters per group),
+    made before anything is loaded."""
+    groups = getattr(optimizer, "param_groups", None)
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if groups is None or not isinstance(saved_groups, list):
+        return  # not a torch optimizer state: its own load_state_dict decides
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"checkpoint {str(directory)!r}: the optimizer state has {len(saved_groups)} parameter groups, "
+            f"the optimizer given has {len(groups)} (build it over the same parameters, in the same order)"
+        )
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(sg.get("params", ())):
+            raise ValueError(
+                f"checkpoint {str(directory)!r}: optimizer parameter group {i} holds {len(sg.get('params', ()))} "
+                f"parameters in the checkpoint, {len(g['params'])} in the optimizer given "
+                "(build it over the same parameters, in the same order)"
+            )

@@ -169,6 +169,30 @@ def test_failed_load_leaves_model_untouched(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_failed_load_with_another_allocator_seed_leaves_model_untouched(tmp_path):
+    model = trained_llama(seed=1)
+    save_adapter(model, tmp_path, allocator=flexlora.RankAllocator(model))
+    other = trained_llama(seed=2)
+    alloc = flexlora.RankAllocator(other, FlexLoRAConfig.from_dict({**other.flexlora_config.to_dict(), "seed": 5}))
+    before = adapter_state(other)
+    with pytest.raises(ValueError, match=r"seed"):
+        load_adapter(other, tmp_path, allocator=alloc)
+    after = adapter_state(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_failed_load_into_a_plain_model_leaves_it_plain(tmp_path):
+    save_adapter(trained_llama(), tmp_path)
+    plain = base_llama(hidden=48)  # same module names, other shapes: wrap succeeds, the check fails
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+    linears = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    with pytest.raises(ValueError, match=r"\[32, 32\].*\[48, 48\]"):
+        load_adapter(plain, tmp_path)
+    assert not flex_modules(plain) and not hasattr(plain, "flexlora_config")
+    assert {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+
 # ---------------------------------------------------------------------------------- atomic saves
 
 

@@ -160,6 +160,34 @@ def test_load_checkpoint_checks_before_modifying(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in model2.named_parameters() if p.requires_grad)
 
 
+def test_load_checkpoint_failing_late_puts_everything_back(tmp_path):
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model2, opt2, sched2, alloc2 = build()
+    params = [p for p in model2.parameters() if p.requires_grad]
+    masks = [m.mask.clone() for _, m in flex_modules(model2)]
+    before = [p.detach().clone() for p in params]
+    alloc_before = alloc2.state_dict()
+    # an optimizer over other parameter groups: refused before anything is copied
+    split = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:]}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"2 parameter groups.*1|1 parameter groups.*2"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=split)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    # a scheduler whose load fails after the adapter is in: the adapter and allocator go back
+    class Broken:
+        def load_state_dict(self, sd):
+            raise RuntimeError("scheduler state does not fit")
+
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2, scheduler=Broken())
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(a, m.mask) for a, (_, m) in zip(masks, flex_modules(model2)))
+    assert alloc2.state_dict()["history"] == alloc_before["history"]
+    assert alloc2.num_events == alloc_before["num_events"]
+
+
 def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
     """The second half really in another interpreter: nothing but the checkpoint carries over."""
     import os

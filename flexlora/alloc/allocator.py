@@ -293,6 +293,13 @@ class RankAllocator:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the module names must match this model's)."""
+        self._check_state(state)
+        self._last_step = int(state["last_step"])
+        self._restore(state)
+
+    def _check_state(self, state: Dict[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded here; changes nothing (load_adapter runs
+        it before touching the model)."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(
                 f"RankAllocator.load_state_dict: expected a dict with format={_STATE_FORMAT!r}, got "
@@ -310,7 +317,8 @@ class RankAllocator:
                 f"RankAllocator.load_state_dict: saved with config.seed={state['seed']}, but this "
                 f"allocator has config.seed={self.config.seed}; new directions would differ"
             )
-        self._last_step = int(state["last_step"])
+
+    def _restore(self, state: Dict[str, Any]) -> None:
         self.num_events = int(state["num_events"])
         self._stepped = bool(state["stepped"])
         self._warned = dict(state["warned"])
