@@ -12,8 +12,10 @@ so B·A = s·P·diag(λ⊙mask)·Q = ΔW. Per-module r and alpha go to ``rank_pa
 ``re.match(rf"(.*\\.)?({key})$", module_name)``, first matching key wins: a key is a regex matched
 against a dotted suffix. We write each key as the ``re.escape``-d full module name and order keys
 longest first, so ``layers.1.q_proj`` can never match ``layers.11.q_proj`` nor a deeper module
-whose name ends with it. ``target_modules`` lists the full names of the exported modules (PEFT
-matches list entries as exact names or dotted suffixes).
+whose name ends with it. ``target_modules`` is one regex string, the alternation of the escaped
+full names of the exported modules: PEFT full-matches a string against each module's name (a list
+entry would also match every module whose name ends with ``.<entry>``, e.g. a skipped ``1.0``
+beside an exported ``0``).
 
 A module at rank 0 has no LoRA equivalent (PEFT needs r >= 1; its ΔW is 0 anyway): it is left out
 of target_modules, so PEFT keeps it as the plain base layer, and ``export_peft`` warns naming it.
@@ -149,7 +151,7 @@ def export_peft(
         "inference_mode": True,
         "r": default_r,
         "lora_alpha": default_r,
-        "target_modules": names,
+        "target_modules": "(?:" + "|".join(re.escape(n) for n in names) + ")",  # full names only
         "rank_pattern": {re.escape(n): rank_pattern[n] for n in names},
         "alpha_pattern": {re.escape(n): rank_pattern[n] for n in names},
         "lora_dropout": float(cfg.dropout),

@@ -11,6 +11,7 @@ import peft  # a test extra (setup.py extras_require["test"]), not a runtime dep
 import pytest
 import safetensors.torch
 import torch
+import torch.nn as nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from flexlora import FlexLoRAConfig, export_peft, flex_modules, wrap
@@ -87,7 +88,40 @@ def test_llama_varied_ranks_reproduces_outputs(tmp_path):
     assert seen == sum(r > 0 for r in ranks.values())
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
-    assert "model.layers.1.self_attn.v_proj" not in cfg["target_modules"]
+    exported = [n for n, r in ranks.items() if r > 0]
+    assert all(re.fullmatch(cfg["target_modules"], n) for n in exported)
+    assert not re.fullmatch(cfg["target_modules"], "model.layers.1.self_attn.v_proj")
+
+
+def test_rank0_module_named_like_a_suffix_of_an_exported_one_stays_plain(tmp_path):
+    # "1.0" ends with ".0", the name of an exported module: a list entry "0" would give it a LoRA
+    # layer in PEFT (and a missing-key warning); the full-name regex does not
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+
+    model = wrap(base(), FlexLoRAConfig(r_init=2, r_max=4, alpha=4.0, target_modules=["0"], total_steps=10,
+                                        t_warmup=1, t_final=0, r_min=0))
+    assert [n for n, _ in flex_modules(model)] == ["0", "1.0"]
+    with torch.no_grad():
+        model[0].lam[:2] = torch.tensor([0.7, -1.3])
+        model[0].P.normal_()
+        model[1][0].mask.zero_()
+    with pytest.warns(UserWarning, match=r"rank 0.*'1\.0'"):
+        export_peft(model, tmp_path, task_type=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no missing-key warning from PEFT
+        pm = peft.PeftModel.from_pretrained(base(), tmp_path)
+    lora = [n for n, m in pm.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert lora == ["0"]
+    x = torch.randn(5, 8)
+    m0, m1 = model[0], model[1][0]
+    g = m0.lam.double() * m0.mask.double() * m0.scaling
+    w0 = m0.weight.double() + m0.P.double() @ torch.diag(g) @ m0.Q.double()  # ΔW in float64, by hand
+    want = (x.double() @ w0.t() + m0.bias.double()) @ m1.weight.double().t() + m1.bias.double()
+    with torch.no_grad():
+        got = pm(x)
+    assert (got.double() - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["adapter-dtype", "bf16"])
