@@ -15,12 +15,30 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_mode(tmp, target) -> None:
+    """Give ``tmp`` (made by tempfile: 0700 for a folder, 0600 for a file) the permissions of the
+    ``target`` it will replace, or where there is none those a plain mkdir / open would give under
+    the umask, so a save stays readable by whoever could read the previous one."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask()
+    os.chmod(tmp, mode)
 
 
 def _fsync_path(path: Path) -> None:
@@ -82,10 +100,14 @@ def atomic_directory(target, owned_files: Iterable[str]) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        match_mode(tmp, target)
     except OSError as e:
         raise OSError(f"cannot save to {str(target)!r}: {e.strerror or e}") from e
     try:
         yield tmp
+        for name in owned:  # some writers (safetensors) create 0600 files
+            if (tmp / name).is_file() and not (tmp / name).is_symlink():
+                match_mode(tmp / name, target / name)
         if target.is_dir():
             for entry in target.iterdir():
                 if entry.name in owned or (tmp / entry.name).exists():

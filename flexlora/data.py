@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from ._atomic import match_mode
+
 
 class InputError(Exception):
     """Bad user input (model, data, flags, output directory): the CLI prints it on one line and
@@ -276,6 +278,7 @@ def write_atomic(path: Path, data, mode: str = "w") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
     try:
+        match_mode(tmp, path)
         with os.fdopen(fd, mode + ("b" if isinstance(data, bytes) else "")) as f:
             f.write(data)
         os.replace(tmp, path)

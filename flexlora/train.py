@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._atomic import match_mode
 from .layers.wrap import name_matches
 from .data import InputError, TextDataset, load_dataset, split, write_atomic
 from .models import BUILTIN_MODELS, resolve_model
@@ -590,6 +591,7 @@ def _peft_save_atomic(model, path: Path) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=path.parent))
     try:
+        match_mode(tmp, path)
         model.save_pretrained(str(tmp))
         old = None
         if path.exists():

@@ -196,6 +196,31 @@ def test_failed_load_into_a_plain_model_leaves_it_plain(tmp_path):
 # ---------------------------------------------------------------------------------- atomic saves
 
 
+def test_saved_folders_and_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from flexlora.alloc.history import write_history_csv
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        model = trained_llama()
+        save_adapter(model, tmp_path / "new")  # tempfile would leave it 0700
+        assert mode(tmp_path / "new") == 0o755
+        assert mode(tmp_path / "new" / WEIGHTS_NAME) == 0o644
+        (tmp_path / "kept").mkdir(mode=0o750)
+        os.chmod(tmp_path / "kept", 0o750)
+        save_adapter(model, tmp_path / "kept")  # a re-save keeps the folder's own mode
+        save_adapter(model, tmp_path / "kept")
+        assert mode(tmp_path / "kept") == 0o750
+        csv_path = write_history_csv([], tmp_path / "ranks.csv")  # mkstemp would leave it 0600
+        assert mode(csv_path) == 0o644
+    finally:
+        os.umask(old)
+
+
+
 def _partial_then_fail(tensors, filename, metadata=None):
     with open(filename, "wb") as f:
         f.write(b"\x00" * 100)  # a torn file

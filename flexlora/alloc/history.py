@@ -13,6 +13,8 @@ import os
 import tempfile
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
+from .._atomic import match_mode
+
 HISTORY_FIELDS = ("step", "module", "rank", "score")
 
 Row = Dict[str, Union[int, float, str]]
@@ -40,6 +42,7 @@ def write_history_csv(history: Iterable[Row], path: Union[str, os.PathLike]) -> 
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".history-", suffix=".csv.tmp", dir=directory)
     try:
+        match_mode(tmp, path)
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
             writer.writeheader()
