@@ -98,6 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import InputError
     from .train import TrainOptions, run
 
+    if args.target_modules is not None:
+        try:
+            _targets(args.target_modules)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --target-modules: {e}")
     opts = TrainOptions(
         model=args.model, data=args.data, task=args.task, method=args.method,
         target_modules=None if args.target_modules is None else _targets(args.target_modules),

@@ -72,9 +72,11 @@ def resolve_model(spec: str, cache: Optional[Path] = None) -> Path:
     if not config.is_file():
         raise InputError(f"--model: {spec!r} has no config.json, so it is not a Hugging Face model directory")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
+        parsed = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"--model: {config} is not valid JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise InputError(f"--model: {config} must hold a JSON object, got a {type(parsed).__name__}")
     return path
 
 

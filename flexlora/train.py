@@ -248,6 +248,8 @@ def adapted_module_count(model, method: str) -> int:
 
 
 def tokenize(tok, texts: Sequence[str], max_length: int) -> List[List[int]]:
+    if not texts:  # an empty test split (--test-size 0): tokenizers reject an empty batch
+        return []
     return tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
@@ -401,9 +403,20 @@ def run(opts: TrainOptions) -> dict:
     for name in ("r", "batch_size", "max_length"):
         if getattr(opts, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if opts.lr <= 0:
-        raise InputError(f"--lr must be > 0, got {opts.lr}")
-    if opts.threads:
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {opts.lr}")
+    if opts.head_lr is not None and not (math.isfinite(opts.head_lr) and opts.head_lr > 0):
+        raise InputError(f"--head-lr must be a finite number > 0, got {opts.head_lr}")
+    if not (math.isfinite(opts.weight_decay) and opts.weight_decay >= 0):
+        raise InputError(f"--weight-decay must be a finite number >= 0, got {opts.weight_decay}")
+    if not 0.0 <= opts.warmup_ratio <= 1.0:
+        raise InputError(f"--warmup-ratio must be in [0, 1], got {opts.warmup_ratio}")
+    for name in ("threads", "log_every"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.epochs is not None and not (math.isfinite(opts.epochs) and opts.epochs > 0):
+        raise InputError(f"--epochs must be a finite number > 0, got {opts.epochs}")
+    if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
     out = prepare_output_dir(opts.output_dir)
@@ -502,7 +515,11 @@ def run(opts: TrainOptions) -> dict:
         optimizer.step()
         scheduler.step()
         if allocator is not None:
-            allocator.step(step, optimizer)
+            try:
+                allocator.step(step, optimizer)
+            except FloatingPointError as e:  # NaN scores: the run diverged
+                bar.close()
+                raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr") from None
         elif adalora is not None:
             adalora.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
@@ -513,7 +530,7 @@ def run(opts: TrainOptions) -> dict:
         lv = loss.item()
         if not math.isfinite(lv):
             bar.close()
-            raise RuntimeError(f"the loss became {lv} at step {step}; try a smaller --lr")
+            raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr")
         losses.append(lv)
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
         rank = current_rank(model, o.method, o, n_mod, step)

@@ -60,7 +60,9 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
     "case",
     ["missing-model", "model-without-config", "empty-data", "malformed-data", "targets-match-nothing",
      "output-dir-unwritable", "unknown-flag", "bad-flag-value", "steps-zero", "classify-without-labels",
-     "missing-data"],
+     "missing-data", "config-not-an-object", "targets-only-commas", "lr-nan", "lr-inf", "head-lr-negative",
+     "weight-decay-negative", "warmup-ratio-above-1", "threads-zero", "log-every-negative", "epochs-negative",
+     "diverging-lr"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
@@ -99,17 +101,59 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     elif case == "steps-zero":
         extra = ["--steps", "0"]
         expect = "--steps must be >= 1"
+    elif case == "config-not-an-object":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "config.json").write_text("[1, 2]")
+        model = str(tmp_path / "m")
+        expect = "must hold a JSON object"
+    elif case == "targets-only-commas":
+        extra = ["--target-modules", ","]
+        expect = "--target-modules: expected at least one module name"
+    elif case in ("lr-nan", "lr-inf"):
+        extra = ["--lr", case[3:]]
+        expect = "--lr must be a finite number > 0"
+    elif case == "head-lr-negative":
+        extra = ["--head-lr", "-1"]
+        expect = "--head-lr must be a finite number > 0"
+    elif case == "weight-decay-negative":
+        extra = ["--weight-decay", "-1"]
+        expect = "--weight-decay must be"
+    elif case == "warmup-ratio-above-1":
+        extra = ["--warmup-ratio", "5"]
+        expect = "--warmup-ratio must be in [0, 1]"
+    elif case == "threads-zero":
+        extra = ["--threads", "0"]
+        expect = "--threads must be >= 1"
+    elif case == "log-every-negative":
+        extra = ["--log-every", "-1"]
+        expect = "--log-every must be >= 1"
+    elif case == "epochs-negative":
+        extra = ["--epochs", "-1"]
+        expect = "--epochs must be"
+    elif case == "diverging-lr":
+        extra = ["--lr", "1e30"]
+        expect = "try a smaller --lr"
     elif case == "classify-without-labels":
         data = str(tiny["lm"])
         extra = ["--task", "classify"]
         expect = "needs labels"
-    argv = ["train", "--model", model, "--data", data, "--output-dir", str(tmp_path / "out"), *FAST, *extra]
+    fast = [a for a in FAST if not (case == "threads-zero" and a in ("--threads", "1"))]
+    if case == "epochs-negative":
+        fast = [a for a in fast if a not in ("--steps", "4")]
+    argv = ["train", "--model", model, "--data", data, "--output-dir", str(tmp_path / "out"), *fast, *extra]
     code, lines = _run_bad(capsys, argv)
     assert code == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith("flexlora: error: "), lines
     assert expect in lines[0], lines
     assert "Traceback" not in lines[0]
+
+
+def test_test_size_zero_trains_without_a_test_split(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out),
+                 "--test-size", "0", *FAST]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
 def test_failed_run_keeps_previous_outputs(tiny, tmp_path, capsys):

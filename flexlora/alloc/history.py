@@ -133,7 +133,17 @@ def plot_rank_heatmap(history, path: Union[str, os.PathLike], *, title: str = "F
     ax.set_title(title)
     fig.tight_layout()
     path = os.fspath(path)
-    fig.savefig(path, format="png")
+    # beside it, then renamed: a failed write (disk full) leaves a previous plot whole
+    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png.tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        match_mode(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 
