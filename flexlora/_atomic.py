@@ -41,6 +41,27 @@ def match_mode(tmp, target) -> None:
     os.chmod(tmp, mode)
 
 
+def replace_file(path, data, newline=None) -> None:
+    """Write ``data`` (str or bytes) to a temporary file beside ``path``, then rename it onto
+    ``path``: a failed write (disk full, an exception) leaves any previous file whole, and no
+    temporary file behind. ``newline`` is passed to ``open`` for str data."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        match_mode(tmp, path)
+        if isinstance(data, bytes):
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            with os.fdopen(fd, "w", newline=newline) as f:
+                f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _fsync_path(path: Path) -> None:
     """fsync a file or a directory (directories: best effort, not every OS allows it)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)

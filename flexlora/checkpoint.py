@@ -325,7 +325,8 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
     ``model`` is either already wrapped (its config must produce the same modules, shapes, r_max and
     scaling as the save; allocation fields may differ), or a plain base model, which is then wrapped
     with the saved config first. Every check runs before anything is copied, so a failed load leaves
-    the model untouched (a plain model is handed back plain). Masks (ranks) are restored exactly, as are the full r_max buffers.
+    the model untouched (a plain model is handed back plain). Masks (ranks) are restored exactly,
+    as are the full r_max buffers.
 
     Args:
         model: the base model, wrapped or not.
@@ -478,7 +479,7 @@ def load_checkpoint(
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
     streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
     checked before anything is modified (and should loading the optimizer or scheduler state fail
-anyway, what was already restored is put back). ``weights_only`` goes to ``torch.load`` of the ``.pt``
+    anyway, what was already restored is put back). ``weights_only`` goes to ``torch.load`` of the ``.pt``
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
     RankAllocator without unpickling arbitrary objects.
     """
@@ -492,8 +493,7 @@ anyway, what was already restored is put back). ``weights_only`` goes to ``torch
             raise ValueError(f"checkpoint {str(directory)!r} holds no {key} state, but a {key} was given")
     if optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory)
-    wrapped = any(isinstance(m, FlexLinear) for m in unwrap_model(model).modules())
-    snapshot = _adapter_snapshot(model) if wrapped else []
+    snapshot = _adapter_snapshot(model)  # empty for a plain model
     alloc_before = allocator.state_dict() if allocator is not None else None
     load_adapter(model, directory, allocator=allocator, weights_only=weights_only)
     try:

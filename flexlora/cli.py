@@ -98,14 +98,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import InputError
     from .train import TrainOptions, run
 
+    targets = None
     if args.target_modules is not None:
         try:
-            _targets(args.target_modules)
+            targets = _targets(args.target_modules)
         except argparse.ArgumentTypeError as e:
             parser.error(f"argument --target-modules: {e}")
     opts = TrainOptions(
         model=args.model, data=args.data, task=args.task, method=args.method,
-        target_modules=None if args.target_modules is None else _targets(args.target_modules),
+        target_modules=targets,
         r=args.r, r_max=args.r_max, alpha=args.alpha, dropout=args.dropout, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ._atomic import match_mode
+from ._atomic import replace_file
 
 
 class InputError(Exception):
@@ -272,17 +272,9 @@ def parse_movie_sentences(text: str) -> List[Tuple[str, int]]:
     return rows
 
 
-def write_atomic(path: Path, data, mode: str = "w") -> None:
-    """Write ``data`` beside ``path``, then rename onto it: a crash never leaves half a file."""
+def write_atomic(path: Path, data) -> None:
+    """Write ``data`` (str or bytes) beside ``path``, then rename onto it: a crash never leaves
+    half a file. Creates the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        match_mode(tmp, path)
-        with os.fdopen(fd, mode + ("b" if isinstance(data, bytes) else "")) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, data)

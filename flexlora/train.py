@@ -400,22 +400,17 @@ def run(opts: TrainOptions) -> dict:
         raise InputError(f"--method must be one of {METHODS}, got {opts.method!r}")
     if opts.task not in TASKS:
         raise InputError(f"--task must be one of {TASKS}, got {opts.task!r}")
-    for name in ("r", "batch_size", "max_length"):
-        if getattr(opts, name) < 1:
+    for name in ("r", "batch_size", "max_length", "threads", "log_every"):  # the last two may be None
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if not (math.isfinite(opts.lr) and opts.lr > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {opts.lr}")
-    if opts.head_lr is not None and not (math.isfinite(opts.head_lr) and opts.head_lr > 0):
-        raise InputError(f"--head-lr must be a finite number > 0, got {opts.head_lr}")
+    for name in ("lr", "head_lr", "epochs"):  # head_lr, epochs may be None
+        v = getattr(opts, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     if not (math.isfinite(opts.weight_decay) and opts.weight_decay >= 0):
         raise InputError(f"--weight-decay must be a finite number >= 0, got {opts.weight_decay}")
     if not 0.0 <= opts.warmup_ratio <= 1.0:
         raise InputError(f"--warmup-ratio must be in [0, 1], got {opts.warmup_ratio}")
-    for name in ("threads", "log_every"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if opts.epochs is not None and not (math.isfinite(opts.epochs) and opts.epochs > 0):
-        raise InputError(f"--epochs must be a finite number > 0, got {opts.epochs}")
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
@@ -583,7 +578,7 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
         head = model.head if hasattr(model, "head") else model.base_model.model.head
         tensors = {k: v.detach().contiguous().clone() for k, v in _head_state(head).items()}
         write_atomic(out / "classifier_head.safetensors",
-                     st_save(tensors, metadata={"label_names": json.dumps(ds.label_names)}), mode="w")
+                     st_save(tensors, metadata={"label_names": json.dumps(ds.label_names)}))
         files["classifier_head"] = "classifier_head.safetensors"
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(log_rows[0]))

@@ -294,7 +294,6 @@ class RankAllocator:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the module names must match this model's)."""
         self._check_state(state)
-        self._last_step = int(state["last_step"])
         self._restore(state)
 
     def _check_state(self, state: Dict[str, Any]) -> None:
@@ -319,6 +318,7 @@ class RankAllocator:
             )
 
     def _restore(self, state: Dict[str, Any]) -> None:
+        self._last_step = int(state["last_step"])
         self.num_events = int(state["num_events"])
         self._stepped = bool(state["stepped"])
         self._warned = dict(state["warned"])

@@ -9,11 +9,11 @@ The allocator writes one row per module at step 0 (initial ranks) and one after 
 from __future__ import annotations
 
 import csv
+import io
 import os
-import tempfile
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
-from .._atomic import match_mode
+from .._atomic import replace_file
 
 HISTORY_FIELDS = ("step", "module", "rank", "score")
 
@@ -38,21 +38,13 @@ def write_history_csv(history: Iterable[Row], path: Union[str, os.PathLike]) -> 
 
     Written to a temporary file then renamed, so a failed write leaves any previous file intact.
     """
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row[k] for k in HISTORY_FIELDS})
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".history-", suffix=".csv.tmp", dir=directory)
-    try:
-        match_mode(tmp, path)
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: row[k] for k in HISTORY_FIELDS})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, buf.getvalue(), newline="")
     return path
 
 
@@ -132,18 +124,10 @@ def plot_rank_heatmap(history, path: Union[str, os.PathLike], *, title: str = "F
     ax.set_ylabel("module (by depth)")
     ax.set_title(title)
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     path = os.fspath(path)
-    # beside it, then renamed: a failed write (disk full) leaves a previous plot whole
-    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png.tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        match_mode(tmp, path)
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, buf.getvalue())  # beside it, then renamed: a failed write keeps a previous plot
     return path
 
 
