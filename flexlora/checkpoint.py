@@ -340,7 +340,13 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
         FileNotFoundError / ValueError naming the path for missing or corrupt files, ValueError naming
         the first mismatching module (missing, unexpected, other shape, other r_max or scaling).
     """
-    given = model
+    _load_adapter(model, directory, allocator, weights_only)
+    return model
+
+
+def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
+    """load_adapter's work; returns a function that unwraps the model again when it came in
+    plain (load_checkpoint calls it should a later step fail), else None."""
     model = unwrap_model(model)
     directory = Path(directory)
     meta = _read_meta(directory)
@@ -362,7 +368,7 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
         if saved_base and _base_name(model) and saved_base != _base_name(model):
             warnings.warn(
                 f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
-                stacklevel=2,
+                stacklevel=3,  # the caller of load_adapter / load_checkpoint
             )
         _check_match(model, meta, tensors, directory)
         alloc_state = _read_allocator_state(directory, weights_only) if allocator is not None else None
@@ -376,7 +382,7 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
     _apply(model, meta, tensors)
     if allocator is not None:
         allocator.load_state_dict(alloc_state)
-    return given
+    return undo_wrap
 
 
 def _torch_load(path: Path, what: str, weights_only: bool = True):
@@ -479,7 +485,7 @@ def load_checkpoint(
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
     streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
     checked before anything is modified (and should loading the optimizer or scheduler state fail
-    anyway, what was already restored is put back). ``weights_only`` goes to ``torch.load`` of the ``.pt``
+    anyway, what was already restored is put back and a plain model is handed back plain). ``weights_only`` goes to ``torch.load`` of the ``.pt``
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
     RankAllocator without unpickling arbitrary objects.
     """
@@ -495,7 +501,7 @@ def load_checkpoint(
         _check_optimizer_state(optimizer, state["optimizer"], directory)
     snapshot = _adapter_snapshot(model)  # empty for a plain model
     alloc_before = allocator.state_dict() if allocator is not None else None
-    load_adapter(model, directory, allocator=allocator, weights_only=weights_only)
+    undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -508,6 +514,8 @@ def load_checkpoint(
                 t.copy_(old)
         if allocator is not None:
             allocator.load_state_dict(alloc_before)
+        if undo_wrap is not None:  # a plain model given: hand it back plain
+            undo_wrap()
         raise
     _set_rng_state(state["rng"])
     return int(state["step"])

@@ -188,6 +188,32 @@ def test_load_checkpoint_failing_late_puts_everything_back(tmp_path):
     assert alloc2.num_events == alloc_before["num_events"]
 
 
+def test_load_checkpoint_failing_late_hands_a_plain_model_back_plain(tmp_path):
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    plain = LlamaForCausalLM(LLAMA)
+    plain.load_state_dict(BASE_STATE)
+    linears = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+
+    class Broken:
+        def load_state_dict(self, sd):
+            raise RuntimeError("scheduler state does not fit")
+
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_checkpoint(tmp_path / "c", plain, scheduler=Broken())
+    assert not flex_modules(plain) and not hasattr(plain, "flexlora_config")
+    assert {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+    # the same load without the broken scheduler wraps it and restores the trained adapter
+    load_checkpoint(tmp_path / "c", plain)
+    trained = dict(flex_modules(model))
+    assert all(torch.equal(m.lam, trained[n].lam) and torch.equal(m.mask, trained[n].mask)
+               for n, m in flex_modules(plain))
+
+
 def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
     """The second half really in another interpreter: nothing but the checkpoint carries over."""
     import os
