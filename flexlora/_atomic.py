@@ -6,6 +6,9 @@ renames are atomic), fsynced, and only then swapped in place of the target. On L
 (target -> backup, temp -> target) with the backup renamed back if the second one fails, so only a
 process kill in the microseconds between them can leave the target missing (the backup, a hidden
 ``.<name>.old-*`` sibling, then still holds the previous save).
+
+:func:`move_into` does the same for a set of entries of a folder that also holds other files
+(``flexlora train``'s outputs): all of them are renamed in together, or none.
 """
 
 from __future__ import annotations
@@ -162,3 +165,37 @@ def atomic_directory(target, owned_files: Iterable[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into(stage, target, names: Iterable[str]) -> None:
+    """Move the entries ``names`` of folder ``stage`` into folder ``target`` (same filesystem),
+    replacing the entries of those names there; a name ``stage`` lacks is removed from ``target``
+    (a stale output of an earlier run must not pass for this run's).
+
+    All or nothing: the previous entries are first renamed aside into ``stage/.previous`` and the
+    new ones then renamed in; should any rename fail, every rename done is undone, so ``target``
+    holds either all the old entries or all the new ones. The old ones are deleted with ``stage``
+    by the caller. Each new entry gets the permissions of the one it replaces (see match_mode).
+    """
+    stage, target = Path(stage), Path(target)
+    names = list(dict.fromkeys(names))
+    aside = stage / ".previous"
+    aside.mkdir()
+    for name in names:
+        if os.path.lexists(stage / name) and not (stage / name).is_symlink():
+            match_mode(stage / name, target / name)
+    done = []  # (source, destination) of every rename made, to undo them
+    try:
+        for name in names:
+            if os.path.lexists(target / name):
+                os.rename(target / name, aside / name)
+                done.append((target / name, aside / name))
+        for name in names:
+            if os.path.lexists(stage / name):
+                os.rename(stage / name, target / name)
+                done.append((stage / name, target / name))
+    except BaseException:
+        for src, dst in reversed(done):
+            os.rename(dst, src)
+        raise
+    _fsync_path(target)

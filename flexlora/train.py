@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,12 +31,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._atomic import match_mode
+from ._atomic import move_into
 from .layers.wrap import name_matches
-from .data import InputError, TextDataset, load_dataset, split, write_atomic
+from .data import InputError, TextDataset, load_dataset, split
 from .models import BUILTIN_MODELS, resolve_model
 
 METHODS = ("flexlora", "lora", "adalora")
+# What a run writes into --output-dir; each run replaces all of them (ADAPTER_DIR is a folder).
+ADAPTER_DIR = "adapter"
+OUTPUT_FILES = ("rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors", "metrics.json")
 TASKS = ("auto", "classify", "causal-lm")
 
 # --target-modules defaults by model_type (the paper adapts q, k, v, up, down on LLaMA).
@@ -135,6 +139,11 @@ def load_model(path: Path, task: str, num_labels: int):
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds; all mean "not a usable model dir"
         raise InputError(f"--model: cannot load a tokenizer from {path} ({_first_line(e)})") from None
+    if len(tok) <= len(set(tok.all_special_ids)):  # transformers builds one from config.json alone
+        raise InputError(
+            f"--model: {path} has no tokenizer vocabulary, only {len(tok)} special tokens (the folder needs the "
+            "tokenizer files saved with the model: tokenizer.json, or vocab.txt / vocab.json / tokenizer.model)"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     try:
@@ -191,13 +200,16 @@ def add_adapters(model, opts: TrainOptions, targets: Sequence[str], steps: int, 
         raise InputError(f"--method {opts.method} needs the peft package (pip install peft)") from None
     common = dict(target_modules=list(targets), lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                   modules_to_save=save or None)
-    if opts.method == "lora":
-        pcfg = peft.LoraConfig(r=opts.r, **common)
-    else:
-        pcfg = peft.AdaLoraConfig(
-            init_r=opts.r_max, target_r=opts.r, tinit=opts.t_warmup, tfinal=opts.t_final,
-            deltaT=opts.delta_t, total_step=steps, orth_reg_weight=opts.orth_reg, **common,
-        )
+    try:  # check_flags has checked what PEFT checks; this turns anything it adds into one line
+        if opts.method == "lora":
+            pcfg = peft.LoraConfig(r=opts.r, **common)
+        else:
+            pcfg = peft.AdaLoraConfig(
+                init_r=opts.r_max, target_r=opts.r, tinit=opts.t_warmup, tfinal=opts.t_final,
+                deltaT=opts.delta_t, total_step=steps, orth_reg_weight=opts.orth_reg, **common,
+            )
+    except ValueError as e:
+        raise InputError(f"--method {opts.method}: {_first_line(e)}") from None
     try:
         pm = peft.get_peft_model(model, pcfg)
     except ValueError as e:
@@ -344,6 +356,41 @@ def lm_loss(model, ids, pad_id: int, batch_size: int = 32) -> float:
 # the run
 
 
+def check_flags(o: TrainOptions) -> None:
+    """Every flag on its own (before anything loads): InputError naming the first bad one."""
+    if o.method not in METHODS:
+        raise InputError(f"--method must be one of {METHODS}, got {o.method!r}")
+    if o.task not in TASKS:
+        raise InputError(f"--task must be one of {TASKS}, got {o.task!r}")
+    # at least 1; None = derived (only r, batch_size and max_length are always given)
+    for name in ("r", "batch_size", "max_length", "threads", "log_every", "steps", "train_size", "delta_t"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
+            raise InputError(f"{_flag(name)} must be >= 1, got {getattr(o, name)}")
+    for name in ("test_size", "b0", "t_warmup", "t_final", "r_min"):  # at least 0
+        if getattr(o, name) is not None and getattr(o, name) < 0:
+            raise InputError(f"{_flag(name)} must be >= 0, got {getattr(o, name)}")
+    for name in ("lr", "head_lr", "epochs", "alpha"):  # head_lr, epochs, alpha may be None
+        v = getattr(o, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise InputError(f"{_flag(name)} must be a finite number > 0, got {v}")
+    for name in ("weight_decay", "orth_reg"):
+        if not (math.isfinite(getattr(o, name)) and getattr(o, name) >= 0):
+            raise InputError(f"{_flag(name)} must be a finite number >= 0, got {getattr(o, name)}")
+    if not 0.0 <= o.warmup_ratio <= 1.0:
+        raise InputError(f"--warmup-ratio must be in [0, 1], got {o.warmup_ratio}")
+    if not 0.0 <= o.dropout < 1.0:
+        raise InputError(f"--dropout must be in [0, 1), got {o.dropout}")
+    if o.method != "lora":  # LoRA has one rank: --r-max and --r-min do not apply
+        if o.r_max is not None and o.r_max < o.r:
+            raise InputError(f"--r-max must be >= --r ({o.r}), got {o.r_max}")
+        if o.method == "flexlora" and o.r_min > o.r:
+            raise InputError(f"--r-min must be <= --r ({o.r}), got {o.r_min}")
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 def resolve(opts: TrainOptions, n_examples: int, builtin_data: bool) -> TrainOptions:
     """Fill the derived defaults (returns a copy)."""
     o = TrainOptions(**asdict(opts))
@@ -370,25 +417,47 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
         steps = math.ceil(math.ceil(n_train / o.batch_size) * epochs)
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
+    given = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
     if o.t_warmup is None:
         o.t_warmup = steps // 5
     if o.t_final is None:
         o.t_final = steps // 5
+    if o.method != "lora" and o.t_warmup + o.t_final >= steps:
+        raise InputError(
+            f"{given or '--t-warmup + --t-final'}: no steps left for rank allocation (--t-warmup + --t-final "
+            f"= {o.t_warmup} + {o.t_final} must be < the {steps} training steps)"
+        )
     if o.delta_t is None:
         o.delta_t = max(1, (steps - o.t_warmup - o.t_final) // 20)
     return steps
 
 
 def prepare_output_dir(path: str) -> Path:
-    """Create ``path`` and prove it is writable before any training (fail fast, lose nothing)."""
+    """Prove before any training that the outputs can be written into ``path``: the folder (or
+    the nearest folder above it that exists) takes a file, and no existing entry has a name of
+    ours with the wrong kind (a file named ``adapter``, a folder named ``metrics.json``). Folders
+    created for the probe are removed again, so a run that fails before saving leaves none behind."""
     out = Path(path).expanduser()
+    missing = [p for p in [out, *out.parents] if not p.exists()]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        finally:
+            for p in missing:  # deepest first; rmdir removes only empty folders
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    break
     except OSError as e:
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
+    if (out / ADAPTER_DIR).exists() and not (out / ADAPTER_DIR).is_dir():
+        raise InputError(f"--output-dir: {out / ADAPTER_DIR} exists and is not a folder (the adapter is saved there)")
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise InputError(f"--output-dir: {out / name} is a folder (the run writes a file of that name)")
     return out
 
 
@@ -396,21 +465,7 @@ def run(opts: TrainOptions) -> dict:
     """Train as ``opts`` says, write the outputs into ``opts.output_dir`` and return the metrics."""
     from tqdm.auto import tqdm
 
-    if opts.method not in METHODS:
-        raise InputError(f"--method must be one of {METHODS}, got {opts.method!r}")
-    if opts.task not in TASKS:
-        raise InputError(f"--task must be one of {TASKS}, got {opts.task!r}")
-    for name in ("r", "batch_size", "max_length", "threads", "log_every"):  # the last two may be None
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    for name in ("lr", "head_lr", "epochs"):  # head_lr, epochs may be None
-        v = getattr(opts, name)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
-    if not (math.isfinite(opts.weight_decay) and opts.weight_decay >= 0):
-        raise InputError(f"--weight-decay must be a finite number >= 0, got {opts.weight_decay}")
-    if not 0.0 <= opts.warmup_ratio <= 1.0:
-        raise InputError(f"--warmup-ratio must be in [0, 1], got {opts.warmup_ratio}")
+    check_flags(opts)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
@@ -431,8 +486,6 @@ def run(opts: TrainOptions) -> dict:
     else:
         train_ds, test_ds = ds, TextDataset([], None, ds.label_names, ds.source)
     if o.train_size is not None:
-        if o.train_size < 1:
-            raise InputError(f"--train-size must be >= 1, got {o.train_size}")
         train_ds = train_ds.subset(range(min(o.train_size, len(train_ds))))
     steps = resolve_schedule(o, len(train_ds))
     targets = o.target_modules or list(_DEFAULT_TARGETS.get(model_type_of(model_dir), ("q_proj", "v_proj")))
@@ -558,36 +611,59 @@ def run(opts: TrainOptions) -> dict:
 
 
 def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:
-    """adapter/ (FlexLoRA: flexlora.save_adapter; PEFT: save_pretrained, written beside and
-    renamed), rank_history.csv + rank_heatmap.png (FlexLoRA), train_log.csv, classifier_head.safetensors
-    (classify), metrics.json; every file written atomically."""
+    """Write the run's outputs into ``out``: adapter/ (FlexLoRA: flexlora.save_adapter; PEFT:
+    save_pretrained), rank_history.csv + rank_heatmap.png (FlexLoRA), train_log.csv,
+    classifier_head.safetensors (classify), metrics.json.
+
+    All of them are written into a hidden folder inside ``out`` first and then renamed into place
+    together (:func:`flexlora._atomic.move_into`): a save that fails (disk full, a permission)
+    leaves the previous run's outputs as they were, never a mix of two runs; outputs of ours that
+    this run does not write (a heatmap after a PEFT run) are removed. An OSError becomes an
+    InputError naming the folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".flexlora-save-", dir=out))
+    except OSError as e:
+        raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
+    try:
+        _write_outputs(stage, model, allocator, o, task, log_rows, metrics, ds)
+        move_into(stage, out, (ADAPTER_DIR, *OUTPUT_FILES))
+    except OSError as e:
+        raise InputError(
+            f"--output-dir: saving the outputs into {out} failed ({e.strerror or e}); what was there before is unchanged"
+        ) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_outputs(stage: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:
     from safetensors.torch import save as st_save
 
     files = {}
     if o.method == "flexlora":
         import flexlora
 
-        flexlora.save_adapter(model, out / "adapter", allocator=allocator)
-        allocator.history_csv(out / "rank_history.csv")
-        flexlora.plot_rank_heatmap(allocator.history, out / "rank_heatmap.png")
+        flexlora.save_adapter(model, stage / ADAPTER_DIR, allocator=allocator)
+        allocator.history_csv(stage / "rank_history.csv")
+        flexlora.plot_rank_heatmap(allocator.history, stage / "rank_heatmap.png")
         files.update(rank_history="rank_history.csv", rank_heatmap="rank_heatmap.png")
     else:
-        _peft_save_atomic(model, out / "adapter")
-    files["adapter"] = "adapter"
+        model.save_pretrained(str(stage / ADAPTER_DIR))
+    files["adapter"] = ADAPTER_DIR
     if task == "classify":
         head = model.head if hasattr(model, "head") else model.base_model.model.head
         tensors = {k: v.detach().contiguous().clone() for k, v in _head_state(head).items()}
-        write_atomic(out / "classifier_head.safetensors",
-                     st_save(tensors, metadata={"label_names": json.dumps(ds.label_names)}))
+        (stage / "classifier_head.safetensors").write_bytes(
+            st_save(tensors, metadata={"label_names": json.dumps(ds.label_names)}))
         files["classifier_head"] = "classifier_head.safetensors"
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(log_rows[0]))
     w.writeheader()
     w.writerows(log_rows)
-    write_atomic(out / "train_log.csv", buf.getvalue())
+    (stage / "train_log.csv").write_text(buf.getvalue(), encoding="utf-8", newline="")
     files["train_log"] = "train_log.csv"
     metrics["files"] = files
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
 def _head_state(head) -> dict:
@@ -596,27 +672,6 @@ def _head_state(head) -> dict:
     if inner is not None:
         head = next(iter(inner.values()))
     return {"weight": head.weight, "bias": head.bias}
-
-
-def _peft_save_atomic(model, path: Path) -> None:
-    import shutil
-
-    tmp = Path(tempfile.mkdtemp(prefix="." + path.name + ".", dir=path.parent))
-    try:
-        match_mode(tmp, path)
-        model.save_pretrained(str(tmp))
-        old = None
-        if path.exists():
-            old = path.with_name("." + path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_summary(m: dict, out: Path) -> None:

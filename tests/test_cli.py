@@ -62,10 +62,13 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "output-dir-unwritable", "unknown-flag", "bad-flag-value", "steps-zero", "classify-without-labels",
      "missing-data", "config-not-an-object", "targets-only-commas", "lr-nan", "lr-inf", "head-lr-negative",
      "weight-decay-negative", "warmup-ratio-above-1", "threads-zero", "log-every-negative", "epochs-negative",
-     "diverging-lr"],
+     "diverging-lr", "adalora-r-above-r-max", "t-final-too-large", "adalora-t-final-too-large",
+     "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
+     "test-size-negative"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
+    out = tmp_path / "out" / "run"
     extra = []
     if case == "missing-model":
         model = str(tmp_path / "no-such-model")
@@ -97,7 +100,7 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
         expect = "unrecognized arguments"
     elif case == "bad-flag-value":
         extra = ["--r", "4", "--r-max", "2"]
-        expect = "--r must be"
+        expect = "--r-max must be >= --r (4), got 2"
     elif case == "steps-zero":
         extra = ["--steps", "0"]
         expect = "--steps must be >= 1"
@@ -137,16 +140,50 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
         data = str(tiny["lm"])
         extra = ["--task", "classify"]
         expect = "needs labels"
+    elif case == "adalora-r-above-r-max":
+        extra = ["--method", "adalora", "--r", "8", "--r-max", "4"]
+        expect = "--r-max must be >= --r (8), got 4"
+    elif case in ("t-final-too-large", "adalora-t-final-too-large"):
+        extra = ["--t-final", "100"] + (["--method", "adalora"] if case.startswith("adalora") else [])
+        expect = "--t-final (100): no steps left for rank allocation (--t-warmup + --t-final = 0 + 100 must be < the 4"
+    elif case == "model-without-tokenizer":
+        model = str(tmp_path / "m")
+        os.mkdir(model)
+        for f in ("config.json", "model.safetensors"):
+            os.link(tiny["bert"] / f, os.path.join(model, f))
+        expect = "has no tokenizer vocabulary, only 5 special tokens"
+    elif case in ("adapter-is-a-file", "metrics-is-a-folder"):
+        out.mkdir(parents=True)
+        if case == "adapter-is-a-file":
+            (out / "adapter").write_text("mine")
+            expect = "adapter exists and is not a folder"
+        else:
+            (out / "metrics.json").mkdir()
+            expect = "metrics.json is a folder"
+    elif case == "dropout-1":
+        extra = ["--dropout", "1"]
+        expect = "--dropout must be in [0, 1), got 1.0"
+    elif case == "r-min-above-r":
+        extra = ["--r-min", "3"]
+        expect = "--r-min must be <= --r (2), got 3"
+    elif case == "test-size-negative":
+        extra = ["--test-size", "-1"]
+        expect = "--test-size must be >= 0, got -1"
     fast = [a for a in FAST if not (case == "threads-zero" and a in ("--threads", "1"))]
     if case == "epochs-negative":
         fast = [a for a in fast if a not in ("--steps", "4")]
-    argv = ["train", "--model", model, "--data", data, "--output-dir", str(tmp_path / "out"), *fast, *extra]
+    argv = ["train", "--model", model, "--data", data, "--output-dir", str(out), *fast, *extra]
+    existed = {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")}
     code, lines = _run_bad(capsys, argv)
     assert code == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith("flexlora: error: "), lines
     assert expect in lines[0], lines
     assert "Traceback" not in lines[0]
+    # nothing written: no output folder created (not even the parent), what was there unchanged
+    assert {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")} == existed
+    if not existed:
+        assert not (tmp_path / "out").exists()
 
 
 def test_test_size_zero_trains_without_a_test_split(tiny, tmp_path, capsys):
@@ -165,6 +202,50 @@ def test_failed_run_keeps_previous_outputs(tiny, tmp_path, capsys):
     assert code == 2
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+def _files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_failed_save_keeps_previous_outputs_whole(tiny, tmp_path, capsys, monkeypatch):
+    """Run 2 fails while saving (after its adapter is written): run 1's outputs stay, all of them
+    and only them, and no staging folder is left behind."""
+    import flexlora
+
+    out = tmp_path / "keep"
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST])
+    before = _files(out)
+    assert "adapter/adapter_model.safetensors" in before and "rank_heatmap.png" in before
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(flexlora, "plot_rank_heatmap", disk_full)
+    code, lines = _run_bad(capsys, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]),
+                                    "--output-dir", str(out), "--seed", "1", *FAST])
+    assert code == 2 and len(lines) == 1, lines
+    assert "saving the outputs into" in lines[0] and "No space left on device" in lines[0]
+    assert "what was there before is unchanged" in lines[0]
+    assert _files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["adapter", "classifier_head.safetensors", "metrics.json", "rank_heatmap.png", "rank_history.csv", "train_log.csv"])
+
+
+def test_rerun_replaces_all_outputs_and_keeps_other_files(tiny, tmp_path, capsys):
+    """A PEFT LoRA run into a FlexLoRA run's folder: the FlexLoRA-only files (rank history,
+    heatmap) go, the adapter is PEFT's, a user's own file stays."""
+    out = tmp_path / "run"
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST])
+    (out / "notes.txt").write_text("mine")
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out),
+          "--method", "lora", *FAST])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter", "classifier_head.safetensors", "metrics.json", "notes.txt", "train_log.csv"], names
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["method"] == "lora"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert not (out / "adapter" / "flexlora_config.json").exists()
 
 
 def test_python_dash_m_help_subprocess():
