@@ -12,7 +12,8 @@ An adapter directory holds
 - ``allocator_state.pt`` (only when an allocator is given): ``RankAllocator.state_dict()``.
 
 A checkpoint directory holds the same plus ``training_state.pt`` (optimizer, LR scheduler, step,
-RNG states of torch CPU/CUDA, python ``random`` and numpy).
+RNG states of torch CPU/CUDA, python ``random`` and numpy: of the saving process, or of every
+DDP rank with ``save_checkpoint(..., distributed=True)``).
 
 Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the previous one intact.
 """
@@ -436,6 +437,15 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
+def _process_group():
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def save_checkpoint(
     directory,
     model: nn.Module,
@@ -443,6 +453,8 @@ def save_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler=None,
     step: int = 0,
+    *,
+    distributed: bool = False,
 ) -> Path:
     """Save everything needed to continue training exactly: the adapter (as :func:`save_adapter`),
     the allocator, optimizer and LR-scheduler states, ``step`` and the RNG states (torch CPU, CUDA
@@ -453,21 +465,60 @@ def save_checkpoint(
         model: wrapped model.
         allocator, optimizer, scheduler: optional; whatever is given is saved.
         step: optimizer steps done so far (returned by :func:`load_checkpoint`).
+        distributed: False (default): call on one process (under DDP: rank 0); the file holds that
+            process's RNG states. True: call on *every* rank of the default process group (a
+            collective): each rank's RNG states are gathered and saved, rank 0 writes, and every
+            rank returns once the checkpoint is written, or raises if writing failed; then
+            :func:`load_checkpoint` on every rank restores each rank's own random streams
+            (dropout masks differ per rank). Without a process group it is the same as False.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    rank, world = _process_group() if distributed else (0, 1)
+    rng = _rng_state()
+    per_rank = None
+    if world > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, rng)
+        if rank != 0:
+            return _await_writer(Path(directory))
     state = {
         "step": step,
-        "rng": _rng_state(),
+        "rng": rng,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "flexlora_version": __version__,
     }
-    collected = _collect_adapter(model, allocator)
-    with atomic_directory(directory, _OWNED) as tmp:
-        _write_adapter(tmp, collected)
-        torch.save(state, tmp / TRAINING_STATE_NAME)
+    if per_rank is not None:
+        state["rng_per_rank"] = per_rank
+    error = None
+    try:
+        collected = _collect_adapter(model, allocator)
+        with atomic_directory(directory, _OWNED) as tmp:
+            _write_adapter(tmp, collected)
+            torch.save(state, tmp / TRAINING_STATE_NAME)
+    except BaseException as e:
+        error = e
+    if world > 1:  # the other ranks wait in _await_writer for this word
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
+    if error is not None:
+        raise error
     return Path(directory)
+
+
+def _await_writer(directory: Path) -> Path:
+    """A non-zero rank of a distributed save: wait for rank 0's outcome, raise if it failed."""
+    import torch.distributed as dist
+
+    word = [None]
+    dist.broadcast_object_list(word, src=0)
+    if word[0] is not None:
+        raise RuntimeError(f"save_checkpoint to {str(directory)!r} failed on rank 0: {word[0]}")
+    return directory
 
 
 def load_checkpoint(
@@ -517,8 +568,25 @@ def load_checkpoint(
         if undo_wrap is not None:  # a plain model given: hand it back plain
             undo_wrap()
         raise
-    _set_rng_state(state["rng"])
+    _set_rng_state(_this_ranks_rng(state, directory))
     return int(state["step"])
+
+
+def _this_ranks_rng(state: Dict[str, Any], directory: Path) -> Dict[str, Any]:
+    """This rank's RNG states from a checkpoint: its own entry of a distributed save when the
+    world size matches, else (with a warning) the saving rank's."""
+    per_rank = state.get("rng_per_rank")
+    if per_rank is None:
+        return state["rng"]
+    rank, world = _process_group()
+    if world != len(per_rank):
+        warnings.warn(
+            f"checkpoint {str(directory)!r} holds the RNG states of {len(per_rank)} ranks, this run has {world}: "
+            "every rank gets rank 0's, so random streams (dropout) do not continue exactly",
+            stacklevel=3,
+        )
+        return state["rng"]
+    return per_rank[rank]
 
 
 def _check_optimizer_state(optimizer, saved, directory: Path) -> None:

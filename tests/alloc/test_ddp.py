@@ -3,13 +3,13 @@ same allocation decisions and draw the same new directions, so masks and paramet
 bit-identical across ranks after the events."""
 
 import os
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from _ddp import finish, run_workers
 
 WORLD = 2
 STEPS = 24
@@ -33,10 +33,11 @@ def _worker(rank, init_file, out_dir):
     try:
         for skew_scores in (False, True):
             _train(rank, out_dir, skew_scores)
-        dist.barrier()  # no rank tears down while another still talks to it
-        open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
-    finally:
+        dist.barrier()  # no rank leaves while another still talks to it
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish(out_dir, rank)
 
 
 def _train(rank, out_dir, skew_scores):
@@ -94,16 +95,7 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
-    try:
-        mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as e:
-        # About one full-suite run in five, gloo aborted a worker while it tore down the process
-        # group after its work ("terminate called without an active exception", SIGABRT). A
-        # worker writes rank<r>.done only after every result is saved and both ranks passed a
-        # final barrier: such a run is judged by its results; any earlier exit fails here.
-        if not all((out / f"rank{r}.done").exists() for r in range(WORLD)):
-            raise
-        warnings.warn(f"a DDP worker exited abnormally after finishing its work: {e}")
+    run_workers(_worker, out, WORLD)
     return out
 
 
