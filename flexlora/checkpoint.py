@@ -292,12 +292,14 @@ def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tens
 def _wrap_undoable(model: nn.Module, config: FlexLoRAConfig):
     """wrap(model, config), returning a function that puts the original nn.Linear modules and
     requires_grad flags back (a failed load must not leave a plain model wrapped)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # every name: a Linear registered twice is replaced under both, and put back under both
+    linears = {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     wrap(model, config)
 
     def undo() -> None:
-        for name, _ in flex_modules(model):
+        wrapped = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FlexLinear)]
+        for name in wrapped:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, linears[name])
         for p, flag in flags:

@@ -7,6 +7,8 @@ and names it, with the allowed range, in the error.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -22,6 +24,14 @@ IMPORTANCE_METRICS = (
 )
 ALLOCATION_MODES = ("prune_expand", "prune_only", "expand_only")
 EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
+
+
+def _is_collection(v: Any) -> bool:
+    try:
+        iter(v)
+    except TypeError:
+        return False
+    return not isinstance(v, (str, bytes))
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -57,7 +67,7 @@ class FlexLoRAConfig:
     )
     modules_to_save: Sequence[str] = _help(
         "Name suffixes of modules trained in full (e.g. a classifier head); everything else "
-        "but the adapters is frozen.",
+        "but the adapters is frozen. None means none.",
         default=(),
     )
 
@@ -98,23 +108,42 @@ class FlexLoRAConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        def is_number(v: Any) -> bool:
+            # NaN passes no comparison and inf passes "> 0": both would reach the outputs as NaN
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         need(is_int(self.r_max) and self.r_max >= 1, "r_max", "an int >= 1")
         need(is_int(self.r_init) and 0 <= self.r_init <= self.r_max, "r_init", f"an int in [0, r_max={self.r_max}]")
-        need(is_int(self.r_min) and 0 <= self.r_min <= max(self.r_init, 0), "r_min", f"an int in [0, r_init={self.r_init}]")
-        need(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a number > 0")
-        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
-        need(isinstance(self.init_std, (int, float)) and self.init_std > 0, "init_std", "a number > 0")
+        need(
+            is_int(self.r_min) and 0 <= self.r_min <= self.r_init,
+            "r_min",
+            f"an int in [0, r_init={self.r_init}]"
+            # r_min defaults to 1, so r_init=0 alone fails here: say which field to change
+            + (" (r_min defaults to 1: with r_init=0 set r_min=0 as well)" if self.r_init == 0 else ""),
+        )
+        need(is_number(self.alpha) and self.alpha > 0, "alpha", "a finite number > 0")
+        need(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        need(is_number(self.init_std) and self.init_std > 0, "init_std", "a finite number > 0")
         if isinstance(self.target_modules, str):
             need(len(self.target_modules) > 0, "target_modules", "a non-empty regex or list of names")
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                # wrap would only fail later, with a bare re.error naming no field
+                need(False, "target_modules", f"a valid regex ({e})")
         else:
+            need(_is_collection(self.target_modules), "target_modules", "a non-empty regex (str) or list of names")
             self.target_modules = tuple(self.target_modules)
             need(
                 len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
                 "target_modules",
                 "a non-empty regex or list of non-empty names",
             )
-        if isinstance(self.modules_to_save, str):
+        if self.modules_to_save is None:
+            self.modules_to_save = ()
+        elif isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
+        need(_is_collection(self.modules_to_save), "modules_to_save", "a list of names or None")
         self.modules_to_save = tuple(self.modules_to_save)
         need(all(isinstance(t, str) and t for t in self.modules_to_save), "modules_to_save", "a list of non-empty names")
 
@@ -133,11 +162,11 @@ class FlexLoRAConfig:
         need(self.importance in IMPORTANCE_METRICS, "importance", f"one of {IMPORTANCE_METRICS}")
         need(self.allocation_mode in ALLOCATION_MODES, "allocation_mode", f"one of {ALLOCATION_MODES}")
         need(self.expand_init in EXPAND_INITS, "expand_init", f"one of {EXPAND_INITS}")
-        need(isinstance(self.orth_reg, (int, float)) and self.orth_reg >= 0, "orth_reg", "a number >= 0")
+        need(is_number(self.orth_reg) and self.orth_reg >= 0, "orth_reg", "a finite number >= 0")
         for name in ("sensitivity_beta", "uncertainty_beta"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, name, "a number in [0, 1)")
-        need(isinstance(self.entropy_eps, (int, float)) and self.entropy_eps > 0, "entropy_eps", "a number > 0")
+            need(is_number(v) and 0.0 <= v < 1.0, name, "a number in [0, 1)")
+        need(is_number(self.entropy_eps) and self.entropy_eps > 0, "entropy_eps", "a finite number > 0")
         need(is_int(self.seed), "seed", "an int")
 
     @property

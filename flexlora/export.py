@@ -21,7 +21,9 @@ A module at rank 0 has no LoRA equivalent (PEFT needs r >= 1; its ΔW is 0 anywa
 of target_modules, so PEFT keeps it as the plain base layer, and ``export_peft`` warns naming it.
 ``modules_to_save`` modules are exported as PEFT ``modules_to_save`` (keys
 ``base_model.model.<name>.<key>``, as PEFT writes them); for sequence classifiers the heads PEFT
-adds by itself ("classifier", "score") are exported too.
+adds by itself ("classifier", "score") are exported too. PEFT loads such a module's full state into
+a plain copy of the base module, so a FlexLinear inside one (or one that is such a head) is written
+there as a plain linear's ``weight`` = cast(W₃₂ + ΔW₃₂) and ``bias``, and is not a LoRA target.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import _base_name, _model_config, _module_state, _saved_modules
+from .checkpoint import _base_name, _model_config, _saved_modules
 from .layers.wrap import unwrap_model
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules
+
+# peft.TaskType's values (peft 0.21), for when peft is not installed (it is not a dependency)
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,12 +73,53 @@ def _peft_auto_heads(model: nn.Module, task: Optional[str], saved: List[str]) ->
         return []
     out = []
     for name, module in model.named_modules():
-        if not name or not name.endswith(("classifier", "score")) or isinstance(module, FlexLinear):
+        if not name or not name.endswith(("classifier", "score")):
             continue
         if any(name == s or name.startswith(s + ".") for s in saved + [n for n, _ in out]):
             continue
         out.append((name, module))
     return out
+
+
+def _task_types() -> Tuple[str, ...]:
+    try:
+        from peft import TaskType
+    except ImportError:
+        return _TASK_TYPES
+    return tuple(t.value for t in TaskType)
+
+
+def _check_export_args(task_type, dtype) -> Optional[str]:
+    """Validate export_peft's arguments before anything is computed or written; returns the task
+    type as a plain str (or "auto" / None)."""
+    task = getattr(task_type, "value", task_type)  # a peft.TaskType member is written as its value
+    if task is not None and task != "auto" and task not in _task_types():
+        hint = f" (did you mean {task.upper()!r}?)" if isinstance(task, str) and task.upper() in _task_types() else ""
+        raise ValueError(
+            f"export_peft: task_type must be \"auto\", None or one of peft's TaskType values "
+            f"{list(_task_types())}, got {task_type!r}{hint}"
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"export_peft: dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}"
+        )
+    return task
+
+
+def _merged_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """State of a modules_to_save module as PEFT's plain copy of it holds it: each FlexLinear inside
+    becomes a plain linear's ``weight`` = cast(W₃₂ + ΔW₃₂) (its ΔW folded in) and ``bias``."""
+    state = module.state_dict()
+    for sub_name, sub in module.named_modules(remove_duplicate=False):
+        if not isinstance(sub, FlexLinear):
+            continue
+        pre = f"{sub_name}." if sub_name else ""
+        for key in ("P", "lam", "Q", "mask"):
+            state.pop(pre + key, None)
+        g = sub.lam.detach().float() * sub.mask.float() * sub.scaling
+        delta = (sub.P.detach().float() * g) @ sub.Q.detach().float()
+        state[pre + "weight"] = (sub.weight.detach().float() + delta).to(sub.weight.dtype)
+    return state
 
 
 def export_peft(
@@ -97,10 +143,16 @@ def export_peft(
             s·λ into B is done in float32 first.
 
     Returns:
-        ``{"directory", "modules" (exported names), "skipped_rank0" (names), "rank_pattern"}``.
+        ``{"directory", "modules" (names exported as LoRA), "skipped_rank0" (names),
+        "rank_pattern", "merged_into_modules_to_save" (FlexLinear names written merged inside an
+        exported modules_to_save module)}``.
+
+    Raises ``ValueError`` before writing anything for a bad ``task_type`` / ``dtype``, a merged
+    model, or a model with no module left to export as LoRA.
     """
     import safetensors.torch
 
+    task_type = _check_export_args(task_type, dtype)
     model = unwrap_model(model)
     cfg = _model_config(model)
     mods = flex_modules(model)
@@ -109,11 +161,21 @@ def export_peft(
         raise ValueError(
             f"export_peft: module {merged[0]!r} is merged (ΔW is inside W); call flexlora.unmerge(model) first"
         )
+    saved = _saved_modules(model, cfg)
+    task = _task_type(model) if task_type == "auto" else task_type
+    saved += _peft_auto_heads(model, task, [n for n, _ in saved])
+
+    def in_saved(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") for s, _ in saved)
+
+    folded = [n for n, _ in mods if in_saved(n)]
     tensors: Dict[str, torch.Tensor] = {}
     rank_pattern: Dict[str, int] = {}
     skipped = []
     with torch.no_grad():
         for name, m in mods:
+            if name in folded:
+                continue  # written merged, as part of its modules_to_save module's state below
             active = torch.nonzero(m.mask, as_tuple=False).flatten()
             r = int(active.numel())
             if r == 0:
@@ -126,14 +188,15 @@ def export_peft(
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype).cpu().contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype).cpu().contiguous()
             rank_pattern[name] = r
-        saved = _saved_modules(model, cfg)
-        task = _task_type(model) if task_type == "auto" else task_type
-        saved += _peft_auto_heads(model, task, [n for n, _ in saved])
         for name, module in saved:
-            for key, t in _module_state(module).items():
+            for key, t in _merged_state(module).items():
                 tensors[f"{_PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
     if not rank_pattern:
-        raise ValueError("export_peft: every adapted module has rank 0; PEFT LoRA cannot express that")
+        # PEFT refuses a LoRA config whose target_modules match nothing
+        raise ValueError(
+            "export_peft: no module left to export as PEFT LoRA: every adapted module has rank 0"
+            + (f" or sits inside an exported modules_to_save module ({folded})" if folded else "")
+        )
     if skipped:
         warnings.warn(
             f"export_peft: {len(skipped)} module(s) at rank 0 have no PEFT LoRA equivalent and are left "
@@ -171,4 +234,5 @@ def export_peft(
         "modules": [n for n, _ in mods if n in rank_pattern],
         "skipped_rank0": skipped,
         "rank_pattern": dict(rank_pattern),
+        "merged_into_modules_to_save": folded,
     }

@@ -4,38 +4,65 @@
 `flexlora.merge` by the module as soon as it is imported.)
 
 merge:   W ← cast(W₃₂ + ΔW₃₂),  ΔW = s·P·diag(λ⊙mask)·Q computed in float32 whatever W's dtype.
-unmerge: W ← cast(W'₃₂ − ΔW₃₂). In float32 this restores W to rounding (~1e-7 relative). In
-bf16/fp16 the merged weight was rounded once, so subtracting cannot give W back bit-exactly (errors
-up to half an ulp of |W + ΔW|, ~0.2 % relative in bf16); ``merge(model, keep_original=True)`` keeps a
-copy of each original W (same device; one extra weight per module) and ``unmerge`` then restores it
-bit-exactly.
+unmerge: W ← cast(W'₃₂ − ΔW₃₂) with the ΔW that merge added: merge keeps copies of P, λ, Q and the
+mask (r_max·(in + out + 1) values, not a copy of W), so a mask flip, a λ edit or an optimizer step
+while merged does not change what is subtracted. In float32 this restores W to rounding (~1e-7
+relative). In bf16/fp16 the merged weight was rounded once, so subtracting cannot give W back
+bit-exactly (errors up to half an ulp of |W + ΔW|, ~0.2 % relative in bf16);
+``merge(model, keep_original=True)`` keeps a copy of each original W (same device; one extra weight
+per module) and ``unmerge`` then restores it bit-exactly.
+
+A base weight shared with another module (tied weights) is refused: adding ΔW to it would change
+that module too.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
-from .layers.wrap import unwrap_model
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules
+from .layers.wrap import carry_hooks, flex_modules, parameter_owners, tied_names, unwrap_model
 
 _ORIGINAL = "_flexlora_unmerged_weight"
+_MERGED_ADAPTER = "_flexlora_merged_adapter"
 
 
-def _delta_fp32(m: FlexLinear) -> torch.Tensor:
-    """ΔW in float32: [out_features, in_features]."""
-    g = m.lam.detach().float() * m.mask.float() * m.scaling
-    return (m.P.detach().float() * g) @ m.Q.detach().float()
+def _snapshot(m: FlexLinear) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Copies of the factors merge folds in: a rank change or an optimizer step (weight decay)
+    between merge and unmerge must not change what unmerge subtracts. r_max·(in + out) values,
+    small beside W; the full buffers, so unmerge recomputes bit for bit the ΔW merge added."""
+    return (m.P.detach().clone(), m.lam.detach().clone(), m.Q.detach().clone(), m.mask.clone(), m.scaling)
 
 
-def _modules(model: nn.Module) -> List[FlexLinear]:
-    mods = [m for _, m in flex_modules(unwrap_model(model))]
+def _delta_fp32(adapter, device) -> torch.Tensor:
+    """ΔW in float32 from a :func:`_snapshot`: [out_features, in_features]."""
+    P, lam, Q, mask, scaling = (t.to(device) if isinstance(t, torch.Tensor) else t for t in adapter)
+    g = lam.float() * mask.float() * scaling
+    return (P.float() * g) @ Q.float()
+
+
+def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
+    mods = flex_modules(unwrap_model(model))
     if not mods:
         raise ValueError("model holds no FlexLinear modules (not wrapped by flexlora.wrap?)")
     return mods
+
+
+def _check_untied(model: nn.Module, mods: List[Tuple[str, FlexLinear]]) -> None:
+    owners = parameter_owners(unwrap_model(model))
+    for name, m in mods:
+        tied = [] if m.merged else tied_names(owners, m, m.weight)
+        if tied:
+            raise ValueError(
+                f"merge: the base weight of {name!r} is shared with {tied} (tied weights): merging would "
+                f"add its ΔW to {tied[0]!r} too. Untie it first, e.g. "
+                f"model.get_submodule({name!r}).weight = nn.Parameter(model.get_submodule({name!r}).weight"
+                ".detach().clone(), requires_grad=False) (for a Hugging Face model also set "
+                "config.tie_word_embeddings=False before saving it)"
+            )
 
 
 @torch.no_grad()
@@ -46,13 +73,21 @@ def merge(model: nn.Module, keep_original: bool = False) -> nn.Module:
     Args:
         keep_original: keep a copy of each W so :func:`unmerge` restores it bit-exactly (useful
             in bf16/fp16, where subtracting ΔW again is lossy); costs one weight copy per module.
+
+    Raises ``ValueError`` (before changing anything) when a base weight is tied to another
+    module's parameter, e.g. an lm_head tied to the input embeddings.
     """
-    for m in _modules(model):
+    mods = _modules(model)
+    _check_untied(model, mods)
+    for _, m in mods:
         if m.merged:
             continue
+        adapter = _snapshot(m)
         if keep_original:
             setattr(m, _ORIGINAL, m.weight.detach().clone())
-        m.weight.copy_((m.weight.float() + _delta_fp32(m)).to(m.weight.dtype))
+        else:
+            setattr(m, _MERGED_ADAPTER, adapter)
+        m.weight.copy_((m.weight.float() + _delta_fp32(adapter, m.weight.device)).to(m.weight.dtype))
         m.merged = True
     return model
 
@@ -60,16 +95,24 @@ def merge(model: nn.Module, keep_original: bool = False) -> nn.Module:
 @torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: restore each W (bit-exactly when merged with ``keep_original=True``,
-    else by subtracting ΔW in float32, see the module docstring) and set ``merged=False``."""
-    for m in _modules(model):
+    else by subtracting, in float32, the ΔW that merge added, whatever changed in the adapter
+    since; see the module docstring) and set ``merged=False``."""
+    for _, m in _modules(model):
         if not m.merged:
             continue
         original = getattr(m, _ORIGINAL, None)
+        adapter = getattr(m, _MERGED_ADAPTER, None)
         if original is not None:
             m.weight.copy_(original)
-            delattr(m, _ORIGINAL)
+        elif adapter is not None:
+            m.weight.copy_((m.weight.float() - _delta_fp32(adapter, m.weight.device)).to(m.weight.dtype))
         else:
-            m.weight.copy_((m.weight.float() - _delta_fp32(m)).to(m.weight.dtype))
+            # merged=True set by hand, or a merged module deep-copied without its snapshot:
+            # the current adapter is the best guess of what was added
+            m.weight.copy_((m.weight.float() - _delta_fp32(_snapshot(m), m.weight.device)).to(m.weight.dtype))
+        for attr in (_ORIGINAL, _MERGED_ADAPTER):
+            if hasattr(m, attr):
+                delattr(m, attr)
         m.merged = False
     return model
 
@@ -81,17 +124,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weights stay frozen (``requires_grad=False``). Returns the model, modified in place."""
     merge(model)
     given, model = model, unwrap_model(model)
-    for name, m in flex_modules(model):
+    plain = {}  # id(FlexLinear) -> its nn.Linear: one per module, set under each of its names
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(m, FlexLinear):
+            continue
+        if id(m) not in plain:
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            linear.weight = m.weight
+            if m.bias is not None:
+                linear.bias = m.bias
+            linear.train(m.training)
+            carry_hooks(m, linear)
+            for attr in (_ORIGINAL, _MERGED_ADAPTER):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+            plain[id(m)] = linear
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight = m.weight
-        if m.bias is not None:
-            linear.bias = m.bias
-        linear.train(m.training)
-        if hasattr(m, _ORIGINAL):
-            delattr(m, _ORIGINAL)
-        setattr(parent, child, linear)
+        setattr(parent, child, plain[id(m)])
     if hasattr(model, "flexlora_config"):
         del model.flexlora_config
     return given

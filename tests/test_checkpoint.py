@@ -193,6 +193,24 @@ def test_failed_load_into_a_plain_model_leaves_it_plain(tmp_path):
     assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
 
 
+def test_failed_load_puts_a_linear_back_under_each_of_its_names(tmp_path):
+    class Shared(torch.nn.Module):  # one Linear registered as both enc and dec
+        def __init__(self, out=8):
+            super().__init__()
+            self.enc = torch.nn.Linear(8, 8)
+            self.dec = self.enc
+            self.out = torch.nn.Linear(8, out)
+
+    model = Shared()
+    wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["enc", "out"]))
+    save_adapter(model, tmp_path / "a")
+    plain = Shared(out=9)  # 'out' has another shape: wrap succeeds, the check fails
+    enc = plain.enc
+    with pytest.raises(ValueError, match="'out'"):
+        load_adapter(plain, tmp_path / "a")
+    assert plain.enc is enc and plain.dec is enc and not flex_modules(plain)
+
+
 # ---------------------------------------------------------------------------------- atomic saves
 
 

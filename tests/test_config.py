@@ -42,6 +42,18 @@ def test_every_field_has_help():
         (dict(orth_reg=-0.1), "orth_reg"),
         (dict(sensitivity_beta=1.0), "sensitivity_beta"),
         (dict(entropy_eps=0.0), "entropy_eps"),
+        (dict(alpha=float("inf")), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(init_std=float("inf")), "init_std"),
+        (dict(orth_reg=float("inf")), "orth_reg"),
+        (dict(entropy_eps=float("inf")), "entropy_eps"),
+        (dict(alpha=True), "alpha"),
+        (dict(target_modules=None), "target_modules"),
+        (dict(target_modules=5), "target_modules"),
+        (dict(target_modules="("), "target_modules"),
+        (dict(modules_to_save=3), "modules_to_save"),
+        (dict(modules_to_save=[""]), "modules_to_save"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -58,3 +70,19 @@ def test_from_dict_rejects_unknown_fields():
 def test_zero_initial_rank_scaling_is_alpha():
     c = FlexLoRAConfig(r_init=0, r_min=0, alpha=4.0)
     assert c.scaling == 4.0
+
+
+def test_bad_regex_is_reported_at_config_time():
+    # wrap would otherwise fail later with a bare re.error naming no field
+    with pytest.raises(ValueError, match=r"FlexLoRAConfig\.target_modules must be a valid regex.*got '\('"):
+        FlexLoRAConfig(target_modules="(")
+
+
+def test_modules_to_save_none_means_none():
+    assert FlexLoRAConfig(modules_to_save=None).modules_to_save == ()
+
+
+def test_r_init_zero_alone_says_to_set_r_min():
+    # r_min defaults to 1, so the user who only set r_init=0 must be told which field to change
+    with pytest.raises(ValueError, match=r"FlexLoRAConfig\.r_min must be .*with r_init=0 set r_min=0"):
+        FlexLoRAConfig(r_init=0)

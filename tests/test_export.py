@@ -179,3 +179,90 @@ def test_export_rejects_merged_and_all_rank_zero(tmp_path):
     with pytest.raises(ValueError, match="rank 0"):
         export_peft(model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def merged_reference(m):
+    """W + s·P·diag(λ⊙mask)·Q in float64, written from the math."""
+    g = m.lam.double() * m.mask.double() * m.scaling
+    return m.weight.double() + m.P.double() @ torch.diag(g) @ m.Q.double()
+
+
+def test_flex_linear_inside_modules_to_save_is_written_merged(tmp_path):
+    # PEFT loads a modules_to_save module's full state into a plain copy of the base module: the
+    # FlexLinear inside it must be written as a plain linear with its ΔW folded in
+    base = llama(layers=2)
+    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["q_proj", "down_proj"],
+                                                            modules_to_save=["layers.1.mlp"])))
+    inner = model.model.layers[1].mlp.down_proj
+    assert inner.rank > 0
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    info = export_peft(model, tmp_path)
+    assert info["merged_into_modules_to_save"] == ["model.layers.1.mlp.down_proj"]
+    assert "model.layers.1.mlp.down_proj" not in info["rank_pattern"]
+    t = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    w = t["base_model.model.model.layers.1.mlp.down_proj.weight"]
+    with torch.no_grad():
+        ref = merged_reference(inner)
+    err = (w.double() - ref).abs().max().item()
+    assert w.dtype == torch.float32 and err <= 1e-6 * ref.abs().max().item(), f"merged W off by {err}"
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not re.fullmatch(cfg["target_modules"], "model.layers.1.mlp.down_proj")
+
+    pm = load_peft(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        got = pm(ids).logits
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5, f"PEFT output differs from FlexLoRA by {err}"
+
+
+def test_flex_linear_seq_cls_head_is_exported_merged(tmp_path):
+    # PEFT's SEQ_CLS wrapper adds "classifier" to modules_to_save and needs its weight: an adapted
+    # classifier head goes there merged (DistilBERT: "pre_classifier" matches too)
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=64, dim=32, hidden_dim=40, n_layers=2, n_heads=4,
+                           max_position_embeddings=32, num_labels=3)
+    base = DistilBertForSequenceClassification(cfg).eval()
+    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["q_lin", "classifier"])))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        plain = base(ids).logits
+    assert (want - plain).abs().max() > 1e-3, "the premise: the head's adapter changes the output"
+    info = export_peft(model, tmp_path)
+    assert info["merged_into_modules_to_save"] == ["classifier"]
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(written["modules_to_save"]) == ["classifier", "pre_classifier"]
+    pm = load_peft(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        got = pm(ids).logits
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5, f"PEFT output differs from FlexLoRA by {err}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(task_type="causal_lm"), r"task_type must be .*'CAUSAL_LM'.*got 'causal_lm' \(did you mean 'CAUSAL_LM'\?\)"),
+        (dict(task_type="LM"), r"task_type must be"),
+        (dict(dtype="bfloat16"), r"dtype must be None or a floating torch\.dtype.*got 'bfloat16'"),
+        (dict(dtype=torch.int8), r"dtype must be None or a floating torch\.dtype.*torch\.int8"),
+    ],
+    ids=["task_type-lowercase", "task_type-unknown", "dtype-str", "dtype-int8"],
+)
+def test_bad_task_type_or_dtype_is_an_error_before_writing(tmp_path, kwargs, match):
+    model = randomize(wrap(llama(layers=2), flex_config()))
+    with pytest.raises(ValueError, match=match):
+        export_peft(model, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_type_given_as_peft_enum_loads(tmp_path):
+    base = llama(layers=2)
+    model = randomize(wrap(copy.deepcopy(base), flex_config()))
+    export_peft(model, tmp_path, task_type=peft.TaskType.CAUSAL_LM)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    load_peft(base, tmp_path)

@@ -139,3 +139,90 @@ def test_merge_rejects_unwrapped_model():
 def test_public_names_are_the_functions():
     # flexlora/__init__ must map merge/unmerge/merge_and_unload to "flexlora.merging"
     assert flexlora.merge is merge and flexlora.unmerge is unmerge and flexlora.merge_and_unload is merge_and_unload
+
+
+def tied_llama():
+    model = llama_model(tie_word_embeddings=True).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the premise: tied
+    with pytest.warns(UserWarning, match="tied"):
+        wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["lm_head", "q_proj"]))
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            m.lam.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("fn", [merge, merge_and_unload], ids=["merge", "merge_and_unload"])
+def test_merge_refuses_a_weight_tied_to_another_module(fn):
+    # merging into lm_head.weight would add ΔW to the input embeddings too (the same tensor)
+    model = tied_llama()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model(IDS).logits
+    with pytest.raises(ValueError, match=r"'lm_head'.*\['model\.embed_tokens\.weight'\].*[Uu]ntie"):
+        fn(model)
+    assert not any(m.merged for _, m in flex_modules(model)), "nothing may be merged (q_proj included)"
+    assert len(flex_modules(model)) == 3 and hasattr(model, "flexlora_config")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, before)
+
+
+def test_merge_after_untying_matches_the_unmerged_output():
+    model = tied_llama()
+    with torch.no_grad():
+        before = model(IDS).logits
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    want = reference_merged(model.lm_head)
+    merge(model)
+    assert (model.lm_head.weight.double() - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_subtracts_what_merge_added_even_after_a_rank_change():
+    # a mask flip, a λ edit or an optimizer step between merge and unmerge must not leak into W
+    model = trained_llama(mask_kind="random")
+    W0 = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    merged_ref = {n: reference_merged(m) for n, m in flex_modules(model)}
+    merge(model)
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            m.mask[0] = ~m.mask[0]  # a prune or an expansion
+            m.lam.mul_(1.5).add_(0.25)
+            m.P.add_(0.1)
+    unmerge(model)
+    eps = torch.finfo(torch.float32).eps
+    for n, m in flex_modules(model):
+        err = (m.weight.double() - W0[n].double()).abs()
+        bound = eps / 2 * (merged_ref[n].abs() + W0[n].double().abs()) + 1e-30
+        assert (err <= bound).all(), f"{n}: W off by {err.max().item():.3g} after a change while merged"
+        assert not hasattr(m, "_flexlora_merged_adapter")
+
+
+def test_merge_and_unload_keeps_hooks_and_every_name():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(6, 6)
+            self.dec = self.enc
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    torch.manual_seed(0)
+    model = wrap(Shared(), FlexLoRAConfig(r_init=2, r_max=4, target_modules=["dec"]))
+    with torch.no_grad():
+        model.enc.lam.normal_()
+    calls = []
+    model.enc.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    merge_and_unload(model)
+    assert type(model.enc) is nn.Linear and model.dec is model.enc
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert calls == [1, 1]

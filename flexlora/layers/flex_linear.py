@@ -9,6 +9,7 @@ authors' code keep it fixed too).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -68,12 +69,16 @@ class FlexLinear(nn.Module):
         init_std: float = 0.02,
         adapter_dtype: Optional[torch.dtype] = None,
     ) -> "FlexLinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias tensors are reused (frozen, not copied)."""
+        """Wrap an existing ``nn.Linear``: its weight and bias tensors are reused (frozen, not copied)
+        and its training/eval mode is kept."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FlexLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_adapter(linear.weight, linear.bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype)
+        # A new module starts in training mode; an eval model (HF from_pretrained, load_adapter)
+        # must not start running adapter dropout at inference.
+        self.train(linear.training)
         return self
 
     def _init_adapter(self, weight, bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype) -> None:
@@ -122,7 +127,9 @@ class FlexLinear(nn.Module):
                 f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
             )
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            # as the unmerged op does: compute in x's dtype whatever the (fp32) base weights' dtype
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         return flex_linear(
             x, self.weight, self.bias, self.P, self.lam, self.Q, self.mask, self.scaling, x_lora=x_lora,
@@ -135,9 +142,11 @@ class FlexLinear(nn.Module):
         return (self.P * g) @ self.Q
 
     def extra_repr(self) -> str:
+        # a meta tensor has no values: its rank cannot be read (before to_empty / loading)
+        rank = "" if self.mask.is_meta else f"rank={self.rank}, "
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, r_max={self.r_max}, bias={self.bias is not None}"
+            f"{rank}r_max={self.r_max}, bias={self.bias is not None}"
         )
 
 
@@ -149,9 +158,12 @@ def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:
         raise ValueError(f"FlexLinear: r_max must be an int >= 1, got {r_max!r}")
     if not is_int(r_init) or not 0 <= r_init <= r_max:
         raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"FlexLinear: alpha must be a number > 0, got {alpha!r}")
+    def is_finite_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not is_finite_number(alpha) or alpha <= 0:
+        raise ValueError(f"FlexLinear: alpha must be a finite number > 0, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"FlexLinear: dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(init_std, (int, float)) or init_std <= 0:
-        raise ValueError(f"FlexLinear: init_std must be a number > 0, got {init_std!r}")
+    if not is_finite_number(init_std) or init_std <= 0:
+        raise ValueError(f"FlexLinear: init_std must be a finite number > 0, got {init_std!r}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import List, NamedTuple, Sequence, Tuple, Union
+import warnings
+from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch.nn as nn
 
@@ -19,27 +20,92 @@ def name_matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+# Hooks that fire around a module's forward/backward: carried from the replaced nn.Linear to its
+# FlexLinear (and back by merge_and_unload), so user and library hooks keep firing. The dicts
+# are shared, not copied, so the RemovableHandles returned at registration still remove them.
+_HOOK_ATTRS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` run the forward / backward hooks registered on ``src``."""
+    for attr in _HOOK_ATTRS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
+def parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[int, str]]]:
+    """id(parameter) -> [(id(owning module), qualified parameter name)] over every name a module or
+    parameter is registered under (tied weights appear under each owner)."""
+    owners: Dict[int, List[Tuple[int, str]]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
+    return owners
+
+
+def tied_names(owners: Dict[int, List[Tuple[int, str]]], module: nn.Module, param) -> List[str]:
+    """Names under which modules other than ``module`` hold ``param`` (empty when it is not tied)."""
+    return sorted({n for mid, n in owners.get(id(param), []) if mid != id(module)})
+
+
 def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name matches ``config.target_modules`` with a
     :class:`FlexLinear` (reusing its weight), freeze every other parameter except those of
     ``config.modules_to_save``, and return the model (``model.flexlora_config`` holds the config).
 
-    Raises ``ValueError`` when no module matches, listing some that exist.
+    A Linear registered under several names is matched by any of them and replaced under all of
+    them by one FlexLinear. The FlexLinear keeps the Linear's training/eval mode and its forward
+    and backward hooks. Linear children of ``nn.MultiheadAttention`` are skipped with a warning
+    (it reads their weights directly, so an adapter there would never run); a target whose weight
+    is tied to another module's gets a warning (``merge`` refuses it).
+
+    Raises ``ValueError`` when no module matches, listing some that exist, and when a target was
+    already dispatched by accelerate (its forward is replaced: wrap before dispatching).
     """
     if not isinstance(config, FlexLoRAConfig):
         raise TypeError(f"wrap: config must be a FlexLoRAConfig, got {type(config).__name__}")
     if any(isinstance(m, FlexLinear) for m in model.modules()):
         raise ValueError("wrap: the model already holds FlexLinear modules (wrapped twice?)")
 
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name and name_matches(name, config.target_modules)
-    ]
+    # Every name of every Linear: named_modules() would report a module registered twice only
+    # under its first name, so a target given by its second name would match nothing.
+    names_of: Dict[int, List[str]] = {}
+    linear_of: Dict[int, nn.Linear] = {}
+    mha_children = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.MultiheadAttention):
+            mha_children |= {id(c) for c in m.children() if isinstance(c, nn.Linear)}
+        if name and isinstance(m, nn.Linear):
+            names_of.setdefault(id(m), []).append(name)
+            linear_of[id(m)] = m
+    targets: List[Tuple[List[str], nn.Linear]] = []
+    skipped_mha: List[str] = []
+    for key, names in names_of.items():
+        if not any(name_matches(n, config.target_modules) for n in names):
+            continue
+        if key in mha_children:
+            skipped_mha.append(names[0])
+        else:
+            targets.append((names, linear_of[key]))
+    why_mha = (
+        "nn.MultiheadAttention reads its out_proj's weight and bias directly and never calls its "
+        "forward, so an adapter there would do nothing"
+    )
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for key, names in names_of.items() if key not in mha_children for n in names]
+        skipped = f" (matched only {skipped_mha}, skipped: {why_mha})" if skipped_mha else ""
         raise ValueError(
-            f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model; "
+            f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model{skipped}; "
             f"some that exist: {linears[:8]}{' ...' if len(linears) > 8 else ''}"
         )
     save = [(n, m) for n, m in model.named_modules() if n and name_matches(n, config.modules_to_save)]
@@ -49,12 +115,32 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             f"wrap: modules_to_save={list(config.modules_to_save)!r} matches no module; "
             f"some that exist: {names[-8:]}"
         )
+    for names, linear in targets:
+        if hasattr(linear, "_hf_hook"):
+            # accelerate replaced this module's forward by one that calls the Linear's original
+            # forward: a FlexLinear in its place would be bypassed or lose the device moves
+            raise ValueError(
+                f"wrap: module {names[0]!r} carries an accelerate hook (_hf_hook): the model was "
+                "dispatched with accelerate (device_map / cpu_offload); wrap before dispatching with accelerate"
+            )
+
+    if skipped_mha:
+        warnings.warn(f"wrap: not adapting {skipped_mha}: {why_mha}", UserWarning, stacklevel=2)
+    owners = parameter_owners(model)
+    for names, linear in targets:
+        tied = tied_names(owners, linear, linear.weight)
+        if tied:
+            warnings.warn(
+                f"wrap: the weight of {names[0]!r} is tied to {tied}: the adapter trains normally, but "
+                "flexlora.merge will refuse this module (it would change the tied module too); untie it "
+                "before wrapping if you need to merge",
+                UserWarning,
+                stacklevel=2,
+            )
 
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+    for names, linear in targets:
         flex = FlexLinear.from_linear(
             linear,
             r_max=config.r_max,
@@ -63,19 +149,34 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             dropout=config.dropout,
             init_std=config.init_std,
         )
-        setattr(parent, child, flex)
-    for _, m in save:
-        for p in m.parameters():
-            if not _is_base_of_flex(m, p):
+        carry_hooks(linear, flex)
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, flex)
+    # A tied base weight may sit in a modules_to_save module outside its FlexLinear (an input
+    # embedding tied to an adapted lm_head): it stays frozen, as every base weight does.
+    base_of: Dict[int, str] = {}
+    for flex_name, m in flex_modules(model):
+        for p in (m.weight, m.bias):
+            if p is not None:
+                base_of.setdefault(id(p), flex_name)
+    for save_name, m in save:
+        inside = {id(sub.weight) for sub in m.modules() if isinstance(sub, FlexLinear)}
+        inside |= {id(sub.bias) for sub in m.modules() if isinstance(sub, FlexLinear) and sub.bias is not None}
+        for pname, p in m.named_parameters():
+            if id(p) not in base_of:
                 p.requires_grad_(True)
+            elif id(p) not in inside:
+                warnings.warn(
+                    f"wrap: modules_to_save parameter '{save_name}.{pname}' stays frozen: it is the base "
+                    f"weight of the FlexLinear {base_of[id(p)]!r} (tied weights); untie them before "
+                    "wrapping to train it",
+                    UserWarning,
+                    stacklevel=2,
+                )
     model.flexlora_config = config
     return model
-
-
-def _is_base_of_flex(module: nn.Module, p) -> bool:
-    return any(
-        isinstance(sub, FlexLinear) and (p is sub.weight or p is sub.bias) for sub in module.modules()
-    )
 
 
 def flex_modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:

@@ -207,8 +207,13 @@ def test_bad_input_errors():
         (dict(r_max=4, r_init=2, alpha=0.0), "alpha"),
         (dict(r_max=4, r_init=2, dropout=1.0), "dropout"),
         (dict(r_max=4, r_init=2, init_std=-1.0), "init_std"),
+        (dict(r_max=4, r_init=2, alpha=float("nan")), "alpha must be a finite number"),
+        (dict(r_max=4, r_init=2, alpha=float("inf")), "alpha must be a finite number"),
+        (dict(r_max=4, r_init=2, init_std=float("nan")), "init_std must be a finite number"),
+        (dict(r_max=4, r_init=2, init_std=float("inf")), "init_std must be a finite number"),
     ],
-    ids=["r_init>r_max", "r_max<1", "alpha0", "dropout1", "init_std<0"],
+    ids=["r_init>r_max", "r_max<1", "alpha0", "dropout1", "init_std<0", "alpha-nan", "alpha-inf",
+         "init_std-nan", "init_std-inf"],
 )
 def test_bad_constructor_args(kwargs, match):
     kw = dict(alpha=4.0)
@@ -222,6 +227,55 @@ def test_merged_flag_skips_adapter():
     x = torch.randn(2, 6)
     layer.merged = True
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("dname", ["bf16", "fp16"])
+def test_merged_layer_with_fp32_weights_computes_in_the_input_dtype(dname):
+    # the unmerged op casts W and b to x's dtype; the merged path must too (F.linear on a bf16 x
+    # and fp32 W raises a dtype mismatch)
+    from flexlora.merging import merge
+
+    dtype = DTYPES[dname]
+    layer = make_layer(24, 10, 4, 4, torch.float32)
+    want_w = layer.weight.double() + layer.delta_weight().double()
+    merge(nn.Sequential(layer))
+    assert layer.merged and layer.weight.dtype == torch.float32
+    x = torch.randn(3, 24).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 10)
+    want = x.double() @ want_w.t() + layer.bias.double()
+    plain = nn.functional.linear(x, layer.weight.to(dtype), layer.bias.to(dtype))  # same dtype, by hand
+    assert rel_err(y, want) <= 2 * rel_err(plain, want) + 2e-3
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_from_linear_keeps_the_linears_training_mode(mode):
+    # a new nn.Module starts in training mode: wrapping an eval model must not switch adapter
+    # dropout on at inference
+    base = nn.Linear(12, 8).train(mode == "train")
+    layer = FlexLinear.from_linear(base, r_max=4, r_init=4, alpha=4.0, dropout=0.5)
+    assert layer.training == (mode == "train")
+    assert layer.dropout.training == (mode == "train")
+    with torch.no_grad():
+        layer.lam.normal_()
+        layer.P.normal_()
+        layer.Q.normal_()
+    x = torch.randn(6, 12)
+    y1, y2 = layer(x), layer(x)
+    want = reference(x, layer.weight, layer.bias, layer.P, layer.lam, layer.Q, layer.mask, layer.scaling)
+    if mode == "eval":
+        assert torch.equal(y1, y2) and rel_err(y1, want) < 1e-5
+    else:  # the premise: in training mode dropout does change the output
+        assert not torch.equal(y1, y2)
+
+
+def test_repr_on_meta_device():
+    # extra_repr read the rank with .item(), which a meta tensor cannot give
+    layer = FlexLinear(16, 8, r_max=4, r_init=2, alpha=4.0, device="meta")
+    text = repr(layer)
+    assert "in_features=16" in text and "r_max=4" in text and "rank=" not in text
+    lin = FlexLinear.from_linear(nn.Linear(16, 8, device="meta"), r_max=4, r_init=2, alpha=4.0)
+    assert "r_max=4" in repr(lin)
 
 
 def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():

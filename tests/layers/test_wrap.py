@@ -1,5 +1,8 @@
 """wrap / flex_modules / count_parameters on the three model families, built from small configs."""
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -146,3 +149,120 @@ def test_wrap_on_plain_module_and_public_api():
     wrap(model, FlexLoRAConfig(target_modules=r"0|2", r_init=1, r_max=2))
     assert isinstance(model[0], FlexLinear) and isinstance(model[2], FlexLinear)
     assert set(flexlora.__all__) >= {"FlexLinear", "FlexLoRAConfig", "wrap", "flex_modules", "count_parameters"}
+
+
+def test_wrapping_an_eval_model_keeps_adapter_dropout_off():
+    # HF from_pretrained returns eval models and load_adapter wraps them: a FlexLinear that came
+    # up in training mode would run dropout at inference
+    model, inputs = tiny_llama()
+    assert not model.training
+    wrap(model, FlexLoRAConfig(r_init=4, r_max=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            m.lam.normal_()
+    assert not any(m.training for _, m in flex_modules(model))
+    first, second = logits(model, inputs), logits(model, inputs)
+    assert torch.equal(first, second)
+    model.train()  # the premise: with dropout running, two forwards differ
+    assert not torch.equal(logits(model, inputs), logits(model, inputs))
+
+
+def test_tied_lm_head_warns_and_stays_frozen_in_modules_to_save():
+    model = llama_model(tie_word_embeddings=True).eval()
+    emb = model.model.embed_tokens.weight
+    assert model.lm_head.weight is emb
+    with pytest.warns(UserWarning) as record:
+        wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["lm_head", "q_proj"],
+                                   modules_to_save=["embed_tokens"]))
+    messages = [str(w.message) for w in record]
+    assert any(re.search(r"'lm_head' is tied to \['model\.embed_tokens\.weight'\]", m) for m in messages), messages
+    assert any(re.search(r"'model\.embed_tokens\.weight' stays frozen.*'lm_head'", m) for m in messages), messages
+    assert isinstance(model.lm_head, FlexLinear) and model.lm_head.weight is emb
+    assert not emb.requires_grad, "the FlexLinear's base weight must stay frozen"
+
+
+def test_untied_target_gives_no_warning():
+    model, _ = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["lm_head", "q_proj"],
+                                   modules_to_save=["embed_tokens"]))
+    assert model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
+
+
+def test_multihead_attention_out_proj_is_skipped_with_a_warning():
+    # MHA reads out_proj.weight/bias directly and never calls out_proj's forward: a FlexLinear
+    # there would get no gradient and change nothing
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"not adapting \['self_attn\.out_proj'\].*MultiheadAttention"):
+        wrap(layer, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["out_proj", "linear1"]))
+    assert [n for n, _ in flex_modules(layer)] == ["linear1"]
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    layer(torch.randn(2, 5, 16)).sum().backward()
+    assert layer.linear1.lam.grad.abs().sum() > 0
+
+    only_mha = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with pytest.raises(ValueError, match=r"matches no nn.Linear.*\['self_attn\.out_proj'\].*MultiheadAttention"):
+        wrap(only_mha, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["out_proj"]))
+    assert not flex_modules(only_mha)
+
+
+def test_forward_hooks_of_the_linear_still_fire_after_wrap():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    calls = []
+    model[0].register_forward_pre_hook(lambda mod, args: calls.append(("pre", type(mod).__name__)))
+    model[0].register_forward_hook(lambda mod, args, out: calls.append(("post", type(mod).__name__)))
+    model[0].register_forward_hook(lambda mod, args, kwargs, out: out * 2, with_kwargs=True)
+    model[0].register_forward_hook(lambda mod, args, out: calls.append(("always", 0)), always_call=True)
+    removable = model[0].register_forward_hook(lambda mod, args, out: calls.append(("removed", 0)))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        want = model(x)
+    calls.clear()
+    wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["0"]))
+    removable.remove()  # handles taken before wrap still remove the hook
+    with torch.no_grad():
+        got = model(x)
+    assert isinstance(model[0], FlexLinear)
+    assert calls == [("pre", "FlexLinear"), ("post", "FlexLinear"), ("always", 0)]
+    assert torch.equal(got, want), "the with_kwargs hook doubling the output must still apply"
+
+
+def test_accelerate_dispatched_linear_is_an_error():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    add_hook_to_module(model[2], ModelHook())
+    with pytest.raises(ValueError, match=r"'2'.*accelerate.*wrap before dispatching with accelerate"):
+        wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["0", "2"]))
+    assert not flex_modules(model), "nothing may be half-wrapped"
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 6)
+        self.dec = self.enc  # one module, two names
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+@pytest.mark.parametrize("target", ["enc", "dec"])
+def test_linear_registered_under_two_names_is_wrapped_under_both(target):
+    torch.manual_seed(0)
+    model = _Shared()
+    wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=[target]))
+    assert isinstance(model.enc, FlexLinear) and model.dec is model.enc
+    assert len(flex_modules(model)) == 1
+    with torch.no_grad():
+        model.enc.lam.normal_()
+    f = model.enc
+    x = torch.randn(3, 6, dtype=torch.float64)
+    W = f.weight.double() + f.P.double() @ torch.diag(f.lam.double() * f.mask.double() * f.scaling) @ f.Q.double()
+    h = torch.relu(x @ W.t() + f.bias.double())
+    want = h @ W.t() + f.bias.double()
+    with torch.no_grad():
+        got = model(x.float())
+    assert (got.double() - want).abs().max().item() <= 1e-5
