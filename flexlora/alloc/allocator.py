@@ -46,7 +46,7 @@ from ._batch import stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
 from .orthogonal import add_orthogonal_grad_, orthogonal_loss
-from .schedule import config_budget_at, config_is_event_step
+from .schedule import config_budget_at, config_is_event_step, config_peak_budget
 
 _STATE_FORMAT = "flexlora.RankAllocator/1"
 
@@ -131,6 +131,41 @@ def event_seed(seed: int, step: int) -> int:
 
 
 
+def _warn_if_no_allocation(config: FlexLoRAConfig) -> None:
+    """Warn when the schedule moves no rank at all: such a run trains as fixed-rank LoRA, and
+    FlexLoRA promises that never happens silently. (Every allocation_mode moves rank when b > 0,
+    the ablations included, so none is exempt.)"""
+    first, peak = config_peak_budget(config)
+    if peak > 0:
+        return
+    c = config
+    fields = (
+        f"total_steps={c.total_steps}, t_warmup={c.t_warmup}, t_final={c.t_final}, delta_t={c.delta_t}, "
+        f"b0={c.b0}, schedule={c.schedule!r}"
+    )
+    if c.b0 == 0:
+        why, fix = "b0=0 moves no module at any event", "set b0 >= 1"
+    elif first is None:
+        why = (
+            f"no allocation event falls in the window: the first would be at step "
+            f"{c.t_warmup if c.t_warmup >= 1 else c.delta_t}, after total_steps - t_final = "
+            f"{c.total_steps - c.t_final}"
+        )
+        fix = "lower delta_t or t_final, or raise total_steps"
+    else:  # only with t_warmup = 0: an event at t_warmup >= 1 has b = b0
+        why = (
+            f"b(t) rounds to 0 at every event step (the first is at step {first}; with t_warmup=0 "
+            "the window's start, where b = b0, is not an event)"
+        )
+        fix = "lower delta_t, raise b0, or set t_warmup >= 1"
+    warnings.warn(
+        f"RankAllocator: no rank will ever be allocated with this config ({fields}): {why}. "
+        f"This trains as fixed-rank LoRA; {fix}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _unwrap_optimizer(optimizer):
     """The torch optimizer holding the state (accelerate's AcceleratedOptimizer wraps one)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -162,7 +197,9 @@ class RankAllocator:
 
     If optimizer steps over the adapters pass ``t_warmup + 2·delta_t`` while :meth:`step` has
     never been called, a warning says so once (a global optimizer step post-hook counts those
-    steps until the first :meth:`step` call, then removes itself).
+    steps until the first :meth:`step` call, then removes itself). A config under which no event
+    ever moves rank (no event step in the window, or b(t) = 0 at all of them) warns when the
+    allocator is built.
     """
 
     def __init__(self, model: nn.Module, config: Optional[FlexLoRAConfig] = None) -> None:
@@ -179,6 +216,7 @@ class RankAllocator:
         named = flex_modules(inner)
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
+        _warn_if_no_allocation(config)
         self.config = config
         self.names: List[str] = [n for n, _ in named]
         self.modules: List[FlexLinear] = [m for _, m in named]
@@ -215,8 +253,8 @@ class RankAllocator:
         return dict(zip(self.names, (int(x) for x in r)))
 
     def orthogonal_loss(self) -> torch.Tensor:
-        """γ·Σ(‖PᵀP − I‖² + ‖QQᵀ − I‖²) over active slots, γ = config.orth_reg: a 0-d tensor to add
-        to the task loss before ``backward()`` (a zero tensor when orth_reg is 0)."""
+        """γ·mean over modules of (‖PᵀP − I‖² + ‖QQᵀ − I‖²) over active slots, γ = config.orth_reg:
+        a 0-d tensor to add to the task loss before ``backward()`` (a zero tensor when orth_reg is 0)."""
         return orthogonal_loss(self.modules, float(self.config.orth_reg))
 
     def add_orthogonal_grad_(self) -> None:
@@ -247,7 +285,8 @@ class RankAllocator:
 
         Returns:
             the :class:`AllocationEvent` when ``global_step`` is an event step (also when b(t) is
-            0 there), else ``None``. A step number not larger than the last one seen is ignored.
+            0 there), else ``None``. A step number not larger than the last one seen is ignored:
+            no importance update, no event (the optimizer is still remembered).
         """
         try:
             global_step = operator.index(global_step)
@@ -260,11 +299,13 @@ class RankAllocator:
             self._remove_guard()
         if optimizer is not None:
             self._use_optimizer(optimizer)
-        if not self._importance_fresh:
-            self.importance.update(self.modules)
-        self._importance_fresh = False
+        fresh, self._importance_fresh = self._importance_fresh, False
+        # before the importance update: a repeated step must not feed the same gradients to a
+        # stateful metric twice (sensitivity's EMAs would advance two steps for one)
         if global_step <= self._last_step:
             return None
+        if not fresh:
+            self.importance.update(self.modules)
         self._last_step = global_step
         if not config_is_event_step(global_step, self.config):
             return None

@@ -24,7 +24,14 @@ Every metric works on ΔW = s·P·diag(g)·Q with g = λ⊙mask, over the r acti
 True singular values from Grams: with Gp = PᵀP and Gq = QQᵀ (both [R, R]) and G = diag(s·g),
 the non-zero eigenvalues of ΔWᵀΔW = QᵀGGpGQ equal those of Gp^{1/2}·G·Gq·G·Gp^{1/2} (cyclic
 invariance of the spectrum); that matrix is symmetric PSD and r×r, so one batched ``eigh`` over
-all modules of a shape gives every σ². Inactive slots have g = 0 and drop out.
+all modules of a shape gives every σ². Inactive slots have g = 0 and drop out. P, Q and λ are
+divided by their largest |entry| per module first (the entropy does not see the scale), so huge
+or tiny finite adapters neither overflow nor underflow the fp32 Grams.
+
+Non-finite input: a module with a NaN or ±inf in an active slot's λ (or, for the metrics that
+read them, P and Q) scores NaN, at any rank, so that the allocator reports it. ``sensitivity``
+skips an update whose gradients hold a NaN or inf (an fp16 overflow, for which GradScaler skips
+``optimizer.step()`` too) instead of folding it into its EMAs.
 """
 
 from __future__ import annotations
@@ -40,10 +47,25 @@ _F32_MAX = torch.finfo(torch.float32).max
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
-    """float32, with +inf (an overflow of a finite but huge input) clamped to fp32's max. NaN
-    (only from NaN parameters) is kept, so that the allocator can report it instead of acting
-    on it."""
+    """float32, with +inf clamped to fp32's max, NaN kept. Only for scores of finite inputs whose
+    value overflows fp32: callers first turn rows with non-finite inputs into NaN, or a diverged
+    module (inf λ) would get the largest score and be expanded instead of reported."""
     return x.double().clamp(max=_F32_MAX).float()
+
+
+def _nan_where(bad: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """scores with NaN in the rows where ``bad`` [n] is True (a module with a non-finite active
+    λ, P or Q), so that the allocator reports it instead of acting on a made-up score."""
+    return torch.where(bad, float("nan"), scores)
+
+
+def _max_normalized(t: torch.Tensor, dims) -> torch.Tensor:
+    """t divided, per leading index, by its largest |entry| over ``dims`` (left alone where that
+    is 0 or not finite). Entropies of σ² are scale-invariant, and without this the fp32 Grams
+    of a huge but finite adapter (λ ~ 1e30) overflow to inf and eigh fails, or those of a tiny
+    one (λ ~ 1e-30) underflow to 0 and it scores 0."""
+    amax = t.abs().amax(dim=dims, keepdim=True)
+    return t / torch.where(amax.isfinite() & (amax > 0), amax, 1.0)
 
 
 def _scalings(modules: Sequence, device) -> torch.Tensor:
@@ -113,16 +135,22 @@ class NormImportance(Importance):
         a = torch.where(mask, lam.double().abs(), 0.0) * _scalings(modules, lam.device)[:, None]
         n = mask.sum(dim=1)
         norm = a.sum(dim=1) if self.name == "nuclear" else a.square().sum(dim=1).sqrt()
-        return _finite(torch.where(n > 0, norm / n.clamp_min(1), 0.0))
+        bad = (mask & ~lam.isfinite()).any(dim=1)
+        return _nan_where(bad, _finite(torch.where(n > 0, norm / n.clamp_min(1), 0.0)))
 
 
 def _stack_group(modules, idx, dtype):
-    P = torch.stack([modules[i].P.detach() for i in idx]).to(dtype)
-    Q = torch.stack([modules[i].Q.detach() for i in idx]).to(dtype)
-    lam = torch.stack([modules[i].lam.detach() for i in idx]).to(dtype)
+    """(P [b, out, R], Q [b, R, in], g [b, R], mask [b, R]) of one shape group in ``dtype``, with
+    P, Q and λ each divided by its largest |entry| per module (λ: over the active slots), so
+    that no product below overflows or underflows. That scales ΔW by one constant per module:
+    the entropies (all that uses this) are unchanged. Non-finite entries stay non-finite."""
+    P = _max_normalized(torch.stack([modules[i].P.detach() for i in idx]).to(dtype), (1, 2))
+    Q = _max_normalized(torch.stack([modules[i].Q.detach() for i in idx]).to(dtype), (1, 2))
     mask = torch.stack([modules[i].mask for i in idx])
+    lam = torch.stack([modules[i].lam.detach() for i in idx]).to(dtype)
+    lam = _max_normalized(torch.where(mask, lam, 0.0), (1,))
     s = torch.tensor([float(modules[i].scaling) for i in idx], dtype=dtype, device=P.device)
-    g = lam * mask.to(dtype) * s[:, None]
+    g = lam * s[:, None]
     return P, Q, g, mask
 
 
@@ -186,11 +214,24 @@ def gram_singular_values_sq(P: torch.Tensor, Q: torch.Tensor, g: torch.Tensor) -
     return torch.linalg.eigvalsh(M).clamp_min(0)
 
 
+def _non_finite_active_slots(modules, mask_all: torch.Tensor) -> torch.Tensor:
+    """[n] bool: whether a module holds a NaN or inf in an active slot's P column, λ or Q row."""
+    bad = torch.zeros(mask_all.shape[0], dtype=torch.bool, device=mask_all.device)
+    for idx in shape_groups(modules):
+        P = torch.stack([modules[i].P.detach() for i in idx])
+        Q = torch.stack([modules[i].Q.detach() for i in idx])
+        lam = torch.stack([modules[i].lam.detach() for i in idx])
+        finite = P.isfinite().all(dim=1) & lam.isfinite() & Q.isfinite().all(dim=2)  # [b, R]
+        bad[idx] = (mask_all[idx, : lam.shape[1]] & ~finite).any(dim=1)
+    return bad
+
+
 class SensitivityImportance(Importance):
     """AdaLoRA-style smoothed sensitivity × uncertainty (see the module docstring).
 
     State: for every module, Ī and Ū (fp32) of the shapes of P, λ and Q, indexed by the module's
-    position in ``modules`` (which must stay the same list, in the same order)."""
+    position in ``modules`` (which must stay the same list, in the same order). An update whose
+    gradients hold a NaN or inf changes nothing (it counts in ``skipped``, not ``steps``)."""
 
     name = "sensitivity"
 
@@ -199,7 +240,8 @@ class SensitivityImportance(Importance):
         self.beta2 = float(beta2)
         self.ipt: List[torch.Tensor] = []  # [P, λ, Q] per module, flattened in module order
         self.unc: List[torch.Tensor] = []
-        self.steps = 0
+        self.steps = 0  # updates folded into the EMAs
+        self.skipped = 0  # updates skipped for a non-finite gradient
 
     @staticmethod
     def _params(modules) -> List[torch.Tensor]:
@@ -225,7 +267,17 @@ class SensitivityImportance(Importance):
         sel = [k for k, p in enumerate(params) if p.grad is not None]
         if not sel:
             return
-        cur = torch._foreach_mul([params[k].detach().float() for k in sel], [params[k].grad.float() for k in sel])
+        grads = [params[k].grad.float() for k in sel]
+        # An inf/NaN gradient is an fp16 overflow that GradScaler answers by skipping
+        # optimizer.step(); folded into the EMAs it would make them NaN for good, and the next
+        # event would report a divergence that never happened. Skip the whole step, as the
+        # optimizer did (one host sync per step; the max-norm cannot overflow, and has no value
+        # for an empty tensor).
+        maxes = torch._foreach_norm([g for g in grads if g.numel()], float("inf"))
+        if maxes and not bool(torch.stack(maxes).isfinite().all()):
+            self.skipped += 1
+            return
+        cur = torch._foreach_mul([params[k].detach().float() for k in sel], grads)
         torch._foreach_abs_(cur)
         ipt = [self.ipt[k] for k in sel]
         unc = [self.unc[k] for k in sel]
@@ -241,23 +293,31 @@ class SensitivityImportance(Importance):
     def scores(self, modules):
         lam_all, mask_all = stack_lam_mask(modules)
         n, R_all = mask_all.shape
+        # Updates with non-finite gradients are skipped, so diverged parameters need not reach
+        # the EMAs: look at the parameters themselves.
+        bad = _non_finite_active_slots(modules, mask_all)
         if not self.ipt:
-            return torch.zeros(n, dtype=torch.float32, device=mask_all.device)
+            return _nan_where(bad, torch.zeros(n, dtype=torch.float32, device=mask_all.device))
         self._ensure_state(self._params(modules))
         slot = torch.zeros(n, R_all, dtype=torch.float32, device=mask_all.device)
         for idx in shape_groups(modules):
             sP = torch.stack([self.ipt[3 * i] * self.unc[3 * i] for i in idx])  # [b, out, R]
             sl = torch.stack([self.ipt[3 * i + 1] * self.unc[3 * i + 1] for i in idx])  # [b, R]
             sQ = torch.stack([self.ipt[3 * i + 2] * self.unc[3 * i + 2] for i in idx])  # [b, R, in]
-            slot[idx, : sl.shape[1]] = sl + sP.mean(dim=1) + sQ.mean(dim=2)
+            # means as sums / max(count, 1): a module with no inputs or outputs has empty P or Q
+            # rows, whose mean would be NaN (a false "diverged")
+            mP = sP.sum(dim=1) / max(sP.shape[1], 1)
+            mQ = sQ.sum(dim=2) / max(sQ.shape[2], 1)
+            slot[idx, : sl.shape[1]] = sl + mP + mQ
         r = mask_all.sum(dim=1)
         total = torch.where(mask_all, slot, 0.0).sum(dim=1)
-        return _finite(torch.where(r > 0, total / r.clamp_min(1), 0.0))
+        return _nan_where(bad, _finite(torch.where(r > 0, total / r.clamp_min(1), 0.0)))
 
     def state_dict(self) -> dict:
         return {
             "name": self.name,
             "steps": self.steps,
+            "skipped": self.skipped,
             "ipt": [t.clone() for t in self.ipt],
             "unc": [t.clone() for t in self.unc],
         }
@@ -265,6 +325,7 @@ class SensitivityImportance(Importance):
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.steps = int(sd["steps"])
+        self.skipped = int(sd.get("skipped", 0))  # absent from states saved before it existed
         if self.ipt and len(sd["ipt"]) == len(self.ipt):
             for dst, src in zip(self.ipt + self.unc, list(sd["ipt"]) + list(sd["unc"])):
                 dst.copy_(src)

@@ -16,6 +16,7 @@ not Python's banker's rounding, so b(t) never depends on the parity of a tie.
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 from ..config import SCHEDULES, FlexLoRAConfig
 
@@ -66,6 +67,25 @@ def is_event_step(step: int, *, total_steps: int, t_warmup: int, t_final: int, d
     if delta_t < 1:
         raise ValueError(f"is_event_step: delta_t must be >= 1, got {delta_t!r}")
     return step >= 1 and t_warmup <= step <= total_steps - t_final and (step - t_warmup) % delta_t == 0
+
+
+def first_event_step(*, total_steps: int, t_warmup: int, t_final: int, delta_t: int) -> Optional[int]:
+    """The first step at which :func:`is_event_step` holds, or None when the window has none."""
+    if delta_t < 1:
+        raise ValueError(f"first_event_step: delta_t must be >= 1, got {delta_t!r}")
+    step = t_warmup if t_warmup >= 1 else delta_t  # steps are 1-based: step 0 is never an event
+    return step if step <= total_steps - t_final else None
+
+
+def config_peak_budget(config: FlexLoRAConfig) -> Tuple[Optional[int], int]:
+    """(first event step or None, the largest b(t) over all event steps; 0 when there is none).
+
+    Every schedule is non-increasing in t (cubic, cubic_authors) or constant, so the largest
+    b(t) is the one at the first event: O(1), whatever total_steps."""
+    first = first_event_step(
+        total_steps=config.total_steps, t_warmup=config.t_warmup, t_final=config.t_final, delta_t=config.delta_t
+    )
+    return first, (0 if first is None else config_budget_at(first, config))
 
 
 def config_budget_at(step: int, config: FlexLoRAConfig) -> int:

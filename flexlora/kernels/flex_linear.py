@@ -256,9 +256,22 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
+def _torch_matmul_tf32() -> bool:
+    """Whether PyTorch runs fp32 CUDA matmuls in TF32.
+
+    Recent torch has ``fp32_precision`` ("tf32", "ieee" or "none"; it reflects the legacy
+    switches too), and reading the legacy ``allow_tf32`` after the new API set TF32 raises a
+    RuntimeError (mixing the two APIs), so the new attribute is read where it exists."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # older torch: only the legacy switch
+        return bool(matmul.allow_tf32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow PyTorch's own TF32 switch, so both backends round alike."""
-    if dtype == torch.float32 and not _INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _INTERPRETED and _torch_matmul_tf32():
         return "tf32"
     return "ieee" if dtype == torch.float32 or _INTERPRETED else "tf32"
 
@@ -586,6 +599,7 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
     """
     s = scaling
     dt = dy.dtype
+    acc = torch.promote_types(dt, torch.float32)  # dλ's sums: fp32 for low precision, else dt
     xl = x2 if xl2 is None else xl2
     if slots is None and u.shape[1] == mask.numel():
         slots = _active_slots(mask)
@@ -595,10 +609,10 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
     if gathered is not None and gathered[2].dtype == dt:  # the forward's slots (all or some)
         (Pa, Qa, ga), dlam_scale = gathered, s
         if x2.device.type != "cpu":  # all R slots, some may be inactive: dλ needs the mask
-            dlam_scale = mask.to(torch.float32) * s
+            dlam_scale = mask.to(acc) * s
     elif idx is None:  # all R slots: the mask enters through g and the dλ factor
         Pa, Qa, ga = _cast(P, dt), _cast(Q, dt), _cast(_gate(_wide(lam, dt), mask, s), dt)
-        dlam_scale = mask.to(torch.float32) * s
+        dlam_scale = mask.to(acc) * s
     else:  # the r active slots only; the gradients of the others are filled with 0.0
         (Pa, Qa, ga), dlam_scale = _gather_slots(P, lam, Q, idx, s, dt), s
     tr = _thin_transposed(Pa.shape[1])
@@ -623,9 +637,9 @@ def _torch_bwd(dy, x2, xl2, weight, P, lam, Q, mask, u, scaling, needs, slots=No
     if needs[3]:
         db = dy.sum(0).to(weight.dtype)
     if needs[5]:
-        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j]: one fused dot per column, fp32 for low precision
-        dlam = _cast(torch.linalg.vecdot(_cast(ua, torch.float32), _cast(dv, torch.float32), dim=0) * dlam_scale,
-                     lam.dtype)
+        # dλ_j = s·mask_j·Σ_m u[m, j]·dv[m, j]: one fused dot per column, summed in `acc` (fp32
+        # sums would cost float64 inputs 8 of their 16 digits)
+        dlam = _cast(torch.linalg.vecdot(_cast(ua, acc), _cast(dv, acc), dim=0) * dlam_scale, lam.dtype)
         if idx is not None:
             dlam = lam.new_zeros(lam.shape).index_copy_(0, idx, dlam)
     if needs[6]:
@@ -924,9 +938,10 @@ def _autocast_inputs(x, x_lora):
 
 
 def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    xl2 = None if x_lora is None else x_lora.reshape(-1, K)
+    M, K = x.shape[:-1].numel(), x.shape[-1]
+    # M spelled out: reshape(-1, 0) is ambiguous (in_features = 0 gives y = b, as F.linear)
+    x2 = x.reshape(M, K)
+    xl2 = None if x_lora is None else x_lora.reshape(M, K)
     if isinstance(scaling, torch.Tensor):
         s, s_t = 1.0, scaling.to(device=x.device, dtype=torch.float32)
     else:

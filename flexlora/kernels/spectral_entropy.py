@@ -23,17 +23,23 @@ The op is not differentiable (its outputs drive discrete decisions); it reads λ
 
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
 
-from ._backend import choose_backend
+from ._backend import choose_backend, triton_interpret
 
 try:  # triton is optional: the torch path below serves when it is missing
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
+
+# Triton makes the kernel below interpreted or compiled when it is defined (at import of this
+# module). A compiled kernel cannot take CPU tensors ("0 active drivers"), so TRITON_INTERPRET=1
+# set after import must not send CPU tensors to it.
+_INTERPRETED = triton is not None and triton_interpret()
 
 
 if triton is not None:
@@ -186,7 +192,8 @@ def spectral_entropy_and_slots(
         lam: [n, R] λ of n modules (fp32, fp16 or bf16; read detached).
         mask: [n, R] bool, active slots.
         eps: the ε in −Σ s log(s + ε) (> 0).
-        backend: "triton", "torch" or None (Triton on CUDA or under TRITON_INTERPRET=1).
+        backend: "triton", "torch" or None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1
+            set before flexlora was imported; the torch path otherwise).
 
     Returns:
         entropy [n] float32 in [0, 1] (0 when rank < 2 or all active λ are 0);
@@ -195,9 +202,25 @@ def spectral_entropy_and_slots(
         rank [n] int64: number of active slots.
     """
     _check(lam, mask, eps)
-    if choose_backend(lam, backend) == "triton" and lam.shape[1] > 0:
+    if _use_triton(lam, backend) and lam.shape[1] > 0:
         return _spectral_entropy_triton(lam.detach(), mask, eps)
     return spectral_entropy_and_slots_torch(lam, mask, eps)
+
+
+def _use_triton(lam: torch.Tensor, backend) -> bool:
+    """choose_backend's answer, except that CPU tensors never reach a compiled kernel: the torch
+    path runs instead, or, where Triton was asked for by name, a RuntimeError says why."""
+    if choose_backend(lam, backend) != "triton":
+        return False
+    if lam.device.type != "cpu" or _INTERPRETED:
+        return True
+    if backend == "triton" or (backend is None and os.environ.get("FLEXLORA_BACKEND") == "triton"):
+        raise RuntimeError(
+            "spectral_entropy: backend='triton' cannot run here: TRITON_INTERPRET=1 must be set "
+            "before flexlora is imported to run the Triton kernel on CPU tensors (triton picks "
+            "compiled vs interpreted kernels when they are defined)"
+        )
+    return False
 
 
 def spectral_entropy(lam: torch.Tensor, mask: torch.Tensor, eps: float = 1e-12, *, backend=None) -> torch.Tensor:

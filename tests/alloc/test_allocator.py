@@ -529,3 +529,93 @@ def test_wrapped_model_and_config_from_wrap():
     al = RankAllocator(model)
     assert al.config is cfg and al.names == ["0", "2"] and al.total_rank == 6
     assert "RankAllocator(modules=2" in repr(al)
+
+
+def _sensitivity_bank():
+    torch.manual_seed(0)
+    bank = nn.ModuleList([FlexLinear(5, 7, r_max=4, r_init=2, alpha=1.0) for _ in range(3)])
+    with torch.no_grad():
+        for m in bank:
+            m.lam.normal_()
+    cfg = FlexLoRAConfig(r_init=2, r_max=4, target_modules=["x"], importance="sensitivity", total_steps=20,
+                         t_warmup=2, t_final=0, delta_t=2, b0=1)
+    return bank, RankAllocator(bank, cfg)
+
+
+def test_sensitivity_survives_a_step_that_gradscaler_skipped():
+    # fp16-style overflow at step 1: GradScaler skips optimizer.step(), the allocator still runs;
+    # its EMAs used to turn NaN, and the event at step 2 raised "training diverged"
+    bank, al = _sensitivity_bank()
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    for step in (1, 2):
+        loss = sum(m(x).square().mean() for m in bank) * (1e6 if step == 1 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            assert not all(torch.isfinite(p.grad).all() for p in bank.parameters() if p.grad is not None)
+        wg = [(p.detach().double() * p.grad.double()).abs() for m in bank for p in (m.P, m.lam, m.Q)]
+        active = [m.mask.nonzero().flatten().tolist() for m in bank]
+        event = al.step(step, opt)
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in bank.parameters()), "parameters stayed finite"
+    assert event is not None and event.step == 2 and event.pruned and event.expanded
+    assert (al.importance.steps, al.importance.skipped) == (1, 1)
+    # one update from zero EMAs (float64): Ī = (1-β₁)·I, Ū = (1-β₂)·|I - Ī| = (1-β₂)·β₁·I, I = |w·g|
+    b1, b2 = al.config.sensitivity_beta, al.config.uncertainty_beta
+    scores = [r["score"] for r in al.history if r["step"] == 2]
+    for k in range(3):
+        sP, sl, sQ = ((1 - b1) * I * (1 - b2) * b1 * I for I in wg[3 * k: 3 * k + 3])
+        ref = sum(float(sl[j] + sP[:, j].mean() + sQ[j].mean()) for j in active[k]) / len(active[k])
+        assert abs(scores[k] - ref) <= 1e-6 * ref, f"module {k}: {scores[k]} != {ref}"
+
+
+def test_a_repeated_step_does_not_update_importance_again():
+    # step(s) twice fed the same gradients to sensitivity's EMAs twice (6 updates for 3 steps)
+    bank, al = _sensitivity_bank()
+    twin_bank, twin = _sensitivity_bank()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    for step in (1, 2, 3):
+        for b in (bank, twin_bank):
+            for p in b.parameters():
+                p.grad = None
+            sum(m(x).square().sum() for m in b).backward()
+        assert al.step(step) == twin.step(step)
+        assert al.step(step) is None  # repeated: ignored
+    assert al.importance.steps == twin.importance.steps == 3
+    for a, b in zip(al.importance.ipt + al.importance.unc, twin.importance.ipt + twin.importance.unc):
+        assert torch.equal(a, b)
+
+
+NO_ALLOCATION = {
+    "only-event-has-b-0": (dict(total_steps=100, t_warmup=0, t_final=20, delta_t=80), r"b\(t\) rounds to 0"),
+    "no-event-in-window": (dict(total_steps=100, t_warmup=0, t_final=20, delta_t=200), "no allocation event falls"),
+    "b0-zero": (dict(b0=0), "b0=0"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_ALLOCATION))
+@pytest.mark.parametrize("mode", ["prune_expand", "prune_only", "expand_only"])
+def test_warns_when_the_config_allocates_nothing(case, mode):
+    kw, why = NO_ALLOCATION[case]
+    with pytest.warns(UserWarning, match=why) as rec:
+        RankAllocator(Bank([6] * 2, r_init=3), config(allocation_mode=mode, **kw))
+    msg = str(rec[0].message)
+    for name in ("total_steps", "t_warmup", "t_final", "delta_t", "b0"):
+        assert f"{name}=" in msg, f"{name} missing from {msg!r}"
+    assert "fixed-rank LoRA" in msg
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(t_warmup=0, delta_t=5), dict(total_steps=100, t_warmup=0, t_final=20, delta_t=16, b0=4),
+     dict(total_steps=2, t_warmup=1, t_final=0, delta_t=1, b0=1), dict(schedule="constant", t_warmup=0, delta_t=80)],
+    ids=["default", "warmup-0", "b-rounds-to-1", "two-steps", "constant"],
+)
+def test_no_warning_when_some_event_moves_rank(kw):
+    # b-rounds-to-1: the first event is at 16, p = 0.2, 4·0.8³ = 2.048 -> 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RankAllocator(Bank([6] * 2, r_init=3), config(**kw))

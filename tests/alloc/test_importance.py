@@ -222,6 +222,78 @@ def test_sensitivity_matches_elementwise_reference_and_resumes():
     assert torch.equal(resumed.scores(mods), got), "state_dict round trip must resume exactly"
 
 
+def _snapshot(mods):
+    """float64 copies of every (P, λ, Q) value and gradient, as sensitivity_reference reads them."""
+    def copy(t):
+        return None if t is None else t.detach().double().clone()
+
+    return [{n: (copy(getattr(m, n)), copy(getattr(m, n).grad)) for n in ("P", "lam", "Q")} for m in mods]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_sensitivity_skips_an_update_with_non_finite_gradients(bad):
+    # an fp16 overflow: GradScaler skips optimizer.step(), and the EMAs must skip it too, or they
+    # turn NaN for good and every later event reports a divergence that never happened
+    mods = make_modules()
+    gen = torch.Generator().manual_seed(2)
+    b1, b2 = 0.8, 0.6
+    imp = SensitivityImportance(b1, b2)
+    history = []
+    for step in range(4):
+        set_random_grads(mods, gen)
+        if step == 2:
+            mods[4].Q.grad[1, 0] = bad  # one element of one module's gradient
+            before = [t.clone() for t in imp.ipt + imp.unc]
+            imp.update(mods)
+            assert all(torch.equal(a, b) for a, b in zip(imp.ipt + imp.unc, before)), "skipped update changed the EMAs"
+            assert (imp.steps, imp.skipped) == (2, 1)
+            continue
+        history.append(_snapshot(mods))
+        imp.update(mods)
+    assert (imp.steps, imp.skipped) == (3, 1)
+    got = imp.scores(mods)
+    assert_scores(got, sensitivity_reference(history, b1, b2, mods), "sensitivity", 1e-9)
+    resumed = SensitivityImportance(b1, b2)
+    resumed.load_state_dict(imp.state_dict())
+    assert (resumed.steps, resumed.skipped) == (3, 1)
+
+
+def test_sensitivity_reports_diverged_parameters_although_their_update_is_skipped():
+    mods = make_modules()
+    imp = SensitivityImportance()
+    set_random_grads(mods, torch.Generator().manual_seed(4))
+    imp.update(mods)
+    with torch.no_grad():
+        mods[1].P[0, 2] = float("inf")  # active slot 2 of module 1 diverged...
+    mods[1].P.grad[0, 2] = float("inf")  # ...and so did its gradient: the update is skipped
+    imp.update(mods)
+    assert imp.skipped == 1
+    s = imp.scores(mods)
+    assert torch.isnan(s[1]) and not torch.isnan(s[[0, 2, 3, 4, 5, 6, 7]]).any(), s
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("in_f,out_f", [(0, 3), (3, 0)], ids=["no-inputs", "no-outputs"])
+def test_sensitivity_of_a_module_with_an_empty_factor(in_f, out_f):
+    # the mean over an empty Q row (or P column) was NaN: the allocator reported "diverged"
+    m = FlexLinear(in_f, out_f, 2, 2, 1.0)
+    with torch.no_grad():
+        m.lam.copy_(torch.tensor([0.5, -2.0]))
+    set_random_grads([m], torch.Generator().manual_seed(6))
+    b1, b2 = 0.8, 0.6
+    imp = SensitivityImportance(b1, b2)
+    imp.update([m])
+    # one update from zero EMAs, float64: Ī·Ū = (1-β₁)·I·(1-β₂)·β₁·I with I = |w·g|; an empty P
+    # column / Q row adds nothing
+    s = {n: ((1 - b1) * (1 - b2) * b1 * (getattr(m, n).detach().double() * getattr(m, n).grad.double()) ** 2)
+         for n in ("P", "lam", "Q")}
+    slots = [
+        float(s["lam"][j]) + (float(s["P"][:, j].mean()) if out_f else 0.0) + (float(s["Q"][j].mean()) if in_f else 0.0)
+        for j in range(2)
+    ]
+    assert_scores(imp.scores([m]), [sum(slots) / 2], "sensitivity", 1e-9)
+
+
 def test_sensitivity_rejects_a_different_module_list():
     mods = make_modules()
     imp = SensitivityImportance()
@@ -278,19 +350,76 @@ def test_batched_scores_equal_one_module_at_a_time_with_mixed_r_max(name):
         assert torch.allclose(together[k], got[0], rtol=1e-5, atol=1e-7), f"module {k}: {together[k]} vs {got[0]}"
 
 
-@pytest.mark.parametrize("name", [n for n in IMPORTANCE_METRICS if n != "sensitivity"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", IMPORTANCE_METRICS)
 @pytest.mark.parametrize("mod,slot", [(1, 2), (3, 4)], ids=["rank-several", "rank-1"])
-def test_nan_parameters_give_nan_not_a_crash(name, mod, slot):
+def test_non_finite_parameters_give_nan_not_a_crash(name, mod, slot, bad):
     # module 3 has one active slot: a finite module of rank 1 scores by the metric's rule (0 for
-    # the entropies); a NaN there must still come out NaN, or the allocator would prune it
+    # the entropies); a NaN there must still come out NaN, or the allocator would prune it. An
+    # inf must too: nuclear / frobenius used to clamp it to fp32's max, the top score, so the
+    # diverged module was expanded.
     mods = make_modules()
     assert mods[mod].mask[slot] and (mod != 3 or int(mods[3].mask.sum()) == 1)
     with torch.no_grad():
         if name in ("entropy", "nuclear", "frobenius"):  # metrics of λ only
-            mods[mod].lam[slot] = float("nan")
+            mods[mod].lam[slot] = bad
         else:
-            mods[mod].P[0, slot] = float("nan")
+            mods[mod].P[0, slot] = bad
     s = make_importance(FlexLoRAConfig(importance=name)).scores(mods)
     assert torch.isnan(s[mod]), f"{name}: {s}"
     others = [i for i in [0, 1, 3, 4, 5, 6, 7] if i != mod]
     assert not torch.isnan(s[others]).any(), f"{name}: {s}"
+
+
+@pytest.mark.parametrize("kind", ["nuclear", "frobenius"])
+def test_norm_metrics_ignore_a_non_finite_inactive_slot(kind):
+    mods = make_modules()
+    m = mods[1]
+    off = int((~m.mask).nonzero()[0])
+    with torch.no_grad():
+        m.lam[off] = float("inf")
+    a = [abs(m.lam[j].item()) * m.scaling for j in m.mask.nonzero().flatten().tolist()]
+    ref = (sum(a) if kind == "nuclear" else math.sqrt(sum(x * x for x in a))) / len(a)
+    got = NormImportance(kind).scores(mods)[1].item()
+    assert abs(got - ref) <= 1e-6 * ref, f"{kind}: {got} != {ref}"
+
+
+SCALINGS = {
+    "lam-1e30": (1e30, 1.0),
+    "lam-1e-30": (1e-30, 1.0),
+    "P-1e20-Q-1e-20": (1.0, 1e20),  # ΔW unchanged, but PᵀP ~ 1e40 and QQᵀ ~ 1e-40
+}
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize(
+    "name,atol",
+    [("energy_entropy_matrix", 2e-4), ("exact_entropy", 1e-6), ("energy_entropy_element", 2e-6)],
+)
+def test_energy_entropies_of_huge_and_tiny_factors(name, atol, scaling):
+    # the entropy of σ² does not depend on ΔW's scale; in fp32, λ ~ 1e30 made the Grams inf
+    # (eigh raised LinAlgError) and λ ~ 1e-30 made them 0 (every module scored 0)
+    lam_factor, pq_factor = SCALINGS[scaling]
+    imp = make_importance(FlexLoRAConfig(importance=name))
+    mods = make_modules()
+    unscaled = imp.scores(mods)
+    with torch.no_grad():
+        for m in mods:
+            m.lam.mul_(lam_factor)
+            m.P.mul_(pq_factor)
+            m.Q.div_(pq_factor)
+    ref = []
+    for m in mods:
+        r = int(m.mask.sum())
+        if name == "energy_entropy_element":
+            P, Q = m.P.detach().double(), m.Q.detach().double()
+            e = [(m.scaling * m.lam[j].item() * P[:, j].norm().item() * Q[j].norm().item()) ** 2
+                 for j in m.mask.nonzero().flatten().tolist()]
+            ref.append(ref_entropy(e))
+        else:
+            sig = torch.linalg.svdvals(delta_w(m))[:r]  # float64: 1e±60 is in range there
+            ref.append(ref_entropy((sig**2).tolist()) if r >= 2 else 0.0)
+    assert max(ref) > 0.5, f"the reference must have non-trivial entropies to compare against: {ref}"
+    got = imp.scores(mods)
+    assert_scores(got, ref, name, atol)
+    assert torch.allclose(got, unscaled, rtol=0, atol=atol), f"{name}: {got} vs unscaled {unscaled}"

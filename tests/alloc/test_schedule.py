@@ -16,7 +16,14 @@ cubic_authors  b0·(1 - p³), b0 = 8:
 import pytest
 
 from flexlora import FlexLoRAConfig
-from flexlora.alloc.schedule import budget_at, config_budget_at, config_is_event_step, is_event_step
+from flexlora.alloc.schedule import (
+    budget_at,
+    config_budget_at,
+    config_is_event_step,
+    config_peak_budget,
+    first_event_step,
+    is_event_step,
+)
 
 WINDOW = dict(total_steps=100, t_warmup=10, t_final=20)
 
@@ -76,3 +83,28 @@ def test_bad_input():
         FlexLoRAConfig(total_steps=100, t_warmup=80, t_final=20)
     with pytest.raises(ValueError, match="delta_t"):
         FlexLoRAConfig(delta_t=0)
+
+
+def test_first_event_and_peak_budget_equal_a_scan_of_every_step():
+    # config_peak_budget looks at the first event only (every schedule is non-increasing): it
+    # must equal the maximum of b(t) over every event step, found by scanning them all
+    seen_zero = seen_none = 0
+    for total in (1, 2, 5, 17, 100):
+        for t_warmup in range(0, total, max(1, total // 7)):
+            for t_final in range(0, total - t_warmup, max(1, total // 5)):
+                for delta_t in (1, 2, 3, 7, 40, 150):
+                    for b0 in (0, 1, 3):
+                        for schedule in ("cubic", "cubic_authors", "constant"):
+                            cfg = FlexLoRAConfig(total_steps=total, t_warmup=t_warmup, t_final=t_final,
+                                                 delta_t=delta_t, b0=b0, schedule=schedule)
+                            events = [t for t in range(total + 1) if config_is_event_step(t, cfg)]
+                            peak = max((config_budget_at(t, cfg) for t in events), default=0)
+                            want = (events[0] if events else None, peak)
+                            assert config_peak_budget(cfg) == want, (total, t_warmup, t_final, delta_t, b0, schedule)
+                            seen_zero += want[1] == 0 and b0 > 0 and bool(events)
+                            seen_none += not events
+    assert seen_zero > 10 and seen_none > 10  # both ways of allocating nothing were exercised
+    assert first_event_step(total_steps=100, t_warmup=0, t_final=20, delta_t=80) == 80
+    assert first_event_step(total_steps=100, t_warmup=0, t_final=20, delta_t=200) is None
+    with pytest.raises(ValueError, match="delta_t must be >= 1"):
+        first_event_step(total_steps=100, t_warmup=0, t_final=20, delta_t=0)

@@ -409,6 +409,81 @@ def test_opcheck_custom_op(backend):
     torch.library.opcheck(torch.ops.flexlora.flex_linear.default, args)
 
 
+@pytest.mark.parametrize("mask_mode", ["random", "on"])  # gathered active slots / all slots
+def test_float64_dlam_is_summed_in_float64(mask_mode):
+    # dλ used to be summed in fp32 for every dtype: ~1e-8 relative error for float64 inputs
+    inp, dy = make_inputs(33, 20, 17, 8, mask_mode)
+    inp["scaling"] = 1.0 / 3.0  # not exact in fp32 either
+    out, _ = run_op(inp, dy, torch.float64, "torch")
+    x, P, lam, Q, mask, s = inp["x"], inp["P"], inp["lam"], inp["Q"], inp["mask"], inp["scaling"]
+    # closed form: dλ_j = s·mask_j·Σ_m (x·Qᵀ)[m, j]·(dy·P)[m, j], term by term in float64
+    want = torch.tensor([s * float(mask[j]) * sum(float((x[m] @ Q[j]) * (dy[m] @ P[:, j])) for m in range(33))
+                         for j in range(8)], dtype=torch.float64)
+    assert out["lam"].dtype == torch.float64
+    assert rel_err(out["lam"], want) < 1e-12, f"dλ relative error {rel_err(out['lam'], want):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_lora", [False, True], ids=["x", "x_lora"])
+def test_zero_in_features(backend, x_lora):
+    """K = 0 with M > 0: y = b, as F.linear gives (reshape(-1, 0) used to fail)."""
+    gen = torch.Generator().manual_seed(0)
+    R, N, lead = 4, 5, (2, 3)
+    f64 = dict(dtype=torch.float64)
+    inp = {
+        "x": torch.zeros(*lead, 0, **f64),
+        "x_lora": torch.zeros(*lead, 0, **f64) if x_lora else None,
+        "weight": torch.zeros(N, 0, **f64),
+        "bias": torch.randn(N, generator=gen, **f64),
+        "P": torch.randn(N, R, generator=gen, **f64),
+        "lam": torch.randn(R, generator=gen, **f64),
+        "Q": torch.zeros(R, 0, **f64),
+        "mask": torch.tensor([True, False, True, True]),
+        "scaling": 0.75,
+    }
+    dy = torch.randn(*lead, N, generator=gen, dtype=torch.float64)
+    ref = reference(inp, dy)
+    out, ins = run_op(inp, dy, torch.float32, backend)
+    assert out["y"].shape == (*lead, N)
+    assert torch.equal(out["y"], inp["bias"].float().expand(*lead, N)), "y must be the bias"
+    assert torch.equal(out["y"], torch.nn.functional.linear(ins["x"], ins["weight"].float(), ins["bias"]).detach())
+    assert rel_err(out["bias"], ref["bias"]) < 1e-6, "db = Σ dy"
+    for k in ("x", "Q") + (("x_lora",) if x_lora else ()):
+        assert out[k].shape == ref[k].shape and out[k].numel() == 0, k
+    for k in ("P", "lam"):  # u = x·Qᵀ = 0: no gradient reaches the adapter
+        assert torch.equal(out[k], torch.zeros_like(out[k])), k
+
+
+@pytest.fixture
+def restore_tf32():
+    """_precision tests change PyTorch's global TF32 setting: put it back for later tests."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision)
+    yield
+    torch.backends.fp32_precision = saved[1]
+    matmul.fp32_precision = saved[0]
+
+
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_precision_follows_the_new_tf32_api(setting, monkeypatch, restore_tf32):
+    # after the new API set TF32, reading the legacy allow_tf32 raises (mixed APIs), so every
+    # fp32 Triton launch on CUDA would have crashed
+    monkeypatch.setattr(fl, "_INTERPRETED", False)  # as on a GPU
+    torch.backends.cuda.matmul.fp32_precision = setting
+    assert fl._precision(torch.float32) == setting
+    assert fl._precision(torch.bfloat16) == "tf32"  # low precision: tensor cores whatever the switch
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_precision_falls_back_to_the_legacy_switch(allow, monkeypatch):
+    import types
+
+    # a torch without fp32_precision (< 2.9): only allow_tf32 exists
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow))
+    monkeypatch.setattr(fl, "_INTERPRETED", False)
+    assert fl._precision(torch.float32) == ("tf32" if allow else "ieee")
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile: one graph, zero recompiles across rank changes (torch path; the interpreter
 # cannot be compiled)

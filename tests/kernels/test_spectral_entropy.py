@@ -213,3 +213,35 @@ def test_non_finite_lambda_gives_nan_at_every_rank(backend, bad):
     s = torch.tensor([4.0, 1.0], dtype=torch.float64) / 5.0
     want = float(-(s * torch.log(s + EPS)).sum() / math.log(2))
     assert ent[2].item() == 0.0 and abs(ent[3].item() - want) < 1e-6 and ent[4].item() == 0.0, ent
+
+
+def test_interpreter_switched_on_after_import_falls_back_to_torch():
+    """TRITON_INTERPRET=1 set after flexlora was imported: the kernel was defined compiled, and
+    CPU tensors used to reach it ("0 active drivers"). backend=None now takes the torch path (with
+    the reference's numbers), and backend="triton" says what to do."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, torch\n"
+        "from flexlora.kernels.spectral_entropy import spectral_entropy_and_slots\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "lam = torch.randn(5, 8, generator=g); mask = torch.rand(5, 8, generator=g) < 0.6\n"
+        "out = [t.tolist() for t in spectral_entropy_and_slots(lam, mask)]\n"
+        "try:\n"
+        "    spectral_entropy_and_slots(lam, mask, backend='triton'); err = None\n"
+        "except RuntimeError as e:\n"
+        "    err = str(e)\n"
+        "print(json.dumps({'lam': lam.tolist(), 'mask': mask.tolist(), 'out': out, 'err': err}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLEXLORA_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    lam, mask = torch.tensor(res["lam"]), torch.tensor(res["mask"])
+    ent, *slots = res["out"]
+    check((torch.tensor(ent, dtype=torch.float32), *(torch.tensor(t, dtype=torch.int64) for t in slots)), reference(lam, mask))
+    assert res["err"] and "TRITON_INTERPRET=1 must be set before flexlora is imported" in res["err"], res["err"]
