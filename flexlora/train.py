@@ -407,7 +407,8 @@ def resolve(opts: TrainOptions, n_examples: int, builtin_data: bool) -> TrainOpt
 
 def resolve_schedule(o: TrainOptions, n_train: int) -> int:
     """Total optimizer steps from --steps or --epochs (1 epoch by default); allocation defaults
-    scaled to it: warm-up 20 %, final freeze 20 %, about 20 events, b0 = 10 % of the modules."""
+    scaled to it: warm-up 20 % (at least 1 step), final freeze 20 %, about 20 events, b0 = 10 % of
+    the modules."""
     if o.steps is not None and o.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
     if o.steps is not None:
@@ -419,7 +420,9 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
         raise InputError(f"--steps must be >= 1, got {steps}")
     given = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
     if o.t_warmup is None:
-        o.t_warmup = steps // 5
+        # at least 1 where the run allows it: the first event then sits at the window's start,
+        # where b(t) = b0 (with t_warmup = 0 a short run's b(t) can round to 0 at every event)
+        o.t_warmup = max(1, steps // 5) if steps > 1 else 0
     if o.t_final is None:
         o.t_final = steps // 5
     if o.method != "lora" and o.t_warmup + o.t_final >= steps:

@@ -145,7 +145,7 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
         expect = "--r-max must be >= --r (8), got 4"
     elif case in ("t-final-too-large", "adalora-t-final-too-large"):
         extra = ["--t-final", "100"] + (["--method", "adalora"] if case.startswith("adalora") else [])
-        expect = "--t-final (100): no steps left for rank allocation (--t-warmup + --t-final = 0 + 100 must be < the 4"
+        expect = "--t-final (100): no steps left for rank allocation (--t-warmup + --t-final = 1 + 100 must be < the 4"
     elif case == "model-without-tokenizer":
         model = str(tmp_path / "m")
         os.mkdir(model)
