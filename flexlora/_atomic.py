@@ -52,12 +52,11 @@ def replace_file(path, data, newline=None) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(os.path.abspath(path)))
     try:
         match_mode(tmp, path)
-        if isinstance(data, bytes):
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        else:
-            with os.fdopen(fd, "w", newline=newline) as f:
-                f.write(data)
+        mode, text_args = ("wb", {}) if isinstance(data, bytes) else ("w", {"newline": newline})
+        with os.fdopen(fd, mode, **text_args) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -78,7 +79,7 @@ def load_dataset(spec: str, cache: Optional[Path] = None) -> TextDataset:
     label or none has; labels may be ints or strings (sorted, then numbered from 0)."""
     if spec in BUILTIN_DATA:
         return movie_sentences(cache)
-    path = Path(spec)
+    path = Path(spec).expanduser()  # "--data=~/x.jsonl" reaches us unexpanded by the shell
     if not path.exists():
         raise InputError(
             f"--data: {spec!r} does not exist (expected a .jsonl/.csv file or one of {list(BUILTIN_DATA)})"
@@ -186,19 +187,22 @@ def _build(rows, source: str) -> TextDataset:
     elif all(isinstance(v, str) for v in raw):
         names = sorted(set(raw))
     else:
-        raise InputError(f"{source}: labels mix ints and strings; use one kind")
+        first_int = isinstance(raw[0], int) or _is_int(raw[0])
+        bad = next(i for i, v in enumerate(raw) if (isinstance(v, int) or _is_int(v)) != first_int)
+        kind = "a string" if first_int else "an int"
+        first = "an int" if first_int else "a string"
+        raise InputError(f"{source}:{rows[bad][0]}: this label is {kind} ({raw[bad]!r}) but the first is {first}; "
+                         "labels must be all ints or all strings")
     if len(names) < 2:
         raise InputError(f"{source}: every example has the label {names[0]!r}; a classifier needs at least 2 labels")
     ids = {v: i for i, v in enumerate(names)}
     return TextDataset(texts, [ids[v] for v in raw], [str(v) for v in names], source)
 
 
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
+def _is_int(s) -> bool:
+    """A string of ASCII digits with an optional sign: int() alone also takes "1_0" (= 10) and
+    other spellings, which would merge distinct string labels into one class."""
+    return isinstance(s, str) and re.fullmatch(r"[+-]?[0-9]+", s.strip()) is not None
 
 
 def split(ds: TextDataset, test_size: int, seed: int) -> Tuple[TextDataset, TextDataset]:
@@ -235,15 +239,37 @@ def movie_sentences(cache: Optional[Path] = None) -> TextDataset:
     from ``<cache>/data/movie_sentences.jsonl``."""
     cache = Path(cache) if cache is not None else cache_dir()
     out = cache / "data" / "movie_sentences.jsonl"
-    if not out.exists():
+    rows = _read_cached_movies(out)
+    if rows is None:
         with tempfile.TemporaryDirectory(prefix="flexlora-dl-") as tmp:
             pip(["download", "--no-deps", "--no-binary", ":all:", "-d", tmp, VADER_SDIST], VADER_SDIST)
             sdists = sorted(Path(tmp).glob("*.tar.gz"))
             if not sdists:
                 raise InputError(f"could not fetch {VADER_SDIST}: pip left no .tar.gz source archive")
-            rows = parse_movie_sentences(read_movie_file(sdists[0]))
-        write_atomic(out, "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
-    return _build(_read_jsonl(out), "movie-sentences")
+            parsed = parse_movie_sentences(read_movie_file(sdists[0]))
+        if len(parsed) != MOVIE_SENTENCES:
+            raise InputError(f"{VADER_SDIST}: parsed {len(parsed)} movie sentences, expected {MOVIE_SENTENCES}")
+        write_atomic(out, "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in parsed))
+        rows = _read_jsonl(out)
+    return _build(rows, "movie-sentences")
+
+
+MOVIE_SENTENCES = 10568  # labelled sentences in vaderSentiment 3.3.2's file (rating 0 dropped)
+
+
+def _read_cached_movies(path: Path):
+    """The cached rows, or None when there is no cache or it is damaged (empty, truncated,
+    unreadable): then the data is fetched again instead of failing for good."""
+    if not path.exists():
+        return None
+    try:
+        rows = _read_jsonl(path)
+    except (InputError, OSError):
+        rows = []
+    if len(rows) == MOVIE_SENTENCES:
+        return rows
+    print(f"flexlora: the cached {path} is damaged ({len(rows)} usable rows); fetching it again", file=sys.stderr)
+    return None
 
 
 def read_movie_file(sdist: Path) -> str:
@@ -254,18 +280,21 @@ def read_movie_file(sdist: Path) -> str:
             inner_bytes = outer.extractfile(_VADER_INNER).read()
         with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
             return inner.extractfile(_VADER_MOVIES).read().decode("utf-8")
-    except (KeyError, tarfile.TarError, AttributeError) as e:
+    except (KeyError, tarfile.TarError, AttributeError, UnicodeDecodeError) as e:
         raise InputError(f"{sdist.name}: does not hold {_VADER_INNER} -> {_VADER_MOVIES} ({e})") from None
 
 
 def parse_movie_sentences(text: str) -> List[Tuple[str, int]]:
     """Lines ``id \\t rating \\t sentence`` -> [(sentence, rating > 0)], rating 0 dropped."""
     rows = []
-    for line in text.splitlines():
+    for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split("\t")
         if len(parts) < 3:
             continue
-        rating = float(parts[1])
+        try:
+            rating = float(parts[1])
+        except ValueError:
+            raise InputError(f"{_VADER_MOVIES}:{lineno}: rating {parts[1]!r} is not a number") from None
         if rating == 0:
             continue
         rows.append((parts[2].strip(), int(rating > 0)))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ._atomic import match_mode
 from .data import InputError, cache_dir, pip
 
 
@@ -106,11 +107,23 @@ def install_package(requirement: str, target: Path) -> Path:
     try:
         print(f"flexlora: fetching {requirement} from PyPI into {target} (once)", file=sys.stderr)
         pip(["install", "--no-deps", "--no-compile", "--target", str(tmp), requirement], requirement)
-        os.replace(tmp, target)
+        match_mode(tmp, target)  # mkdtemp's 0700 would hide a shared cache from other users
+        _install(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` onto ``target``. Another process may have installed the same
+    thing first (two first runs at once): its folder is complete and may be in use, so it stays
+    and ours is dropped (by the caller's cleanup)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
 
 
 _CONVERT = r"""
@@ -157,9 +170,10 @@ def convert_gguf(gguf_file: Path, out: Path, cache: Path) -> Path:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise InputError(f"could not convert {gguf_file.name} to a HF folder: {last}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        match_mode(tmp, out)
+        if out.exists() and not (out / "config.json").is_file():
+            shutil.rmtree(out)  # a damaged folder (no config.json): a usable one is never removed
+        _install(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

