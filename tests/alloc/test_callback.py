@@ -31,11 +31,12 @@ def tiny_llama():
     return llama_model(vocab=32, intermediate=64, max_positions=64, initializer_range=0.3)
 
 
-def make_trainer(tmp_path, model, callbacks, max_steps, accumulation=1):
+def make_trainer(tmp_path, model, callbacks, max_steps, accumulation=1, save_steps=None):
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8,
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, weight_decay=0.01,
-        lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
+        lr_scheduler_type="constant", report_to="none", use_cpu=True, **save,
         logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=callbacks)
@@ -83,6 +84,40 @@ def test_trainer_runs_allocation_and_orthogonality(tmp_path):
     assert allocator.total_rank == budget == sum(allocator.ranks().values())
     assert allocator.ranks() != start
     assert allocator.importance.steps == 24  # one update per optimizer step, not per micro-batch
+
+
+def _run(tmp_path, steps, save_steps=None, resume=None):
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(
+        r_init=4, r_max=8, alpha=16.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        total_steps=24, t_warmup=2, t_final=2, delta_t=2, b0=2, importance="sensitivity",
+    )
+    flexlora.wrap(model, cfg)
+    allocator = RankAllocator(model)
+    trainer = make_trainer(tmp_path, model, [FlexLoRACallback(allocator)], max_steps=steps, save_steps=save_steps)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, allocator
+
+
+def test_resumed_trainer_continues_the_allocator_exactly(tmp_path):
+    model, straight = _run(tmp_path / "straight", 24)
+    _run(tmp_path / "resumed", 24, save_steps=12)  # writes checkpoint-12 (and -24)
+    assert (tmp_path / "resumed" / "checkpoint-12" / "flexlora_allocator_state.pt").is_file()
+    model2, resumed = _run(tmp_path / "resumed", 24, resume=str(tmp_path / "resumed" / "checkpoint-12"))
+    assert resumed.num_events == straight.num_events == len(range(2, 23, 2))
+    assert resumed.history == straight.history  # every event, from step 0, with its scores
+    assert resumed.importance.steps == straight.importance.steps == 24
+    assert resumed.ranks() == straight.ranks()
+    for (_, a), (_, b) in zip(flexlora.flex_modules(model), flexlora.flex_modules(model2)):
+        assert torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.lam, b.lam, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_allocator_state_warns(tmp_path):
+    _run(tmp_path, 24, save_steps=12)
+    (tmp_path / "checkpoint-12" / "flexlora_allocator_state.pt").unlink()
+    with pytest.warns(UserWarning, match="resumes at step 12 but .*flexlora_allocator_state.pt' does not exist"):
+        _run(tmp_path, 24, resume=str(tmp_path / "checkpoint-12"))
 
 
 def test_trainer_warns_on_total_steps_mismatch(tmp_path):
