@@ -32,7 +32,7 @@ import torch.nn as nn
 from ._atomic import atomic_directory
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules, name_matches, unwrap_model, wrap
+from .layers.wrap import flex_modules, name_matches, named_modules_all, unwrap_model, wrap
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -293,15 +293,13 @@ def _wrap_undoable(model: nn.Module, config: FlexLoRAConfig):
     """wrap(model, config), returning a function that puts the original nn.Linear modules and
     requires_grad flags back (a failed load must not leave a plain model wrapped)."""
     # every name: a Linear registered twice is replaced under both, and put back under both
-    linears = {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in named_modules_all(model) if isinstance(m, nn.Linear)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     wrap(model, config)
 
     def undo() -> None:
-        wrapped = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FlexLinear)]
-        for name in wrapped:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linears[name])
+        for name in [n for n, m in named_modules_all(model) if isinstance(m, FlexLinear)]:
+            model.set_submodule(name, linears[name])
         for p, flag in flags:
             p.requires_grad_(flag)
         if hasattr(model, "flexlora_config"):
@@ -486,17 +484,17 @@ def save_checkpoint(
         dist.all_gather_object(per_rank, rng)
         if rank != 0:
             return _await_writer(Path(directory))
-    state = {
-        "step": step,
-        "rng": rng,
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "flexlora_version": __version__,
-    }
-    if per_rank is not None:
-        state["rng_per_rank"] = per_rank
     error = None
-    try:
+    try:  # everything rank 0 does from here on: any error must reach the waiting ranks
+        state = {
+            "step": step,
+            "rng": rng,
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "flexlora_version": __version__,
+        }
+        if per_rank is not None:
+            state["rng_per_rank"] = per_rank
         collected = _collect_adapter(model, allocator)
         with atomic_directory(directory, _OWNED) as tmp:
             _write_adapter(tmp, collected)

@@ -40,9 +40,9 @@ import torch.nn as nn
 
 from ._atomic import atomic_directory
 from .checkpoint import _base_name, _model_config, _saved_modules
-from .layers.wrap import unwrap_model
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules
+from .layers.wrap import flex_modules, named_modules_all, unwrap_model
+from .merging import delta_weight_fp32
 
 # peft.TaskType's values (peft 0.21), for when peft is not installed (it is not a dependency)
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -110,15 +110,13 @@ def _merged_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     """State of a modules_to_save module as PEFT's plain copy of it holds it: each FlexLinear inside
     becomes a plain linear's ``weight`` = cast(W₃₂ + ΔW₃₂) (its ΔW folded in) and ``bias``."""
     state = module.state_dict()
-    for sub_name, sub in module.named_modules(remove_duplicate=False):
+    for sub_name, sub in named_modules_all(module):
         if not isinstance(sub, FlexLinear):
             continue
         pre = f"{sub_name}." if sub_name else ""
         for key in ("P", "lam", "Q", "mask"):
             state.pop(pre + key, None)
-        g = sub.lam.detach().float() * sub.mask.float() * sub.scaling
-        delta = (sub.P.detach().float() * g) @ sub.Q.detach().float()
-        state[pre + "weight"] = (sub.weight.detach().float() + delta).to(sub.weight.dtype)
+        state[pre + "weight"] = (sub.weight.detach().float() + delta_weight_fp32(sub)).to(sub.weight.dtype)
     return state
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import carry_hooks, flex_modules, parameter_owners, tied_names, unwrap_model
+from .layers.wrap import carry_hooks, flex_modules, named_modules_all, parameter_owners, tied_names, unwrap_model
 
 _ORIGINAL = "_flexlora_unmerged_weight"
 _MERGED_ADAPTER = "_flexlora_merged_adapter"
@@ -42,6 +42,12 @@ def _delta_fp32(adapter, device) -> torch.Tensor:
     P, lam, Q, mask, scaling = (t.to(device) if isinstance(t, torch.Tensor) else t for t in adapter)
     g = lam.float() * mask.float() * scaling
     return (P.float() * g) @ Q.float()
+
+
+def delta_weight_fp32(m: FlexLinear) -> torch.Tensor:
+    """m's current ΔW = s·P·diag(λ⊙mask)·Q in float32: [out_features, in_features] (the same math
+    merge folds in)."""
+    return _delta_fp32(_snapshot(m), m.weight.device)
 
 
 def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
@@ -125,7 +131,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     given, model = model, unwrap_model(model)
     plain = {}  # id(FlexLinear) -> its nn.Linear: one per module, set under each of its names
-    for name, m in list(model.named_modules(remove_duplicate=False)):
+    for name, m in named_modules_all(model):
         if not isinstance(m, FlexLinear):
             continue
         if id(m) not in plain:
@@ -139,9 +145,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 if hasattr(m, attr):
                     delattr(m, attr)
             plain[id(m)] = linear
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, plain[id(m)])
+        model.set_submodule(name, plain[id(m)])
     if hasattr(model, "flexlora_config"):
         del model.flexlora_config
     return given

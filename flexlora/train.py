@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._atomic import move_into
+from ._atomic import atomic_directory, move_into
 from .layers.wrap import name_matches
 from .data import InputError, TextDataset, load_dataset, split
 from .models import BUILTIN_MODELS, resolve_model
@@ -621,8 +621,10 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
     All of them are written into a hidden folder inside ``out`` first and then renamed into place
     together (:func:`flexlora._atomic.move_into`): a save that fails (disk full, a permission)
     leaves the previous run's outputs as they were, never a mix of two runs; outputs of ours that
-    this run does not write (a heatmap after a PEFT run) are removed. An OSError becomes an
-    InputError naming the folder."""
+    this run does not write (a heatmap after a PEFT run) are removed, and adapter/ is replaced
+    whole. An adapter/ that is a symlink to a folder keeps the link: the folder it points to is
+    replaced (atomically on its own, just before the other outputs are renamed in). An OSError
+    becomes an InputError naming the folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".flexlora-save-", dir=out))
@@ -630,13 +632,31 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
     try:
         _write_outputs(stage, model, allocator, o, task, log_rows, metrics, ds)
-        move_into(stage, out, (ADAPTER_DIR, *OUTPUT_FILES))
+        names = (ADAPTER_DIR, *OUTPUT_FILES)
+        link = out / ADAPTER_DIR
+        if link.is_symlink() and link.is_dir():
+            # adapter/ links elsewhere (another disk): replace the folder it points to, keep the link
+            _replace_linked_dir(stage / ADAPTER_DIR, link)
+            names = OUTPUT_FILES
+        move_into(stage, out, names)
     except OSError as e:
         raise InputError(
             f"--output-dir: saving the outputs into {out} failed ({e.strerror or e}); what was there before is unchanged"
         ) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace_linked_dir(new: Path, link: Path) -> None:
+    """Replace the contents of the folder ``link`` points to by those of ``new``, atomically (the
+    folder is replaced whole, as an adapter/ that is not a link is)."""
+    old_names = [p.name for p in link.iterdir()]
+    with atomic_directory(link, owned_files=old_names + [p.name for p in new.iterdir()]) as tmp:
+        for entry in new.iterdir():
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
 
 
 def _write_outputs(stage: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:

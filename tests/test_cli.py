@@ -248,6 +248,19 @@ def test_rerun_replaces_all_outputs_and_keeps_other_files(tiny, tmp_path, capsys
     assert not (out / "adapter" / "flexlora_config.json").exists()
 
 
+def test_symlinked_adapter_folder_is_written_through(tiny, tmp_path, capsys):
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk" / "adapter"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "old-notes.txt").write_text("a stale file")
+    out.mkdir()
+    (out / "adapter").symlink_to(elsewhere, target_is_directory=True)
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST])
+    assert (out / "adapter").is_symlink() and (out / "adapter").resolve() == elsewhere.resolve()
+    assert sorted(p.name for p in elsewhere.iterdir()) == [
+        "adapter_model.safetensors", "allocator_state.pt", "flexlora_config.json"]  # replaced whole
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
 def test_python_dash_m_help_subprocess():
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "flexlora", "train", "--help"], capture_output=True, text=True,

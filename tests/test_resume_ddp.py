@@ -82,6 +82,16 @@ def _worker(rank, init_file, out_dir):
             flexlora.save_checkpoint(bad, ddp, allocator=alloc, optimizer=opt, step=STEPS, distributed=True)
         except Exception as e:
             res["failed_save"] = f"{type(e).__name__}: {e}"
+
+        class Unsaveable:  # fails while rank 0 builds the state, before anything is written
+            def state_dict(self):
+                raise RuntimeError("cannot serialize this scheduler")
+
+        try:
+            flexlora.save_checkpoint(os.path.join(out_dir, "never"), ddp, scheduler=Unsaveable(), step=STEPS,
+                                     distributed=True)
+        except Exception as e:
+            res["failed_state"] = f"{type(e).__name__}: {e}"
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:
@@ -117,6 +127,9 @@ def test_failed_distributed_save_raises_on_every_rank(results):
     assert res[0]["failed_save"].startswith("NotADirectoryError") and "a-file" in res[0]["failed_save"]
     assert res[1]["failed_save"].startswith("RuntimeError: save_checkpoint to") and "failed on rank 0" in res[1]["failed_save"]
     assert "NotADirectoryError" in res[1]["failed_save"]
+    # an error while rank 0 gathers the states reaches rank 1 too (it must not wait for a timeout)
+    assert res[0]["failed_state"] == "RuntimeError: cannot serialize this scheduler"
+    assert res[1]["failed_state"].endswith("failed on rank 0: RuntimeError: cannot serialize this scheduler")
 
 
 def test_other_world_size_warns_and_takes_rank0_streams(results):

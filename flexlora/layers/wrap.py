@@ -42,11 +42,25 @@ def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
             setattr(dst, attr, getattr(src, attr))
 
 
+def named_modules_all(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, module) for the root and every registration of a submodule: a module held
+    under two names appears under both (``named_modules()`` reports only the first). Unlike
+    ``named_modules(remove_duplicate=False)`` it ends on a module graph with a cycle (a child
+    holding its parent), since each distinct parent is visited once; a name is then its parent's
+    first name plus the attribute."""
+    out: List[Tuple[str, nn.Module]] = [("", model)]
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                out.append((f"{parent_name}.{attr}" if parent_name else attr, child))
+    return out
+
+
 def parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[int, str]]]:
     """id(parameter) -> [(id(owning module), qualified parameter name)] over every name a module or
     parameter is registered under (tied weights appear under each owner)."""
     owners: Dict[int, List[Tuple[int, str]]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
+    for name, mod in named_modules_all(model):
         for pname, p in mod._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
@@ -69,8 +83,9 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     (it reads their weights directly, so an adapter there would never run); a target whose weight
     is tied to another module's gets a warning (``merge`` refuses it).
 
-    Raises ``ValueError`` when no module matches, listing some that exist, and when a target was
-    already dispatched by accelerate (its forward is replaced: wrap before dispatching).
+    Raises ``ValueError`` when no module matches, listing some that exist, when a Linear matches
+    both target_modules and modules_to_save, and when a target was already dispatched by
+    accelerate (its forward is replaced: wrap before dispatching).
     """
     if not isinstance(config, FlexLoRAConfig):
         raise TypeError(f"wrap: config must be a FlexLoRAConfig, got {type(config).__name__}")
@@ -82,7 +97,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     names_of: Dict[int, List[str]] = {}
     linear_of: Dict[int, nn.Linear] = {}
     mha_children = set()
-    for name, m in model.named_modules(remove_duplicate=False):
+    for name, m in named_modules_all(model):
         if isinstance(m, nn.MultiheadAttention):
             mha_children |= {id(c) for c in m.children() if isinstance(c, nn.Linear)}
         if name and isinstance(m, nn.Linear):
@@ -115,6 +130,14 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             f"wrap: modules_to_save={list(config.modules_to_save)!r} matches no module; "
             f"some that exist: {names[-8:]}"
         )
+    target_ids = {id(linear): names[0] for names, linear in targets}
+    for save_name, m in save:
+        if id(m) in target_ids:
+            # its base weight would have to be both frozen (an adapter's) and trained in full
+            raise ValueError(
+                f"wrap: {save_name!r} matches both target_modules and modules_to_save; a Linear is either "
+                "adapted (target_modules) or trained in full (modules_to_save), not both"
+            )
     for names, linear in targets:
         if hasattr(linear, "_hf_hook"):
             # accelerate replaced this module's forward by one that calls the Linear's original
@@ -151,9 +174,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
         )
         carry_hooks(linear, flex)
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, flex)
+            model.set_submodule(name, flex)
     # A tied base weight may sit in a modules_to_save module outside its FlexLinear (an input
     # embedding tied to an adapted lm_head): it stays frozen, as every base weight does.
     base_of: Dict[int, str] = {}

@@ -266,3 +266,38 @@ def test_linear_registered_under_two_names_is_wrapped_under_both(target):
     with torch.no_grad():
         got = model(x.float())
     assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+def test_module_graph_with_a_cycle_wraps_merges_and_unloads():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(4, 4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.block.owner = self  # a child registering its parent: named_modules(remove_duplicate=False) never ends
+
+        def forward(self, x):
+            return self.block.q_proj(x)
+
+    net = Net()
+    flexlora.wrap(net, flexlora.FlexLoRAConfig(r_init=2, r_max=4, target_modules=["q_proj"]))
+    assert isinstance(net.block.q_proj, flexlora.FlexLinear)
+    with torch.no_grad():
+        net.block.q_proj.lam.fill_(0.5)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    f = net.block.q_proj
+    ref = x @ (f.weight.double() + f.scaling * (f.P.double() * (f.lam.double() * f.mask)) @ f.Q.double()).T + f.bias.double()
+    flexlora.merge_and_unload(net)
+    assert type(net.block.q_proj) is nn.Linear
+    torch.testing.assert_close(net(x.float()).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_linear_in_both_target_modules_and_modules_to_save_is_an_error():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'2' matches both target_modules and modules_to_save"):
+        flexlora.wrap(m, flexlora.FlexLoRAConfig(r_init=2, r_max=4, target_modules=["0", "2"], modules_to_save=["2"]))
+    assert not flexlora.flex_modules(m)  # refused before anything changed
