@@ -51,3 +51,25 @@ def choose_backend(x: torch.Tensor, backend: Optional[str], cuda_default: str = 
     if x.is_cuda and cuda_default == "torch":
         return "torch"
     return "triton" if can_triton else "torch"
+
+
+def triton_runnable(op: str, x: torch.Tensor, backend: Optional[str], interpreted: bool,
+                    problem: Optional[str] = None) -> bool:
+    """For an op that :func:`choose_backend` sent to Triton: whether its kernels can run on ``x``.
+
+    ``problem`` is an op-specific reason they cannot (a dtype), checked first; CPU tensors also
+    need the interpreter to have been on when the op's kernels were defined (``interpreted``): a
+    TRITON_INTERPRET set later would launch compiled kernels on CPU tensors. If they cannot run,
+    the torch path does (False), unless Triton was asked for by name (argument or
+    FLEXLORA_BACKEND): then a RuntimeError naming ``op`` says why.
+    """
+    if problem is None and x.device.type == "cpu" and not interpreted:
+        problem = (
+            "TRITON_INTERPRET=1 must be set before flexlora is imported to run the Triton kernels on "
+            "CPU tensors (triton picks compiled vs interpreted kernels when they are defined)"
+        )
+    if problem is None:
+        return True
+    if backend == "triton" or (backend is None and os.environ.get("FLEXLORA_BACKEND") == "triton"):
+        raise RuntimeError(f"{op}: backend='triton' cannot run here: {problem}")
+    return False

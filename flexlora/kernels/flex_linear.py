@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend, triton_interpret
+from ._backend import choose_backend, triton_interpret, triton_runnable
 
 try:  # triton is optional: without it (or on a CPU without the interpreter) the torch path runs
     import triton
@@ -860,20 +860,10 @@ def _resolve_backend(x: torch.Tensor, backend: Optional[str]) -> str:
     chosen = choose_backend(x, backend, cuda_default=CUDA_DEFAULT_BACKEND)
     if chosen != "triton":
         return chosen
-    explicit = backend == "triton" or (backend is None and os.environ.get("FLEXLORA_BACKEND") == "triton")
     problem = None
     if x.dtype not in _TRITON_DTYPES:
         problem = f"the Triton kernels support x of dtype float32, float16 or bfloat16, got {x.dtype}"
-    elif x.device.type == "cpu" and not _INTERPRETED:
-        problem = (
-            "TRITON_INTERPRET=1 must be set before flexlora is imported to run the Triton kernels on "
-            "CPU tensors (triton picks compiled vs interpreted kernels when they are defined)"
-        )
-    if problem is None:
-        return "triton"
-    if explicit:
-        raise RuntimeError(f"flex_linear: backend='triton' cannot run here: {problem}")
-    return "torch"
+    return "triton" if triton_runnable("flex_linear", x, backend, _INTERPRETED, problem) else "torch"
 
 
 @torch.compiler.assume_constant_result

@@ -23,12 +23,11 @@ The op is not differentiable (its outputs drive discrete decisions); it reads λ
 
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 
-from ._backend import choose_backend, triton_interpret
+from ._backend import choose_backend, triton_interpret, triton_runnable
 
 try:  # triton is optional: the torch path below serves when it is missing
     import triton
@@ -208,19 +207,7 @@ def spectral_entropy_and_slots(
 
 
 def _use_triton(lam: torch.Tensor, backend) -> bool:
-    """choose_backend's answer, except that CPU tensors never reach a compiled kernel: the torch
-    path runs instead, or, where Triton was asked for by name, a RuntimeError says why."""
-    if choose_backend(lam, backend) != "triton":
-        return False
-    if lam.device.type != "cpu" or _INTERPRETED:
-        return True
-    if backend == "triton" or (backend is None and os.environ.get("FLEXLORA_BACKEND") == "triton"):
-        raise RuntimeError(
-            "spectral_entropy: backend='triton' cannot run here: TRITON_INTERPRET=1 must be set "
-            "before flexlora is imported to run the Triton kernel on CPU tensors (triton picks "
-            "compiled vs interpreted kernels when they are defined)"
-        )
-    return False
+    return choose_backend(lam, backend) == "triton" and triton_runnable("spectral_entropy", lam, backend, _INTERPRETED)
 
 
 def spectral_entropy(lam: torch.Tensor, mask: torch.Tensor, eps: float = 1e-12, *, backend=None) -> torch.Tensor:
