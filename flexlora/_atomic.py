@@ -183,6 +183,10 @@ def move_into(stage, target, names: Iterable[str]) -> None:
     for name in names:
         if os.path.lexists(stage / name) and not (stage / name).is_symlink():
             match_mode(stage / name, target / name)
+            # on disk before the renames: a crash right after must not leave empty files in place
+            for f in [stage / name, *(stage / name).rglob("*")] if (stage / name).is_dir() else [stage / name]:
+                if f.is_file():
+                    _fsync_path(f)
     done = []  # (source, destination) of every rename made, to undo them
     try:
         for name in names:
