@@ -380,11 +380,36 @@ def check_flags(o: TrainOptions) -> None:
         raise InputError(f"--warmup-ratio must be in [0, 1], got {o.warmup_ratio}")
     if not 0.0 <= o.dropout < 1.0:
         raise InputError(f"--dropout must be in [0, 1), got {o.dropout}")
+    if o.steps is not None and o.epochs is not None:
+        raise InputError("give --steps or --epochs, not both")
+    if o.steps is not None and o.method != "lora":  # with --epochs: once the data is read
+        _check_window(o.steps, o)
     if o.method != "lora":  # LoRA has one rank: --r-max and --r-min do not apply
         if o.r_max is not None and o.r_max < o.r:
             raise InputError(f"--r-max must be >= --r ({o.r}), got {o.r_max}")
         if o.method == "flexlora" and o.r_min > o.r:
             raise InputError(f"--r-min must be <= --r ({o.r}), got {o.r_min}")
+
+
+def _window_defaults(steps: int):
+    """Default (t_warmup, t_final): 20 % of the steps each, the warm-up at least 1 step where the
+    run allows it (the first event then sits at the window's start, where b(t) = b0; with
+    t_warmup = 0 a short run's b(t) can round to 0 at every event)."""
+    return (max(1, steps // 5) if steps > 1 else 0), steps // 5
+
+
+def _check_window(steps: int, o: TrainOptions) -> None:
+    """--t-warmup + --t-final < steps (a None takes its default); names the flags given."""
+    default_w, default_f = _window_defaults(steps)
+    w = default_w if o.t_warmup is None else o.t_warmup
+    f = default_f if o.t_final is None else o.t_final
+    if w + f < steps:
+        return
+    named = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
+    raise InputError(
+        f"{named or '--t-warmup + --t-final'}: no steps left for rank allocation (--t-warmup + --t-final "
+        f"= {w} + {f} must be < the {steps} training steps)"
+    )
 
 
 def _flag(field_name: str) -> str:
@@ -409,8 +434,6 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
     """Total optimizer steps from --steps or --epochs (1 epoch by default); allocation defaults
     scaled to it: warm-up 20 % (at least 1 step), final freeze 20 %, about 20 events, b0 = 10 % of
     the modules."""
-    if o.steps is not None and o.epochs is not None:
-        raise InputError("give --steps or --epochs, not both")
     if o.steps is not None:
         steps = o.steps
     else:
@@ -418,18 +441,11 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
         steps = math.ceil(math.ceil(n_train / o.batch_size) * epochs)
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
-    given = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
-    if o.t_warmup is None:
-        # at least 1 where the run allows it: the first event then sits at the window's start,
-        # where b(t) = b0 (with t_warmup = 0 a short run's b(t) can round to 0 at every event)
-        o.t_warmup = max(1, steps // 5) if steps > 1 else 0
-    if o.t_final is None:
-        o.t_final = steps // 5
-    if o.method != "lora" and o.t_warmup + o.t_final >= steps:
-        raise InputError(
-            f"{given or '--t-warmup + --t-final'}: no steps left for rank allocation (--t-warmup + --t-final "
-            f"= {o.t_warmup} + {o.t_final} must be < the {steps} training steps)"
-        )
+    if o.method != "lora":
+        _check_window(steps, o)
+    default_w, default_f = _window_defaults(steps)
+    o.t_warmup = default_w if o.t_warmup is None else o.t_warmup
+    o.t_final = default_f if o.t_final is None else o.t_final
     if o.delta_t is None:
         o.delta_t = max(1, (steps - o.t_warmup - o.t_final) // 20)
     return steps

@@ -64,7 +64,7 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "weight-decay-negative", "warmup-ratio-above-1", "threads-zero", "log-every-negative", "epochs-negative",
      "diverging-lr", "adalora-r-above-r-max", "t-final-too-large", "adalora-t-final-too-large",
      "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
-     "test-size-negative"],
+     "test-size-negative", "steps-and-epochs-before-data"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
@@ -166,6 +166,10 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     elif case == "r-min-above-r":
         extra = ["--r-min", "3"]
         expect = "--r-min must be <= --r (2), got 3"
+    elif case == "steps-and-epochs-before-data":
+        data = str(tmp_path / "not-there.jsonl")  # the flag conflict is found first
+        extra = ["--epochs", "1"]
+        expect = "give --steps or --epochs, not both"
     elif case == "test-size-negative":
         extra = ["--test-size", "-1"]
         expect = "--test-size must be >= 0, got -1"
