@@ -217,6 +217,7 @@ class RankAllocator:
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
         _warn_if_no_allocation(config)
+        self._warned_step0 = False
         self.config = config
         self.names: List[str] = [n for n, _ in named]
         self.modules: List[FlexLinear] = [m for _, m in named]
@@ -303,6 +304,15 @@ class RankAllocator:
         # before the importance update: a repeated step must not feed the same gradients to a
         # stateful metric twice (sensitivity's EMAs would advance two steps for one)
         if global_step <= self._last_step:
+            if global_step == 0 and not self._warned_step0:
+                self._warned_step0 = True
+                warnings.warn(
+                    "RankAllocator.step(0) is ignored: global_step counts the optimizer steps done, so the "
+                    "first call after optimizer.step() is step(1) (with enumerate(loader), use start=1); a "
+                    "0-based count runs every event one step late and skips step 0's importance update",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return None
         if not fresh:
             self.importance.update(self.modules)

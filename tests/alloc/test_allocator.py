@@ -619,3 +619,16 @@ def test_no_warning_when_some_event_moves_rank(kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RankAllocator(Bank([6] * 2, r_init=3), config(**kw))
+
+
+def test_a_zero_based_step_count_warns_once():
+    bank = Bank([6, 6, 6], 3)
+    alloc = RankAllocator(bank, config(t_warmup=1, delta_t=1))
+    with pytest.warns(UserWarning, match=r"step\(0\) is ignored.*start=1"):
+        assert alloc.step(0) is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*step\(0\)")
+        alloc.step(0)  # once is enough
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no optimizer given: that warning is not under test)
+        assert alloc.step(1) is not None  # the 1-based count works as before
