@@ -26,6 +26,17 @@ ALLOCATION_MODES = ("prune_expand", "prune_only", "expand_only")
 EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
 
 
+def is_int(v: Any) -> bool:
+    """An int, bool excluded (True would pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """An int or float, bool excluded, neither NaN nor ±inf (NaN passes no comparison and inf
+    passes "> 0": both would reach the outputs as NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _is_collection(v: Any) -> bool:
     try:
         iter(v)
@@ -105,13 +116,6 @@ class FlexLoRAConfig:
                     f"FlexLoRAConfig.{name} must be {expected}, got {getattr(self, name)!r}"
                 )
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v: Any) -> bool:
-            # NaN passes no comparison and inf passes "> 0": both would reach the outputs as NaN
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         need(is_int(self.r_max) and self.r_max >= 1, "r_max", "an int >= 1")
         need(is_int(self.r_init) and 0 <= self.r_init <= self.r_max, "r_init", f"an int in [0, r_max={self.r_max}]")
         need(
@@ -121,9 +125,9 @@ class FlexLoRAConfig:
             # r_min defaults to 1, so r_init=0 alone fails here: say which field to change
             + (" (r_min defaults to 1: with r_init=0 set r_min=0 as well)" if self.r_init == 0 else ""),
         )
-        need(is_number(self.alpha) and self.alpha > 0, "alpha", "a finite number > 0")
-        need(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
-        need(is_number(self.init_std) and self.init_std > 0, "init_std", "a finite number > 0")
+        need(is_finite_number(self.alpha) and self.alpha > 0, "alpha", "a finite number > 0")
+        need(is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        need(is_finite_number(self.init_std) and self.init_std > 0, "init_std", "a finite number > 0")
         if isinstance(self.target_modules, str):
             need(len(self.target_modules) > 0, "target_modules", "a non-empty regex or list of names")
             try:
@@ -162,11 +166,11 @@ class FlexLoRAConfig:
         need(self.importance in IMPORTANCE_METRICS, "importance", f"one of {IMPORTANCE_METRICS}")
         need(self.allocation_mode in ALLOCATION_MODES, "allocation_mode", f"one of {ALLOCATION_MODES}")
         need(self.expand_init in EXPAND_INITS, "expand_init", f"one of {EXPAND_INITS}")
-        need(is_number(self.orth_reg) and self.orth_reg >= 0, "orth_reg", "a finite number >= 0")
+        need(is_finite_number(self.orth_reg) and self.orth_reg >= 0, "orth_reg", "a finite number >= 0")
         for name in ("sensitivity_beta", "uncertainty_beta"):
             v = getattr(self, name)
-            need(is_number(v) and 0.0 <= v < 1.0, name, "a number in [0, 1)")
-        need(is_number(self.entropy_eps) and self.entropy_eps > 0, "entropy_eps", "a finite number > 0")
+            need(is_finite_number(v) and 0.0 <= v < 1.0, name, "a number in [0, 1)")
+        need(is_finite_number(self.entropy_eps) and self.entropy_eps > 0, "entropy_eps", "a finite number > 0")
         need(is_int(self.seed), "seed", "an int")
 
     @property

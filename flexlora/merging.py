@@ -30,15 +30,27 @@ _ORIGINAL = "_flexlora_unmerged_weight"
 _MERGED_ADAPTER = "_flexlora_merged_adapter"
 
 
+def _factors(m: FlexLinear) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(P, λ, Q, mask, scaling) of ``m`` as they are now (detached, not copied)."""
+    return (m.P.detach(), m.lam.detach(), m.Q.detach(), m.mask, m.scaling)
+
+
 def _snapshot(m: FlexLinear) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Copies of the factors merge folds in: a rank change or an optimizer step (weight decay)
     between merge and unmerge must not change what unmerge subtracts. r_max·(in + out) values,
     small beside W; the full buffers, so unmerge recomputes bit for bit the ΔW merge added."""
-    return (m.P.detach().clone(), m.lam.detach().clone(), m.Q.detach().clone(), m.mask.clone(), m.scaling)
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in _factors(m))
+
+
+def _forget_merge(m: FlexLinear) -> None:
+    """Drop what merge kept to undo itself (the original W or the factors' snapshot)."""
+    for attr in (_ORIGINAL, _MERGED_ADAPTER):
+        if hasattr(m, attr):
+            delattr(m, attr)
 
 
 def _delta_fp32(adapter, device) -> torch.Tensor:
-    """ΔW in float32 from a :func:`_snapshot`: [out_features, in_features]."""
+    """ΔW in float32 from :func:`_factors` or :func:`_snapshot`: [out_features, in_features]."""
     P, lam, Q, mask, scaling = (t.to(device) if isinstance(t, torch.Tensor) else t for t in adapter)
     g = lam.float() * mask.float() * scaling
     return (P.float() * g) @ Q.float()
@@ -47,7 +59,7 @@ def _delta_fp32(adapter, device) -> torch.Tensor:
 def delta_weight_fp32(m: FlexLinear) -> torch.Tensor:
     """m's current ΔW = s·P·diag(λ⊙mask)·Q in float32: [out_features, in_features] (the same math
     merge folds in)."""
-    return _delta_fp32(_snapshot(m), m.weight.device)
+    return _delta_fp32(_factors(m), m.weight.device)
 
 
 def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
@@ -88,10 +100,11 @@ def merge(model: nn.Module, keep_original: bool = False) -> nn.Module:
     for _, m in mods:
         if m.merged:
             continue
-        adapter = _snapshot(m)
-        if keep_original:
+        if keep_original:  # W itself is kept: the factors need no copy
+            adapter = _factors(m)
             setattr(m, _ORIGINAL, m.weight.detach().clone())
         else:
+            adapter = _snapshot(m)
             setattr(m, _MERGED_ADAPTER, adapter)
         m.weight.copy_((m.weight.float() + _delta_fp32(adapter, m.weight.device)).to(m.weight.dtype))
         m.merged = True
@@ -115,10 +128,8 @@ def unmerge(model: nn.Module) -> nn.Module:
         else:
             # merged=True set by hand, or a merged module deep-copied without its snapshot:
             # the current adapter is the best guess of what was added
-            m.weight.copy_((m.weight.float() - _delta_fp32(_snapshot(m), m.weight.device)).to(m.weight.dtype))
-        for attr in (_ORIGINAL, _MERGED_ADAPTER):
-            if hasattr(m, attr):
-                delattr(m, attr)
+            m.weight.copy_((m.weight.float() - _delta_fp32(_factors(m), m.weight.device)).to(m.weight.dtype))
+        _forget_merge(m)
         m.merged = False
     return model
 
@@ -141,9 +152,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 linear.bias = m.bias
             linear.train(m.training)
             carry_hooks(m, linear)
-            for attr in (_ORIGINAL, _MERGED_ADAPTER):
-                if hasattr(m, attr):
-                    delattr(m, attr)
+            _forget_merge(m)
             plain[id(m)] = linear
         model.set_submodule(name, plain[id(m)])
     if hasattr(model, "flexlora_config"):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _ddp import finish, run_workers
+from _ddp import run_workers
 
 WORLD = 2
 STEPS, HALF = 8, 4
@@ -46,66 +46,56 @@ def _flat(model):
     return torch.cat([t.detach().flatten().float() for _, m in flexlora.flex_modules(model) for t in (m.P, m.lam, m.Q, m.mask)])
 
 
-def _worker(rank, init_file, out_dir):
+def _body(rank, out_dir):
     import flexlora
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        res = {}
-        torch.manual_seed(1234 + rank)  # each rank's own random streams
+    res = {}
+    torch.manual_seed(1234 + rank)  # each rank's own random streams
+    model, ddp, opt, alloc = _build()
+    torch.manual_seed(1234 + rank)
+    _train(ddp, opt, alloc, rank, 0, STEPS)
+    res["straight"] = _flat(model)
+    for mode in ("distributed", "rank0-only"):
+        ckpt = os.path.join(out_dir, mode)
         model, ddp, opt, alloc = _build()
         torch.manual_seed(1234 + rank)
-        _train(ddp, opt, alloc, rank, 0, STEPS)
-        res["straight"] = _flat(model)
-        for mode in ("distributed", "rank0-only"):
-            ckpt = os.path.join(out_dir, mode)
-            model, ddp, opt, alloc = _build()
-            torch.manual_seed(1234 + rank)
-            _train(ddp, opt, alloc, rank, 0, HALF)
-            if mode == "distributed":
-                flexlora.save_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt, step=HALF, distributed=True)
-            elif rank == 0:
-                flexlora.save_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt, step=HALF)
-            dist.barrier()
-            torch.manual_seed(999)  # a fresh process's streams
-            model, ddp, opt, alloc = _build()
-            step = flexlora.load_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt)
-            _train(ddp, opt, alloc, rank, step, STEPS)
-            res[mode] = _flat(model)
-        # rank 0 cannot write (the target is a file): every rank raises, none hangs
-        bad = os.path.join(out_dir, "a-file")
-        if rank == 0:
-            open(bad, "w").close()
+        _train(ddp, opt, alloc, rank, 0, HALF)
+        if mode == "distributed":
+            flexlora.save_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt, step=HALF, distributed=True)
+        elif rank == 0:
+            flexlora.save_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt, step=HALF)
         dist.barrier()
-        try:
-            flexlora.save_checkpoint(bad, ddp, allocator=alloc, optimizer=opt, step=STEPS, distributed=True)
-        except Exception as e:
-            res["failed_save"] = f"{type(e).__name__}: {e}"
+        torch.manual_seed(999)  # a fresh process's streams
+        model, ddp, opt, alloc = _build()
+        step = flexlora.load_checkpoint(ckpt, ddp, allocator=alloc, optimizer=opt)
+        _train(ddp, opt, alloc, rank, step, STEPS)
+        res[mode] = _flat(model)
+    # rank 0 cannot write (the target is a file): every rank raises, none hangs
+    bad = os.path.join(out_dir, "a-file")
+    if rank == 0:
+        open(bad, "w").close()
+    dist.barrier()
+    try:
+        flexlora.save_checkpoint(bad, ddp, allocator=alloc, optimizer=opt, step=STEPS, distributed=True)
+    except Exception as e:
+        res["failed_save"] = f"{type(e).__name__}: {e}"
 
-        class Unsaveable:  # fails while rank 0 builds the state, before anything is written
-            def state_dict(self):
-                raise RuntimeError("cannot serialize this scheduler")
+    class Unsaveable:  # fails while rank 0 builds the state, before anything is written
+        def state_dict(self):
+            raise RuntimeError("cannot serialize this scheduler")
 
-        try:
-            flexlora.save_checkpoint(os.path.join(out_dir, "never"), ddp, scheduler=Unsaveable(), step=STEPS,
-                                     distributed=True)
-        except Exception as e:
-            res["failed_state"] = f"{type(e).__name__}: {e}"
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    finish(out_dir, rank)
+    try:
+        flexlora.save_checkpoint(os.path.join(out_dir, "never"), ddp, scheduler=Unsaveable(), step=STEPS,
+                                 distributed=True)
+    except Exception as e:
+        res["failed_state"] = f"{type(e).__name__}: {e}"
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp_resume")
-    run_workers(_worker, out, WORLD)
+    run_workers(_body, out, WORLD)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -9,13 +9,13 @@ authors' code keep it fixed too).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import is_finite_number, is_int
 from ..kernels.flex_linear import flex_linear
 
 
@@ -151,16 +151,10 @@ class FlexLinear(nn.Module):
 
 
 def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
     if not is_int(r_max) or r_max < 1:
         raise ValueError(f"FlexLinear: r_max must be an int >= 1, got {r_max!r}")
     if not is_int(r_init) or not 0 <= r_init <= r_max:
         raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
-    def is_finite_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     if not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"FlexLinear: alpha must be a finite number > 0, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -415,7 +415,7 @@ def test_float64_dlam_is_summed_in_float64(mask_mode):
     inp, dy = make_inputs(33, 20, 17, 8, mask_mode)
     inp["scaling"] = 1.0 / 3.0  # not exact in fp32 either
     out, _ = run_op(inp, dy, torch.float64, "torch")
-    x, P, lam, Q, mask, s = inp["x"], inp["P"], inp["lam"], inp["Q"], inp["mask"], inp["scaling"]
+    x, P, Q, mask, s = inp["x"], inp["P"], inp["Q"], inp["mask"], inp["scaling"]
     # closed form: dλ_j = s·mask_j·Σ_m (x·Qᵀ)[m, j]·(dy·P)[m, j], term by term in float64
     want = torch.tensor([s * float(mask[j]) * sum(float((x[m] @ Q[j]) * (dy[m] @ P[:, j])) for m in range(33))
                          for j in range(8)], dtype=torch.float64)
