@@ -34,12 +34,18 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
+
+try:
+    import resource  # Unix: page-fault counts
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 import torch
 import torch.nn as nn
@@ -207,6 +213,14 @@ def saved_bytes(runner: Runner, input_ids) -> int:
 # --- measurement -----------------------------------------------------------------------------------
 
 
+def _minor_faults():
+    """The process's minor page faults so far (None where the OS does not say). On CPU a step's
+    fresh allocations cost a page fault per 4 KiB page first touched, and how many a step takes
+    depends on the allocator's state (glibc returns freed memory to the OS past a threshold it
+    adjusts as it goes): the count is printed so a reader can tell compute from that."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(case: Case, args) -> List[Dict]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=gen).to(case.device)
@@ -215,6 +229,7 @@ def measure(case: Case, args) -> List[Dict]:
     runners = {v: Runner(v, case.build(), args, total_steps) for v in args.variants}
     times: Dict[str, List[float]] = {v: [] for v in runners}
     cpu_times: Dict[str, List[float]] = {v: [] for v in runners}
+    faults: Dict[str, List[float]] = {v: [] for v in runners}
     mem: Dict[str, float] = {}
     cuda = case.device == "cuda"
     for v, r in runners.items():  # warm-up (and, on CUDA, peak memory)
@@ -250,11 +265,14 @@ def measure(case: Case, args) -> List[Dict]:
                 # switches)
                 for _ in range(args.settle):
                     r.step(ids)
+                f0 = _minor_faults()
                 c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(args.steps):
                     r.step(ids)
                 times[v].append((time.perf_counter() - t0) / args.steps)
                 cpu_times[v].append((time.process_time() - c0) / args.steps)
+                if f0 is not None:
+                    faults[v].append((_minor_faults() - f0) / args.steps)
     rows = []
     med = {v: statistics.median(t) for v, t in times.items()}
     for v in runners:
@@ -267,6 +285,8 @@ def measure(case: Case, args) -> List[Dict]:
             row["x_floor_lo"], row["x_floor_hi"] = median_ratio_ci(times[v], times["floor"])
         if cpu_times[v] and "floor" in cpu_times:
             row["x_floor_cpu"] = median_ratio(cpu_times[v], cpu_times["floor"])
+        if faults[v]:
+            row["faults_per_step"] = statistics.median(faults[v])
         rows.append(row)
     return rows
 
@@ -274,14 +294,15 @@ def measure(case: Case, args) -> List[Dict]:
 def print_table(rows: List[Dict], cuda: bool) -> None:
     mem_name = "peak MiB" if cuda else "act+state MiB"
     head = (f"{'case':<34} {'variant':<9} {'step ms':>9} {'tok/s':>9} {mem_name:>14} {'x floor':>8} "
-            f"{'(95% CI)':>15} {'(CPU)':>6} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7}")
+            f"{'(95% CI)':>15} {'(CPU)':>6} {'x LoRA':>7} {'x AdaLoRA':>9} {'spread':>7} {'faults/step':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
         f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         ci = f"[{r['x_floor_lo']:.3f}, {r['x_floor_hi']:.3f}]" if "x_floor_lo" in r else "-"
         print(f"{r['case']:<34} {r['variant']:<9} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['memory_mib']:>14.1f} "
-              f"{f('x_floor'):>8} {ci:>15} {f('x_floor_cpu'):>6} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%}")
+              f"{f('x_floor'):>8} {ci:>15} {f('x_floor_cpu'):>6} {f('x_lora'):>7} {f('x_adalora'):>9} {r['spread']:>7.1%} "
+              f"{format(r['faults_per_step'], '.0f') if 'faults_per_step' in r else '-':>11}")
 
 
 def print_targets(rows: List[Dict], cuda: bool) -> None:
@@ -335,6 +356,12 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, r={args.r}, targets {TARGETS}, delta_t={args.delta_t}, "
           f"{args.repeats} x {args.steps} steps per variant")
+    if not cuda:
+        # OpenMP's wait policy moves the ratios: with PASSIVE every parallel region wakes a sleeping
+        # thread (~0.1 ms on the project's VM), which the adapters' many small GEMMs pay more often
+        # than the floor's few large ones (docs/bench_llama.md)
+        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
     rows = []
     for factory in cases:
         case = factory(args)
