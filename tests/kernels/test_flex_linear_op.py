@@ -9,7 +9,6 @@ in the same dtype, plus a small floor (the interpreter sums in a different order
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -636,8 +635,7 @@ def test_backend_dispatch_reaches_the_chosen_path(monkeypatch):
 
 def test_import_does_not_need_triton():
     """flexlora imports and runs the torch path where triton is missing."""
-    import subprocess
-    import sys
+    from _fresh_python import run_python
 
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -647,6 +645,5 @@ def test_import_does_not_need_triton():
         "torch.ones(2, 3), torch.tensor([True, False]), 0.5)\n"
         "assert y.shape == (2, 4) and float(y[0, 0]) == 4.5, y\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLEXLORA_BACKEND")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = run_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

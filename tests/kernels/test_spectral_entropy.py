@@ -220,9 +220,8 @@ def test_interpreter_switched_on_after_import_falls_back_to_torch():
     CPU tensors used to reach it ("0 active drivers"). backend=None now takes the torch path (with
     the reference's numbers), and backend="triton" says what to do."""
     import json
-    import os
-    import subprocess
-    import sys
+
+    from _fresh_python import run_python
 
     code = (
         "import json, os, torch\n"
@@ -237,8 +236,7 @@ def test_interpreter_switched_on_after_import_falls_back_to_torch():
         "    err = str(e)\n"
         "print(json.dumps({'lam': lam.tolist(), 'mask': mask.tolist(), 'out': out, 'err': err}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLEXLORA_BACKEND")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = run_python(code, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])
     lam, mask = torch.tensor(res["lam"]), torch.tensor(res["mask"])
