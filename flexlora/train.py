@@ -39,6 +39,8 @@ from .models import BUILTIN_MODELS, resolve_model
 METHODS = ("flexlora", "lora", "adalora")
 # What a run writes into --output-dir; each run replaces all of them (ADAPTER_DIR is a folder).
 ADAPTER_DIR = "adapter"
+# The hidden folder inside --output-dir that a save fills before renaming the outputs in.
+STAGE_PREFIX = ".flexlora-save-"
 OUTPUT_FILES = ("rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors", "metrics.json")
 TASKS = ("auto", "classify", "causal-lm")
 
@@ -477,6 +479,11 @@ def prepare_output_dir(path: str) -> Path:
     for name in OUTPUT_FILES:
         if (out / name).is_dir():
             raise InputError(f"--output-dir: {out / name} is a folder (the run writes a file of that name)")
+    for left in sorted(out.glob(STAGE_PREFIX + "*")) if out.is_dir() else []:
+        # a run killed while saving: its stage may hold the only copy of the outputs before it
+        held = " (the outputs it was replacing are in its .previous/)" if (left / ".previous").is_dir() else ""
+        print(f"flexlora: note: {left} is left from an interrupted save{held}; this run does not touch it, "
+              "delete it once you have what you need", file=sys.stderr)
     return out
 
 
@@ -643,7 +650,7 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
     becomes an InputError naming the folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".flexlora-save-", dir=out))
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
     except OSError as e:
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
     try:

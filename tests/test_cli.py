@@ -252,6 +252,26 @@ def test_rerun_replaces_all_outputs_and_keeps_other_files(tiny, tmp_path, capsys
     assert not (out / "adapter" / "flexlora_config.json").exists()
 
 
+def test_leftover_of_an_interrupted_save_is_pointed_out_and_kept(tiny, tmp_path, capsys):
+    """A run killed while renaming its outputs in leaves its stage, holding the previous
+    outputs under .previous/: the next run says where they are and leaves that folder alone."""
+    out = tmp_path / "run"
+    left = out / ".flexlora-save-killed"
+    (left / ".previous").mkdir(parents=True)
+    (left / ".previous" / "metrics.json").write_text('{"run": "before"}')
+    other = out / ".flexlora-save-empty"
+    other.mkdir()
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out),
+                 *FAST]) == 0
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flexlora: note:")]
+    assert len(notes) == 2, notes
+    assert str(left) in notes[1] and "interrupted save" in notes[1] and ".previous/" in notes[1]
+    assert str(other) in notes[0] and ".previous/" not in notes[0]
+    assert (left / ".previous" / "metrics.json").read_text() == '{"run": "before"}' and other.is_dir()
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in out.glob(".flexlora-save-*")) == [".flexlora-save-empty", ".flexlora-save-killed"]
+
+
 def test_symlinked_adapter_folder_is_written_through(tiny, tmp_path, capsys):
     out, elsewhere = tmp_path / "run", tmp_path / "big-disk" / "adapter"
     elsewhere.mkdir(parents=True)
