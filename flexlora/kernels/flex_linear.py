@@ -429,13 +429,12 @@ def _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling=1.0) -> None
     if lam.dim() != 1:
         raise ValueError(f"flex_linear: lam must be 1-D [r_max], got shape {tuple(lam.shape)}")
     R = lam.shape[0]
-    if P.shape != (N, R) or Q.shape != (R, K) or mask.shape != (R,):
-        raise ValueError(
-            "flex_linear: expected P [N, R], lam [R], Q [R, K], mask [R] with N={}, K={}, R={}; "
-            "got P {}, lam {}, Q {}, mask {}".format(
-                N, K, R, tuple(P.shape), tuple(lam.shape), tuple(Q.shape), tuple(mask.shape)
+    for name, t, want, dims in (("P", P, (N, R), "[N, R]"), ("Q", Q, (R, K), "[R, K]"), ("mask", mask, (R,), "[R]")):
+        if t.shape != want:  # N, K from weight, R from lam
+            raise ValueError(
+                f"flex_linear: {name} must have shape {dims} = {want} (N={N}, K={K} from weight, R={R} from lam), "
+                f"got {tuple(t.shape)}"
             )
-        )
     if mask.dtype != torch.bool:
         raise TypeError(f"flex_linear: mask must be a bool tensor, got dtype {mask.dtype}")
     for name, t in (("P", P), ("lam", lam), ("Q", Q)):

@@ -248,6 +248,35 @@ def test_non_contiguous_x(layout, backend):
         assert torch.count_nonzero(base.grad[:, 1::2]) == 0, "gradient leaked into skipped columns"
 
 
+def _strided_view(t64: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-contiguous fp32 leaf view holding t64's values: a transposed view of the transposed
+    buffer, or every other column of a buffer twice as wide."""
+    if how == "transposed":
+        return t64.t().contiguous().float().t().detach().requires_grad_(True)
+    wide = torch.zeros(t64.shape[0], 2 * t64.shape[1], dtype=torch.float32)
+    wide[:, ::2] = t64.float()
+    return wide[:, ::2].detach().requires_grad_(True)
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_weight_factors_and_x_lora(how, backend):
+    """Every tensor argument may be a strided view: weight, P, Q and x_lora too (the kernels take
+    each tensor's strides; a stride mixed up between them would read the wrong entries)."""
+    inp, dy = make_inputs(9, 20, 11, 8, x_lora=True)
+    ref = reference(inp, dy)
+    ins = leaves(inp, torch.float32)
+    for k in ("weight", "P", "Q", "x_lora"):
+        ins[k] = _strided_view(inp[k], how)
+        assert not ins[k].is_contiguous(), k
+    ins["weight"].requires_grad_(False)
+    out = collect(flex_linear(ins["x"], ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"], 0.75,
+                              x_lora=ins["x_lora"], backend=backend), dy, ins)
+    for k in ("y", "x", "x_lora", "bias", "P", "lam", "Q"):
+        assert rel_err(out[k], ref[k]) < 1e-5, f"{backend} {k} with {how} weight / P / Q / x_lora"
+    assert_inactive_zero(out, inp["mask"], f"{backend} {how}")
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_broadcast_dy_from_sum(backend):
     """y.sum().backward() hands the op a dy with strides (0, 0): the kernels must read it as ones."""
@@ -268,7 +297,25 @@ def test_empty_batch(backend):
     y = flex_linear(x, ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"], 0.75, backend=backend)
     assert y.shape == (0, 6)
     y.sum().backward()
-    assert torch.count_nonzero(ins["P"].grad) == 0 and ins["lam"].grad.shape == (4,)
+    assert x.grad.shape == (0, 8)
+    for k in ("P", "lam", "Q", "bias"):  # sums over no rows: exactly 0
+        g = ins[k].grad
+        assert g.shape == ins[k].shape and torch.equal(g, torch.zeros_like(g)), f"{backend} d{k} of an empty batch: {g}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch_with_x_lora(backend):
+    inp, _ = make_inputs(1, 8, 6, 4, x_lora=True)
+    ins = leaves(inp, torch.float32)
+    x, xl = torch.zeros(0, 8, requires_grad=True), torch.zeros(0, 8, requires_grad=True)
+    y = flex_linear(x, ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"], 0.75, x_lora=xl,
+                    backend=backend)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and xl.grad.shape == (0, 8)
+    for k in ("P", "lam", "Q", "bias"):
+        g = ins[k].grad
+        assert torch.equal(g, torch.zeros_like(g)), f"{backend} d{k} of an empty batch with x_lora"
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -406,6 +453,25 @@ def test_opcheck_custom_op(backend):
     args = (ins["x"], ins["x_lora"], ins["weight"], ins["bias"], ins["P"], ins["lam"], ins["Q"], ins["mask"],
             0.75, None, backend)
     torch.library.opcheck(torch.ops.flexlora.flex_linear.default, args)
+
+
+@pytest.mark.parametrize("mask_mode", ["on", "off", "random"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_op_matches_float64(backend, mask_mode):
+    """The torch.library op (what torch.compile runs) against float64, forward and every
+    gradient: its backward takes other branches than the eager Function's (u at full width, the
+    mask entering through the gate and dλ's factor when every slot is active)."""
+    inp, dy = make_inputs(7, 10, 9, 8, mask_mode, x_lora=True)
+    ref = reference(inp, dy)
+    plain = reference(inp, dy, torch.float32)
+    ins = leaves(inp, torch.float32)
+    y, u = torch.ops.flexlora.flex_linear(ins["x"], ins["x_lora"], ins["weight"], ins["bias"], ins["P"], ins["lam"],
+                                          ins["Q"], ins["mask"], 0.75, None, backend)
+    assert u.shape == (7, 8)
+    out = collect(y, dy, ins)
+    tag = f"custom op {backend} {mask_mode}"
+    assert_matches(out, ins, ref, plain, torch.float32, tag)
+    assert_inactive_zero(out, inp["mask"], tag)
 
 
 @pytest.mark.parametrize("mask_mode", ["random", "on"])  # gathered active slots / all slots
@@ -547,19 +613,22 @@ def _good(**over):
     [
         (dict(x=torch.ones(4, 6, dtype=torch.long)), TypeError, "x must be a floating-point"),
         (dict(x=torch.randn(4, 7)), ValueError, "in_features=6"),
-        (dict(P=torch.randn(5, 4)), ValueError, "P [N, R]"),
-        (dict(Q=torch.randn(3, 5)), ValueError, "Q [R, K]"),
+        (dict(P=torch.randn(5, 4)), ValueError, "P must have shape [N, R] = (5, 3) (N=5, K=6 from weight, R=3 from lam), got (5, 4)"),
+        (dict(Q=torch.randn(3, 5)), ValueError, "Q must have shape [R, K] = (3, 6)"),
         (dict(lam=torch.randn(3, 1)), ValueError, "lam must be 1-D"),
         (dict(mask=torch.ones(3)), TypeError, "mask must be a bool"),
-        (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask [R]"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask must have shape [R] = (3,)"),
         (dict(bias=torch.randn(6)), ValueError, "bias must have shape (5,)"),
         (dict(weight=torch.randn(5, 6, 1)), ValueError, "weight must be 2-D"),
         (dict(scaling=torch.ones(2)), ValueError, "scaling must be a float or a 0-d tensor"),
         (dict(scaling="2"), TypeError, "scaling must be a float"),
         (dict(P=torch.randn(5, 3, device="meta")), ValueError, "P is on meta"),
+        (dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dimension"),
+        (dict(lam=torch.ones(3, dtype=torch.long)), TypeError, "lam must be a floating-point tensor, got dtype torch.int64"),
+        (dict(Q=torch.ones(3, 6, dtype=torch.int32)), TypeError, "Q must be a floating-point tensor"),
     ],
     ids=["x-int", "x-width", "P-shape", "Q-shape", "lam-2d", "mask-float", "mask-shape", "bias-shape",
-         "weight-3d", "scaling-vector", "scaling-str", "P-device"],
+         "weight-3d", "scaling-vector", "scaling-str", "P-device", "x-0d", "lam-int", "Q-int"],
 )
 def test_bad_input_raises_clearly(over, exc, words):
     args = _good(**over)

@@ -149,11 +149,25 @@ def test_reads_lambda_detached():
     assert not ent.requires_grad
 
 
-def test_eps_enters_the_formula():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_enters_the_formula(backend):
     lam = torch.tensor([[1.0, 1.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
-    got = spectral_entropy(lam, mask, eps=0.5, backend="torch").item()
+    got = spectral_entropy(lam, mask, eps=0.5, backend=backend).item()
     assert abs(got - (-math.log(1.0)) / math.log(2)) < 1e-6  # s = 0.5, log(0.5 + 0.5) = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_eps_matches_float64_reference(backend):
+    """eps reaches every backend's formula, not only its default (the allocator passes
+    config.entropy_eps): a large eps moves the entropies far from their eps = 1e-12 values."""
+    g = torch.Generator().manual_seed(3)
+    lam = torch.randn(6, 8, generator=g)
+    mask = torch.rand(6, 8, generator=g) < 0.7
+    mask[:, :2] = True
+    got = spectral_entropy_and_slots(lam, mask, 1e-2, backend=backend)
+    check(got, reference(lam, mask, 1e-2))
+    assert (got[0] - reference(lam, mask)[0]).abs().max() > 1e-3  # eps made a difference
 
 
 @pytest.mark.parametrize(
