@@ -547,7 +547,10 @@ def load_checkpoint(
     )
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is not None and state.get(key) is None:
-            raise ValueError(f"checkpoint {str(directory)!r} holds no {key} state, but a {key} was given")
+            raise ValueError(
+                f"checkpoint {str(directory)!r} holds no {key} state, but load_checkpoint was given {key}=...: "
+                f"pass {key}=None, or save with save_checkpoint(..., {key}=...)"
+            )
     if optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory)
     snapshot = _adapter_snapshot(model)  # empty for a plain model

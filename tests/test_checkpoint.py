@@ -122,6 +122,70 @@ def test_modules_to_save_round_trip_bert(tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def _tiny_bert_classifier():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+    base_sd = BertForSequenceClassification(cfg).state_dict()
+
+    def fresh():
+        m = BertForSequenceClassification(cfg).eval()
+        m.load_state_dict(base_sd)
+        return m
+
+    return fresh
+
+
+def test_flexlinear_inside_a_saved_module_is_saved_once_without_its_base_weight(tmp_path):
+    """The pooler is in modules_to_save and its dense layer is a FlexLinear: the save holds that
+    layer's slots (under its own name) and the classifier, never the frozen pooler weight (a
+    base-model tensor), and the round trip reproduces the logits bit for bit."""
+    fresh = _tiny_bert_classifier()
+    fc = adapter_config(target_modules=["query", "pooler.dense"], modules_to_save=["pooler", "classifier"])
+    model = randomize(wrap(fresh(), fc))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    save_adapter(model, tmp_path)
+    keys = set(safetensors.torch.load_file(tmp_path / WEIGHTS_NAME))
+    assert {k for k in keys if "pooler" in k} == {f"bert.pooler.dense.{t}" for t in ("P", "lam", "Q", "mask")}, keys
+    assert {k for k in keys if k.startswith("modules_to_save.")} == {
+        "modules_to_save.classifier.weight", "modules_to_save.classifier.bias"}, keys
+    loaded = load_adapter(fresh(), tmp_path)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert torch.equal(loaded.bert.pooler.dense.weight, fresh().bert.pooler.dense.weight)
+
+
+def test_failed_load_puts_modules_to_save_back(tmp_path):
+    """A load that fails after the copy (here the optimizer's state) puts back what it copied into
+    modules_to_save tensors, not only the adapter slots."""
+    fresh = _tiny_bert_classifier()
+    fc = adapter_config(target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = randomize(wrap(fresh(), fc))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"holds no optimizer state, but load_checkpoint was given optimizer=\.\.\.: pass "
+                                         r"optimizer=None, or save with save_checkpoint\(\.\.\., optimizer=\.\.\.\)"):
+        flexlora.save_checkpoint(tmp_path / "no-opt", model)
+        flexlora.load_checkpoint(tmp_path / "no-opt", model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    flexlora.save_checkpoint(tmp_path / "c", model, optimizer=torch.optim.SGD(params, lr=0.1))
+    other = randomize(wrap(fresh(), fc), seed=7)
+    weight_before, state_before = other.classifier.weight.detach().clone(), adapter_state(other)
+    assert not torch.equal(weight_before, model.classifier.weight)
+
+    class Broken(torch.optim.SGD):
+        def load_state_dict(self, sd):
+            raise RuntimeError("optimizer state does not fit")
+
+    opt = Broken([p for p in other.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        flexlora.load_checkpoint(tmp_path / "c", other, optimizer=opt)
+    assert torch.equal(other.classifier.weight, weight_before)
+    assert all(torch.equal(v, adapter_state(other)[k]) for k, v in state_before.items())
+
+
 # ---------------------------------------------------------------------------------- mismatches
 
 
@@ -163,7 +227,7 @@ def test_failed_load_leaves_model_untouched(tmp_path):
     save_adapter(trained_llama(seed=1), tmp_path)
     model = trained_llama(seed=2, target_modules=TARGETS + ["k_proj"])
     before = adapter_state(model)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj' is not in the save"):
         load_adapter(model, tmp_path)
     after = adapter_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)

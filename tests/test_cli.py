@@ -252,6 +252,32 @@ def test_rerun_replaces_all_outputs_and_keeps_other_files(tiny, tmp_path, capsys
     assert not (out / "adapter" / "flexlora_config.json").exists()
 
 
+def test_allocation_flags_reach_the_config_and_the_run(tiny, tmp_path, capsys):
+    """Every adapter / allocation flag lands in the saved FlexLoRAConfig, and the run follows it:
+    with expand_only and a constant schedule of b0 = 2, every event adds exactly 2 to the total rank."""
+    import csv
+    from collections import defaultdict
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out),
+                 "--steps", "6", "--batch-size", "8", "--threads", "1", "--no-progress", "--r", "2", "--r-max", "6",
+                 "--alpha", "5", "--dropout", "0.125", "--importance", "sensitivity", "--schedule", "constant",
+                 "--allocation-mode", "expand_only", "--expand-init", "orthogonal", "--orth-reg", "0.3", "--b0", "2",
+                 "--delta-t", "1", "--t-warmup", "1", "--t-final", "1", "--r-min", "2"]) == 0
+    cfg = json.loads((out / "adapter" / "flexlora_config.json").read_text())["config"]
+    want = dict(r_init=2, r_max=6, alpha=5.0, dropout=0.125, importance="sensitivity", schedule="constant",
+                allocation_mode="expand_only", expand_init="orthogonal", orth_reg=0.3, b0=2, delta_t=1, t_warmup=1,
+                t_final=1, r_min=2, total_steps=6)
+    assert {k: cfg[k] for k in want} == want
+    totals = defaultdict(int)
+    with open(out / "rank_history.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            totals[int(row["step"])] += int(row["rank"])
+    steps = sorted(totals)
+    assert totals[steps[0]] == 2 * 12 and len(steps) >= 3, totals  # 12 adapted modules at r = 2
+    assert all(totals[b] - totals[a] == 2 for a, b in zip(steps, steps[1:])), totals
+
+
 def test_leftover_of_an_interrupted_save_is_pointed_out_and_kept(tiny, tmp_path, capsys):
     """A run killed while renaming its outputs in leaves its stage, holding the previous
     outputs under .previous/: the next run says where they are and leaves that folder alone."""

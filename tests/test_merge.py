@@ -79,6 +79,29 @@ def test_unmerge_fp32_round_trip():
     assert all(torch.equal(m.weight, W1[n]) for n, m in flex_modules(model))
 
 
+def test_unmerge_of_a_hand_marked_merge_subtracts_the_current_delta():
+    """merged=True set by hand (no snapshot from merge): unmerge subtracts the current ΔW."""
+    model = trained_llama()
+    W0 = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    merged_ref = {n: reference_merged(m) for n, m in flex_modules(model)}
+    with torch.no_grad():
+        for n, m in flex_modules(model):
+            m.weight.copy_(merged_ref[n].float())  # ΔW folded in by the user
+            m.merged = True
+    # what unmerge subtracts is ΔW computed afresh in fp32 (not a snapshot of what was added): its
+    # rounding adds at most (r + 2)·u·Σ_j |s λ_j P[:, j] Q[j, :]| (r products summed, two scalings)
+    abs_terms = {n: sum(abs(m.scaling * m.lam[j].double()) * torch.outer(m.P[:, j].double().abs(), m.Q[j].double().abs())
+                        for j in range(m.r_max) if m.mask[j]) for n, m in flex_modules(model)}
+    unmerge(model)
+    u = torch.finfo(torch.float32).eps / 2
+    for n, m in flex_modules(model):
+        assert not m.merged
+        err = (m.weight.double() - W0[n].double()).abs()
+        bound = u * (merged_ref[n].abs() + W0[n].double().abs()) + (m.r_max + 2) * u * abs_terms[n] + 1e-30
+        assert (err <= bound).all(), f"{n}: hand-marked unmerge off by {err.max().item()}"
+        assert err.max() < 1e-4, f"{n}: hand-marked unmerge did not subtract ΔW"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_merge_low_precision_rounds_once(dtype):
     model = trained_llama(dtype)

@@ -940,18 +940,3 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
     else:
         y = _eager_apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def flex_linear_torch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    P: torch.Tensor,
-    lam: torch.Tensor,
-    Q: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: Scaling,
-    x_lora: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Torch path of :func:`flex_linear` (same arguments, no checks)."""
-    return _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, "torch")
