@@ -267,7 +267,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
                    help="FlexLinear backend (default: CUDA times both, the Triton kernels and the torch "
                         "path on cuBLAS, as two rows; the CPU run uses the torch path)")
-    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/flex_linear_<device>.csv)")
+    p.add_argument("--csv", default=None,
+                   help="CSV path (default benchmarks/results/flex_linear_<device>.csv; none with --quick)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.cases.split(",") if k.strip()]
     bad = [k for k in kinds if k not in FACTORIES or k == "frozen"]
@@ -325,11 +326,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
               "time, steadier on a busy machine)")
     _print_target(rows)
     print("\nratios to the frozen base (Markdown):\n" + markdown_ratios(rows))
-    path = args.csv or os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv")
-    write_csv(rows, path)
+    # a --quick smoke run must not overwrite the published full run's CSV in benchmarks/results/
+    path = args.csv or (None if args.quick else os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv"))
+    if path:
+        write_csv(rows, path)
     if args.device == "cpu":
         print(f"# load average after the run: {os.getloadavg()[0]:.2f}")
-    print(f"# wrote {path} ({time.time() - t_start:.0f} s)")
+    print(f"# {'wrote ' + path if path else 'no CSV written (--quick without --csv)'} ({time.time() - t_start:.0f} s)")
     return rows
 
 

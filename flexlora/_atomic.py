@@ -102,8 +102,11 @@ def _check_target(target: Path) -> None:
         )
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save to {str(target)!r}: it exists and is not a directory")
-    parent = target.parent
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+    # the nearest existing folder above the target: the one the save creates its folders in
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"cannot save to {str(target)!r}: {str(parent)!r} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save to {str(target)!r}: directory {str(parent)!r} is not writable")
 
 

