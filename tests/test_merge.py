@@ -249,3 +249,28 @@ def test_merge_and_unload_keeps_hooks_and_every_name():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
     assert calls == [1, 1]
+
+
+def test_state_dict_of_a_merged_model_warns_that_reloading_doubles_delta():
+    """A merged model's state_dict holds W + ΔW and P, λ, Q, with nothing saying it is merged:
+    loaded into a freshly wrapped model, ΔW applies twice (shown here), so taking it warns."""
+    import warnings
+
+    model = trained_llama()
+    with torch.no_grad():
+        want = model(IDS).logits
+    merge(model)
+    with pytest.warns(UserWarning, match=r"merged FlexLinear.*applies ΔW twice.*flexlora.unmerge\(model\)"):
+        sd = model.state_dict()
+    fresh = trained_llama()
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        assert (fresh(IDS).logits - want).abs().max() > 1e-3  # the hazard the warning names
+    unmerge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = model.state_dict()  # unmerged: silent, and the reload is exact
+    fresh = trained_llama()
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS).logits, want, rtol=1e-5, atol=1e-5)

@@ -131,13 +131,13 @@ def event_seed(seed: int, step: int) -> int:
 
 
 
-def _warn_if_no_allocation(config: FlexLoRAConfig) -> None:
+def _warn_if_no_allocation(config: FlexLoRAConfig) -> bool:
     """Warn when the schedule moves no rank at all: such a run trains as fixed-rank LoRA, and
     FlexLoRA promises that never happens silently. (Every allocation_mode moves rank when b > 0,
     the ablations included, so none is exempt.)"""
     first, peak = config_peak_budget(config)
     if peak > 0:
-        return
+        return False
     c = config
     fields = (
         f"total_steps={c.total_steps}, t_warmup={c.t_warmup}, t_final={c.t_final}, delta_t={c.delta_t}, "
@@ -161,6 +161,38 @@ def _warn_if_no_allocation(config: FlexLoRAConfig) -> None:
     warnings.warn(
         f"RankAllocator: no rank will ever be allocated with this config ({fields}): {why}. "
         f"This trains as fixed-rank LoRA; {fix}.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def _warn_if_ranks_cannot_move(ranks: Sequence[int], r_max: Sequence[int], config: FlexLoRAConfig) -> None:
+    """Warn when the modules' ranks leave no move to make whatever the scores: nothing can be
+    pruned (every rank <= r_min), nothing can expand (every rank = r_max), or in prune_expand
+    mode the only module that could give is the only one that could take. Ranks change only at
+    events, so such a run never moves rank."""
+    mode, r_min = config.allocation_mode, config.r_min
+    give = [i for i, r in enumerate(ranks) if r > r_min]
+    take = [i for i, (r, top) in enumerate(zip(ranks, r_max)) if r < top]
+    if mode == "prune_only":
+        moves = bool(give)
+    elif mode == "expand_only":
+        moves = bool(take)
+    else:
+        moves = any(i != j for i in give for j in take[:2])
+    if moves:
+        return
+    problems = []
+    if mode != "expand_only" and not give:
+        problems.append(f"no module can be pruned (every rank is <= r_min={r_min}; ranks {sorted(set(ranks))})")
+    if mode != "prune_only" and not take:
+        problems.append(f"no module can expand (every rank is at its r_max; r_init={config.r_init}, r_max={config.r_max})")
+    if not problems:
+        problems.append("the only module that could be pruned is the only one that could expand")
+    warnings.warn(
+        f"RankAllocator: no rank can ever move in allocation_mode={mode!r}: {'; '.join(problems)}. "
+        "This trains as fixed-rank LoRA; leave room between r_min, r_init and r_max.",
         UserWarning,
         stacklevel=3,
     )
@@ -216,7 +248,7 @@ class RankAllocator:
         named = flex_modules(inner)
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
-        _warn_if_no_allocation(config)
+        schedule_warned = _warn_if_no_allocation(config)
         self._warned_step0 = False
         self.config = config
         self.names: List[str] = [n for n, _ in named]
@@ -238,6 +270,8 @@ class RankAllocator:
         scores, _, _, ranks = self._score_bank()
         self._total_rank = int(sum(ranks))
         self.history.extend(make_rows(0, self.names, ranks, scores))
+        if not schedule_warned:
+            _warn_if_ranks_cannot_move([int(r) for r in ranks], self.r_max, config)
         self._guard_handle = None
         self._guard_counts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._install_guard()
@@ -489,6 +523,7 @@ class RankAllocator:
             self._adopted.add(inner)
         except TypeError:  # not weak-referenceable: adopt every time (cheap, idempotent)
             pass
+        self._warn_if_not_training(inner)
         # First sight of this optimizer: inactive slots and their moments to exactly zero, so
         # neither weight decay nor leftover moments can move them (see the module docstring).
         with torch.no_grad():
@@ -498,6 +533,29 @@ class RankAllocator:
                 for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
                     for t in _moment_tensors(inner, p):
                         t.masked_fill_(fill_mask, 0)
+
+    def _warn_if_not_training(self, optimizer) -> None:
+        """Warn (once per optimizer) when it would leave the adapters untouched: it holds none of
+        their parameters (built before flexlora.wrap replaced the Linears), or none of them
+        requires grad (frozen by another library wrapping the model afterwards). Either way the
+        run would train no adapter while the allocator still moved ranks on scores of nothing."""
+        adapters = [p for m in self.modules for p in (m.P, m.lam, m.Q)]
+        held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
+        if getattr(optimizer, "param_groups", None) is not None and not any(id(p) in held for p in adapters):
+            warnings.warn(
+                f"RankAllocator.step: the optimizer ({type(optimizer).__name__}) holds none of the adapters' "
+                "P, lam, Q parameters, so they never train; build the optimizer after flexlora.wrap, from "
+                "[p for p in model.parameters() if p.requires_grad]",
+                UserWarning,
+                stacklevel=4,
+            )
+        elif not any(p.requires_grad for p in adapters):
+            warnings.warn(
+                "RankAllocator.step: none of the adapters' P, lam, Q parameters requires grad, so they never "
+                "train (did another library, e.g. peft.get_peft_model, freeze them after flexlora.wrap?)",
+                UserWarning,
+                stacklevel=4,
+            )
 
     # ------------------------------------------------------------------ never-stepped guard
     def _install_guard(self) -> None:

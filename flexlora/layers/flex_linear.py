@@ -9,6 +9,7 @@ authors' code keep it fixed too).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -93,6 +94,7 @@ class FlexLinear(nn.Module):
         self.scaling = self.alpha / self.r_init if self.r_init > 0 else self.alpha
         self.init_std = float(init_std)
         self.merged = False
+        self.register_state_dict_post_hook(_warn_if_merged_state)
 
         weight.requires_grad_(False)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
@@ -147,6 +149,19 @@ class FlexLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"{rank}r_max={self.r_max}, bias={self.bias is not None}"
+        )
+
+
+def _warn_if_merged_state(module: "FlexLinear", state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: a merged layer's state holds W + ΔW *and* P, λ, Q, and nothing in it
+    says it is merged; loaded into an unmerged (freshly wrapped) model, ΔW would apply twice."""
+    if module.merged:
+        warnings.warn(
+            "state_dict() of a merged FlexLinear: its weight holds W + ΔW and P, lam, Q are in the state too, "
+            "so loading it into an unmerged (freshly wrapped) model applies ΔW twice; call "
+            "flexlora.unmerge(model) before saving, or flexlora.merge_and_unload(model) for a plain model",
+            UserWarning,
+            stacklevel=2,
         )
 
 

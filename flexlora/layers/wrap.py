@@ -72,6 +72,27 @@ def tied_names(owners: Dict[int, List[Tuple[int, str]]], module: nn.Module, para
     return sorted({n for mid, n in owners.get(id(param), []) if mid != id(module)})
 
 
+def _warn_unmatched_targets(model: nn.Module, config: FlexLoRAConfig, linear_names: List[str]) -> None:
+    """Warn about entries of a target_modules list that match no nn.Linear (a typo, or a name of
+    a block rather than of a Linear), while others do: they are ignored, and a run would
+    otherwise adapt fewer modules than asked with no sign of it."""
+    if isinstance(config.target_modules, str):
+        return
+    unmatched = [t for t in config.target_modules if not any(name_matches(n, [t]) for n in linear_names)]
+    if not unmatched:
+        return
+    what = []
+    for t in unmatched:
+        other = next(((n, m) for n, m in model.named_modules() if n and name_matches(n, [t])), None)
+        what.append(f"{t!r} (matches {other[0]!r}, a {type(other[1]).__name__}, not an nn.Linear)" if other else repr(t))
+    warnings.warn(
+        f"wrap: target_modules entries {', '.join(what)} match no nn.Linear and are ignored; the other "
+        "entries are adapted (a name is the Linear's qualified name or its last dotted components)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name matches ``config.target_modules`` with a
     :class:`FlexLinear` (reusing its weight), freeze every other parameter except those of
@@ -149,6 +170,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
 
     if skipped_mha:
         warnings.warn(f"wrap: not adapting {skipped_mha}: {why_mha}", UserWarning, stacklevel=2)
+    _warn_unmatched_targets(model, config, [n for key, names in names_of.items() for n in names])
     owners = parameter_owners(model)
     for names, linear in targets:
         tied = tied_names(owners, linear, linear.weight)

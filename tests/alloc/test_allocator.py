@@ -632,3 +632,73 @@ def test_a_zero_based_step_count_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (no optimizer given: that warning is not under test)
         assert alloc.step(1) is not None  # the 1-based count works as before
+
+
+RANKS_STUCK = {  # (r_maxes, r_init, config kw, words of the reason)
+    "r_init-equals-r_max": ([6, 6, 6], 6, dict(), "no module can expand"),
+    "r_init-0": ([6, 6, 6], 0, dict(r_init=0, r_min=0), "no module can be pruned"),
+    "r_min-equals-r_init": ([6, 6, 6], 3, dict(r_min=3), "no module can be pruned"),
+    "expand_only-full": ([6, 6], 6, dict(allocation_mode="expand_only"), "no module can expand"),
+    "prune_only-at-r_min": ([6, 6], 1, dict(allocation_mode="prune_only", r_init=1), "no module can be pruned"),
+    "one-module": ([6], 3, dict(), "the only module that could be pruned is the only one that could expand"),
+}
+
+
+@pytest.mark.parametrize("case", list(RANKS_STUCK))
+def test_warns_when_the_ranks_leave_nothing_to_move(case):
+    """The schedule allocates, but the ranks leave no move to make whatever the scores: the run
+    would train as fixed-rank LoRA, so building the allocator says so; and indeed no event moves."""
+    r_maxes, r_init, kw, why = RANKS_STUCK[case]
+    bank = Bank(r_maxes, r_init=r_init)
+    with pytest.warns(UserWarning, match="no rank can ever move") as rec:
+        al = RankAllocator(bank, config(**{"r_init": min(r_init, 6), **kw}))
+    assert why in str(rec[0].message) and "fixed-rank LoRA" in str(rec[0].message)
+    before = masks(bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moved = [al.step(s) for s in range(1, 101)]
+    assert masks(bank) == before and all(not (e.pruned or e.expanded) for e in moved if e is not None)
+
+
+@pytest.mark.parametrize(
+    "r_init, kw",
+    [(3, dict()), (6, dict(allocation_mode="prune_only")), (1, dict(allocation_mode="expand_only", r_init=1))],
+    ids=["prune_expand", "prune_only-full", "expand_only-at-r_min"],
+)
+def test_no_stuck_warning_when_a_move_exists(r_init, kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RankAllocator(Bank([6, 6, 6], r_init=r_init), config(**{"r_init": r_init, **kw}))
+
+
+def _tiny_wrapped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    return flexlora.wrap(model, config(target_modules=["0", "2"], total_steps=20, t_warmup=1, t_final=0, delta_t=1))
+
+
+def test_warns_when_the_optimizer_holds_no_adapter():
+    """An optimizer built before wrap holds the old Linears' parameters only: the adapters would
+    never train (while ranks still moved on scores of untrained adapters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    early = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    flexlora.wrap(model, config(target_modules=["0", "2"], total_steps=20, t_warmup=1, t_final=0, delta_t=1))
+    al = RankAllocator(model)
+    with pytest.warns(UserWarning, match=r"optimizer \(AdamW\) holds none of the adapters' P, lam, Q.*after flexlora.wrap"):
+        al.step(1, early)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al.step(2, early)  # once per optimizer
+        good = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        al.step(3, good)
+
+
+def test_warns_when_the_adapters_are_frozen():
+    model = _tiny_wrapped()
+    al = RankAllocator(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for p in model.parameters():  # what wrapping by another library afterwards does
+        p.requires_grad_(False)
+    with pytest.warns(UserWarning, match="none of the adapters' P, lam, Q parameters requires grad"):
+        al.step(1, opt)

@@ -109,6 +109,22 @@ def test_no_match_lists_existing_modules():
     assert not flex_modules(model)  # nothing was half-done
 
 
+def test_entries_that_match_no_linear_warn_while_others_wrap():
+    """A typo, or the name of a block rather than a Linear, is ignored with a warning naming it
+    (and what it did match), while the other entries are adapted."""
+    model, _ = tiny_llama()
+    with pytest.warns(UserWarning, match="match no nn.Linear and are ignored") as rec:
+        wrap(model, FlexLoRAConfig(target_modules=["q_proj", "up_projj", "self_attn"]))
+    msg = str(rec[0].message)
+    assert "'up_projj'" in msg and "'self_attn' (matches 'model.layers.0.self_attn', a LlamaAttention" in msg
+    assert "'q_proj'" not in msg.split("entries")[1].split("match no")[0]
+    assert [n.rsplit(".", 1)[1] for n, _ in flex_modules(model)] == ["q_proj"] * 2
+    with warnings.catch_warnings():  # every entry matches: silent; a regex is never checked per entry
+        warnings.simplefilter("error")
+        wrap(tiny_llama()[0], FlexLoRAConfig(target_modules=["q_proj", "v_proj"]))
+        wrap(tiny_llama()[0], FlexLoRAConfig(target_modules=r".*\.(q_proj|nothing)"))
+
+
 def test_modules_to_save_no_match_is_error():
     model, _ = tiny_bert()
     with pytest.raises(ValueError, match="modules_to_save"):
