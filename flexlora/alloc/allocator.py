@@ -265,6 +265,11 @@ class RankAllocator:
         self._optimizer = None
         self._adopted: "weakref.WeakSet" = weakref.WeakSet()
         self._warned: Dict[str, bool] = {"never_stepped": False, "no_optimizer": False}
+        # optimizer steps counted by a post-hook on every optimizer step() was given, against
+        # step() calls that advanced since: catches a call per gradient-accumulation micro-step
+        self._opt_steps = 0
+        self._advancing_calls = 0
+        self._count_handles: List[Any] = []
 
         self._zero_inactive_slots()
         scores, _, _, ranks = self._score_bank()
@@ -351,6 +356,7 @@ class RankAllocator:
         if not fresh:
             self.importance.update(self.modules)
         self._last_step = global_step
+        self._check_pace()
         if not config_is_event_step(global_step, self.config):
             return None
         return self._event(global_step, config_budget_at(global_step, self.config))
@@ -524,6 +530,7 @@ class RankAllocator:
         except TypeError:  # not weak-referenceable: adopt every time (cheap, idempotent)
             pass
         self._warn_if_not_training(inner)
+        self._count_steps_of(inner)
         # First sight of this optimizer: inactive slots and their moments to exactly zero, so
         # neither weight decay nor leftover moments can move them (see the module docstring).
         with torch.no_grad():
@@ -533,6 +540,58 @@ class RankAllocator:
                 for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
                     for t in _moment_tensors(inner, p):
                         t.masked_fill_(fill_mask, 0)
+        self._warn_if_state_not_per_element(inner)
+
+    def _warn_if_state_not_per_element(self, optimizer) -> None:
+        """Warn when the optimizer keeps adapter state that is not per element (Adafactor's
+        factored row/column statistics, flattened ZeRO shards): pruning and expanding reset the
+        touched slots' moments only in tensors shaped like the parameter, so such state would
+        carry a pruned direction's statistics into the one that reuses its slot."""
+        odd = sorted({
+            f"{key} {tuple(t.shape)}"
+            for m in self.modules for p in (m.P, m.lam, m.Q)
+            for key, t in (getattr(optimizer, "state", {}).get(p) or {}).items()
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape != p.shape
+        })
+        if odd:
+            warnings.warn(
+                f"RankAllocator: the optimizer ({type(optimizer).__name__}) keeps adapter state that is not "
+                f"per element ({', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}); the moments of pruned and "
+                "expanded slots are reset only in per-element state (Adam-style exp_avg / exp_avg_sq, momentum), "
+                "so factored or sharded state (Adafactor, ZeRO) is left as it is",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _count_steps_of(self, optimizer) -> None:
+        ref = weakref.ref(self)
+
+        def count(opt, args, kwargs):
+            allocator = ref()
+            if allocator is not None:
+                allocator._opt_steps += 1
+
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if register is not None:
+            self._count_handles.append(register(count))
+
+    def _check_pace(self) -> None:
+        """Warn once when step() advances clearly more often than the optimizer steps (a call per
+        gradient-accumulation micro-step): the schedule then runs k times too fast and its window
+        ends early. The slack lets a GradScaler skip some optimizer steps without a warning."""
+        if not self._count_handles:
+            return
+        self._advancing_calls += 1
+        if self._warned.get("pace") or self._advancing_calls <= 1.5 * self._opt_steps + 4:
+            return
+        self._warned["pace"] = True
+        warnings.warn(
+            f"RankAllocator.step advanced {self._advancing_calls} times over {self._opt_steps} optimizer steps: "
+            "call it once per optimizer step with the optimizer step count (not per gradient-accumulation "
+            "micro-step), or the schedule runs too fast and its window ends early",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _warn_if_not_training(self, optimizer) -> None:
         """Warn (once per optimizer) when it would leave the adapters untouched: it holds none of

@@ -702,3 +702,57 @@ def test_warns_when_the_adapters_are_frozen():
         p.requires_grad_(False)
     with pytest.warns(UserWarning, match="none of the adapters' P, lam, Q parameters requires grad"):
         al.step(1, opt)
+
+
+def _train_steps(model, opt, al, steps, accumulate=1, per_micro=False, skip=()):
+    """Optimizer steps over random data; allocator.step after each (or after each micro-step)."""
+    g = torch.Generator().manual_seed(0)
+    t = 0
+    for s in range(1, steps + 1):
+        for micro in range(accumulate):
+            model(torch.randn(4, 6, generator=g)).square().mean().backward()
+            if per_micro:
+                t += 1
+                if micro < accumulate - 1:
+                    al.step(t, opt)
+        if s not in skip:  # a GradScaler skips optimizer.step() on inf gradients
+            opt.step()
+        opt.zero_grad()
+        al.step(t if per_micro else s, opt)
+
+
+def test_warns_once_when_step_runs_per_micro_step():
+    model = _tiny_wrapped()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    al = RankAllocator(model)
+    with pytest.warns(UserWarning, match=r"advanced \d+ times over \d+ optimizer steps.*once per optimizer step") as rec:
+        _train_steps(model, opt, al, 15, accumulate=2, per_micro=True)
+    assert sum("optimizer steps: call it once" in str(w.message) for w in rec) == 1
+
+
+@pytest.mark.parametrize("skip", [(), (1, 2, 3, 9)], ids=["every-step", "scaler-skips"])
+def test_no_pace_warning_when_stepped_once_per_optimizer_step(skip):
+    model = _tiny_wrapped()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    al = RankAllocator(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_steps(model, opt, al, 20, accumulate=2, skip=skip)
+
+
+def test_warns_when_optimizer_state_is_not_per_element():
+    """Adafactor keeps factored row/column statistics: the slot resets cannot reach them."""
+    model = _tiny_wrapped()
+    params = [p for p in model.parameters() if p.requires_grad]
+    al = RankAllocator(model)
+    opt = torch.optim.Adafactor(params, lr=1e-2)
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"Adafactor\) keeps adapter state that is not per element \(col_var .*Adafactor, ZeRO"):
+        al.step(1, opt)
+    adam = torch.optim.AdamW(params, lr=1e-2)
+    model(torch.randn(4, 6)).square().mean().backward()
+    adam.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al.step(2, adam)
