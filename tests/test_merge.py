@@ -274,3 +274,11 @@ def test_state_dict_of_a_merged_model_warns_that_reloading_doubles_delta():
     fresh.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(fresh(IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_state_dict_warning_points_at_the_callers_line():
+    model = trained_llama()
+    merge(model)
+    with pytest.warns(UserWarning, match="merged FlexLinear") as rec:
+        model.state_dict()
+    assert rec[0].filename == __file__, rec[0].filename

@@ -199,10 +199,18 @@ def _warn_if_ranks_cannot_move(ranks: Sequence[int], r_max: Sequence[int], confi
 
 
 def _unwrap_optimizer(optimizer):
-    """The torch optimizer holding the state (accelerate's AcceleratedOptimizer wraps one)."""
+    """The torch optimizer inside wrappers (accelerate's AcceleratedOptimizer wraps one)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _state_holder(optimizer):
+    """The optimizer whose ``state`` is keyed by the parameters: torch's ZeroRedundancyOptimizer
+    keeps each rank's Adam state in its local ``.optim``, not in its own (empty) ``state``."""
+    optimizer = _unwrap_optimizer(optimizer)
+    local = getattr(optimizer, "optim", None)
+    return local if isinstance(local, torch.optim.Optimizer) else optimizer
 
 
 def _world_size() -> int:
@@ -268,8 +276,11 @@ class RankAllocator:
         # optimizer steps counted by a post-hook on every optimizer step() was given, against
         # step() calls that advanced since: catches a call per gradient-accumulation micro-step
         self._opt_steps = 0
-        self._advancing_calls = 0
-        self._count_handles: List[Any] = []
+        self._seen_opt_steps = 0
+        self._calls_in_gap = 0
+        self._crowded_gaps = 0
+        self._counted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> hook handle
+        self._model_param_ids = {id(p) for p in inner.parameters()}
 
         self._zero_inactive_slots()
         scores, _, _, ranks = self._score_bank()
@@ -456,7 +467,7 @@ class RankAllocator:
                 "expanded slots are not reset; pass it: allocator.step(global_step, optimizer)",
                 stacklevel=3,
             )
-        opt = _unwrap_optimizer(self._optimizer) if self._optimizer is not None else None
+        opt = _state_holder(self._optimizer) if self._optimizer is not None else None
         with torch.no_grad():
             for i in pruned:
                 self._prune_slot(self.modules[i], min_slot[i], opt)
@@ -531,6 +542,7 @@ class RankAllocator:
             pass
         self._warn_if_not_training(inner)
         self._count_steps_of(inner)
+        holder = _state_holder(inner)
         # First sight of this optimizer: inactive slots and their moments to exactly zero, so
         # neither weight decay nor leftover moments can move them (see the module docstring).
         with torch.no_grad():
@@ -538,9 +550,9 @@ class RankAllocator:
             for m in self.modules:
                 off = ~m.mask
                 for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
-                    for t in _moment_tensors(inner, p):
+                    for t in _moment_tensors(holder, p):
                         t.masked_fill_(fill_mask, 0)
-        self._warn_if_state_not_per_element(inner)
+        self._warn_if_state_not_per_element(holder)
 
     def _warn_if_state_not_per_element(self, optimizer) -> None:
         """Warn when the optimizer keeps adapter state that is not per element (Adafactor's
@@ -558,12 +570,22 @@ class RankAllocator:
                 f"RankAllocator: the optimizer ({type(optimizer).__name__}) keeps adapter state that is not "
                 f"per element ({', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}); the moments of pruned and "
                 "expanded slots are reset only in per-element state (Adam-style exp_avg / exp_avg_sq, momentum), "
-                "so factored or sharded state (Adafactor, ZeRO) is left as it is",
+                "so factored state (Adafactor's row/column statistics) is left as it is",
                 UserWarning,
                 stacklevel=4,
             )
 
     def _count_steps_of(self, optimizer) -> None:
+        """Count ``optimizer``'s steps with a step post-hook (one per optimizer, however often it
+        is adopted again). Only a real torch optimizer that runs its hooks is counted: accelerate's
+        wrapper of a DeepSpeed optimizer has the method but steps inside the engine."""
+        if not isinstance(optimizer, torch.optim.Optimizer) or not hasattr(optimizer, "_optimizer_step_post_hooks"):
+            return
+        try:
+            if optimizer in self._counted:
+                return
+        except TypeError:
+            return
         ref = weakref.ref(self)
 
         def count(opt, args, kwargs):
@@ -571,27 +593,31 @@ class RankAllocator:
             if allocator is not None:
                 allocator._opt_steps += 1
 
-        register = getattr(optimizer, "register_step_post_hook", None)
-        if register is not None:
-            self._count_handles.append(register(count))
+        try:
+            self._counted[optimizer] = optimizer.register_step_post_hook(count)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
 
     def _check_pace(self) -> None:
-        """Warn once when step() advances clearly more often than the optimizer steps (a call per
-        gradient-accumulation micro-step): the schedule then runs k times too fast and its window
-        ends early. The slack lets a GradScaler skip some optimizer steps without a warning."""
-        if not self._count_handles:
+        """Warn once when step() is called several times between optimizer steps, gap after gap
+        (a call per gradient-accumulation micro-step): the schedule then runs k times too fast and
+        its window ends early. Eight crowded gaps in a row are needed, so a burst of steps a
+        GradScaler skipped (one long gap, at the start of fp16 training) never warns."""
+        if not len(self._counted) or self._warned.get("pace"):
             return
-        self._advancing_calls += 1
-        if self._warned.get("pace") or self._advancing_calls <= 1.5 * self._opt_steps + 4:
-            return
-        self._warned["pace"] = True
-        warnings.warn(
-            f"RankAllocator.step advanced {self._advancing_calls} times over {self._opt_steps} optimizer steps: "
-            "call it once per optimizer step with the optimizer step count (not per gradient-accumulation "
-            "micro-step), or the schedule runs too fast and its window ends early",
-            UserWarning,
-            stacklevel=3,
-        )
+        if self._opt_steps != self._seen_opt_steps:  # a gap between optimizer steps closed
+            self._crowded_gaps = self._crowded_gaps + 1 if self._calls_in_gap >= 2 else 0
+            self._calls_in_gap, self._seen_opt_steps = 0, self._opt_steps
+        self._calls_in_gap += 1
+        if self._crowded_gaps >= 8:
+            self._warned["pace"] = True
+            warnings.warn(
+                "RankAllocator.step advanced several times between optimizer steps, again and again: call it "
+                "once per optimizer step with the optimizer step count (not per gradient-accumulation "
+                "micro-step), or the schedule runs too fast and its window ends early",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _warn_if_not_training(self, optimizer) -> None:
         """Warn (once per optimizer) when it would leave the adapters untouched: it holds none of
@@ -599,8 +625,13 @@ class RankAllocator:
         requires grad (frozen by another library wrapping the model afterwards). Either way the
         run would train no adapter while the allocator still moved ranks on scores of nothing."""
         adapters = [p for m in self.modules for p in (m.P, m.lam, m.Q)]
-        held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
-        if getattr(optimizer, "param_groups", None) is not None and not any(id(p) in held for p in adapters):
+        try:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        except (AttributeError, KeyError, TypeError):
+            held = set()
+        # only an optimizer over this model's own tensors can be judged: DeepSpeed's holds
+        # flattened copies, which are none of the model's parameters
+        if held & self._model_param_ids and not any(id(p) in held for p in adapters):
             warnings.warn(
                 f"RankAllocator.step: the optimizer ({type(optimizer).__name__}) holds none of the adapters' "
                 "P, lam, Q parameters, so they never train; build the optimizer after flexlora.wrap, from "

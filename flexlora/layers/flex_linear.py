@@ -9,6 +9,8 @@ authors' code keep it fixed too).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Optional
 
@@ -161,8 +163,18 @@ def _warn_if_merged_state(module: "FlexLinear", state_dict, prefix, local_metada
             "so loading it into an unmerged (freshly wrapped) model applies ΔW twice; call "
             "flexlora.unmerge(model) before saving, or flexlora.merge_and_unload(model) for a plain model",
             UserWarning,
-            stacklevel=2,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+def _caller_stacklevel() -> int:
+    """The warnings.warn stacklevel, seen from the caller of this function, of the first frame
+    outside torch.nn and flexlora: the user's own call (here, their state_dict() call)."""
+    inside = (os.path.join("torch", "nn", ""), os.path.join("flexlora", ""))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(part in frame.f_code.co_filename for part in inside):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
 
 
 def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:

@@ -99,3 +99,46 @@ def test_ddp_ranks_stay_identical(ddp_results, skew_scores):
     assert strip[0] == strip[1]
     assert res[0]["ranks"] == res[1]["ranks"] and res[0]["moved"] == res[1]["moved"] >= 4
     assert res[0]["total_rank"] == res[1]["total_rank"] == 12 == sum(res[0]["ranks"].values())
+
+
+def _zero_body(rank, out_dir):
+    """ZeroRedundancyOptimizer keeps each rank's Adam state in its local .optim: the slots an
+    event prunes or opens must have their moments zeroed there."""
+    import json
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import flexlora
+    from flexlora import FlexLoRAConfig, RankAllocator
+
+    torch.manual_seed(0)
+    model = flexlora.wrap(MLP(), FlexLoRAConfig(r_init=3, r_max=6, alpha=4.0, target_modules=["a", "b", "c", "d"],
+                                                total_steps=12, t_warmup=2, t_final=0, delta_t=2, b0=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-2)
+    alloc = RankAllocator(model)
+    touched, checked = [], 0
+    for step in range(1, 9):
+        model(torch.randn(8, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        event = alloc.step(step, opt)
+        if event is None:
+            continue
+        for name, slot in [*event.pruned, *event.expanded]:
+            m = dict(flexlora.flex_modules(model))[name]
+            for p, sl in ((m.P, (slice(None), slot)), (m.lam, (slot,)), (m.Q, (slot,))):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = opt.optim.state[p][key][sl]
+                    touched.append(float(t.abs().max()))
+                    checked += 1
+    with open(os.path.join(out_dir, "zero.json"), "w") as f:
+        json.dump({"touched": touched, "checked": checked}, f)
+
+
+def test_zero_redundancy_optimizer_moments_of_touched_slots_are_reset(tmp_path):
+    import json
+
+    run_workers(_zero_body, tmp_path, 1)
+    res = json.loads((tmp_path / "zero.json").read_text())
+    assert res["checked"] >= 12 and max(res["touched"]) == 0.0, res
