@@ -177,8 +177,10 @@ def _build(rows, source: str) -> TextDataset:
         return TextDataset(texts, None, None, source)
     raw = []
     for lineno, _, label in rows:
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)  # 1.0: what pandas' to_json writes for an int column that once held a NaN
         if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise InputError(f"{source}:{lineno}: \"label\" must be an int or a string, got {label!r}")
+            raise InputError(f"{source}:{lineno}: \"label\" must be an int (1.0 counts as 1) or a string, got {label!r}")
         raw.append(label)
     # CSV labels are strings: treat "0", "1", ... as ints so they keep their numeric order.
     if all(isinstance(v, int) or (isinstance(v, str) and _is_int(v)) for v in raw):

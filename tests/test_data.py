@@ -29,6 +29,17 @@ def test_jsonl_with_int_labels(tmp_path):
     assert ds.label_names == ["0", "1", "2"]
 
 
+def test_jsonl_integral_float_labels_are_ints_and_fractional_ones_named(tmp_path):
+    """pandas writes an int label column that once held a NaN as 1.0, 0.0: those are the ints;
+    0.5 is no class label, and the error names the line."""
+    p = _write(tmp_path, "f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0.0}\n{"text": "c", "label": 2}\n')
+    ds = load_dataset(str(p))
+    assert ds.labels == [1, 0, 2] and ds.label_names == ["0", "1", "2"]
+    bad = _write(tmp_path, "h.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n')
+    with pytest.raises(InputError, match=r"h.jsonl:2: \"label\" must be an int \(1.0 counts as 1\) or a string, got 0.5"):
+        load_dataset(str(bad))
+
+
 def test_jsonl_string_labels_sorted_to_ids(tmp_path):
     p = _write(tmp_path, "d.jsonl", '{"text": "x", "label": "pos"}\n{"text": "y", "label": "neg"}\n')
     ds = load_dataset(str(p))
