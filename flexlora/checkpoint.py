@@ -55,6 +55,14 @@ _SAVE_PREFIX = "modules_to_save."
 def _model_config(model: nn.Module) -> FlexLoRAConfig:
     cfg = getattr(model, "flexlora_config", None)
     if not isinstance(cfg, FlexLoRAConfig):
+        names = [n for n, _ in flex_modules(model)]
+        if names:  # built from FlexLinear layers directly, never wrapped
+            raise ValueError(
+                f"model holds FlexLinear modules ({names[:4]}{' ...' if len(names) > 4 else ''}) but no "
+                "model.flexlora_config: set model.flexlora_config = FlexLoRAConfig(r_init=..., r_max=..., alpha=..., "
+                f"target_modules={names[:4]!r}{' + the rest' if len(names) > 4 else ''}) with the layers' own "
+                "settings, on the model you save and the one you load into"
+            )
         raise ValueError(
             "model is not wrapped by flexlora (no model.flexlora_config); call flexlora.wrap(model, config) first"
         )

@@ -186,6 +186,38 @@ def test_failed_load_puts_modules_to_save_back(tmp_path):
     assert all(torch.equal(v, adapter_state(other)[k]) for k, v in state_before.items())
 
 
+def test_a_model_built_from_flexlinear_layers_saves_once_it_carries_a_config(tmp_path):
+    """No wrap: FlexLinear layers used directly. save / load / export say what to set, and with
+    model.flexlora_config set the adapter round-trips exactly."""
+    from flexlora import FlexLinear
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(FlexLinear(6, 8, r_max=4, r_init=2, alpha=4.0), torch.nn.ReLU(),
+                                   FlexLinear(8, 3, r_max=4, r_init=2, alpha=4.0))
+
+    model = build()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lam.normal_()
+            layer.mask[3] = True
+    hint = r"FlexLinear modules \(\['0', '2'\]\) but no model.flexlora_config: set " \
+           r"model.flexlora_config = FlexLoRAConfig\(.*target_modules=\['0', '2'\]"
+    for call in (lambda: save_adapter(model, tmp_path / "a"), lambda: flexlora.export_peft(model, tmp_path / "p")):
+        with pytest.raises(ValueError, match=hint):
+            call()
+    cfg = FlexLoRAConfig(r_init=2, r_max=4, alpha=4.0, target_modules=["0", "2"])
+    model.flexlora_config = cfg
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match=hint):
+        load_adapter(build(), tmp_path / "a")
+    fresh = build()
+    fresh.flexlora_config = cfg
+    load_adapter(fresh, tmp_path / "a")
+    x = torch.randn(5, 6)
+    assert torch.equal(fresh(x), model(x)) and fresh[2].rank == 3
+
+
 # ---------------------------------------------------------------------------------- mismatches
 
 
