@@ -49,6 +49,10 @@ from .orthogonal import add_orthogonal_grad_, orthogonal_loss
 from .schedule import config_budget_at, config_is_event_step, config_peak_budget
 
 _STATE_FORMAT = "flexlora.RankAllocator/1"
+# The allocator that last stepped each FlexLinear, and a process-wide count of step() calls:
+# two live allocators stepping the same modules in turn would both prune and expand them.
+_LAST_STEPPED_BY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STEP_CALLS = [0]
 
 
 @dataclass
@@ -281,6 +285,7 @@ class RankAllocator:
         self._crowded_gaps = 0
         self._counted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> hook handle
         self._model_param_ids = {id(p) for p in inner.parameters()}
+        self._call_serial: Optional[int] = None  # _STEP_CALLS at this allocator's last step()
 
         self._zero_inactive_slots()
         scores, _, _, ranks = self._score_bank()
@@ -348,6 +353,7 @@ class RankAllocator:
         if not self._stepped:
             self._stepped = True
             self._remove_guard()
+        self._check_sole_stepper()
         if optimizer is not None:
             self._use_optimizer(optimizer)
         fresh, self._importance_fresh = self._importance_fresh, False
@@ -597,6 +603,28 @@ class RankAllocator:
             self._counted[optimizer] = optimizer.register_step_post_hook(count)
         except (AttributeError, RuntimeError, TypeError):
             pass
+
+    def _check_sole_stepper(self) -> None:
+        """Warn once when another live allocator stepped the same modules since this one last
+        did: both would prune and expand them (two allocators kept by mistake, e.g. one in a
+        Trainer callback and one called by hand). A replaced allocator that no longer steps
+        never warns."""
+        _STEP_CALLS[0] += 1
+        first = self.modules[0]
+        ref = _LAST_STEPPED_BY.get(first)
+        other = ref() if ref is not None else None
+        if (other is not None and other is not self and self._call_serial is not None
+                and (other._call_serial or 0) > self._call_serial and not self._warned.get("shared")):
+            self._warned["shared"] = True
+            warnings.warn(
+                "RankAllocator.step: another RankAllocator also steps these modules (it stepped since this one "
+                "last did): both prune and expand them, so ranks move twice as often and the budget is not one "
+                "allocator's; keep a single allocator per model",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._call_serial = _STEP_CALLS[0]
+        _LAST_STEPPED_BY[first] = weakref.ref(self)
 
     def _check_pace(self) -> None:
         """Warn once when step() is called several times between optimizer steps, gap after gap

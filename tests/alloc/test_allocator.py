@@ -803,3 +803,21 @@ def test_a_wrapper_of_a_non_torch_optimizer_neither_crashes_nor_warns():
         for s in range(1, 13):
             al.step(s, opt)
     assert al.num_events > 0
+
+
+def test_warns_when_two_live_allocators_step_the_same_modules():
+    model = _tiny_wrapped()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = RankAllocator(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.step(1, opt)
+        first.step(2, opt)
+        second = RankAllocator(model)  # e.g. a notebook cell run again: the first one stops stepping
+        second.step(3, opt)
+        second.step(4, opt)
+    with pytest.warns(UserWarning, match="another RankAllocator also steps these modules"):
+        first.step(5, opt)  # both in use, in turn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.step(6, opt)  # once
