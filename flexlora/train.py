@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -694,7 +695,12 @@ def _write_outputs(stage: Path, model, allocator, o: TrainOptions, task, log_row
         flexlora.plot_rank_heatmap(allocator.history, stage / "rank_heatmap.png")
         files.update(rank_history="rank_history.csv", rank_heatmap="rank_heatmap.png")
     else:
-        model.save_pretrained(str(stage / ADAPTER_DIR))
+        with warnings.catch_warnings():
+            # AdaLoRA writes a module it pruned to rank 0 as zero-sized lora_A / lora_B tensors,
+            # which PEFT's save takes for ungathered DeepSpeed ZeRO-3 / FSDP shards and warns so;
+            # nothing is sharded here and the folder reloads as it is
+            warnings.filterwarnings("ignore", message=r"Adapter '.*': \d+ LoRA tensor\(s\) have invalid shape")
+            model.save_pretrained(str(stage / ADAPTER_DIR))
     files["adapter"] = ADAPTER_DIR
     if task == "classify":
         head = model.head if hasattr(model, "head") else model.base_model.model.head
