@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ._atomic import atomic_directory
@@ -447,8 +448,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def _process_group():
     """(rank, world size) of the default process group, or (0, 1) without one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -486,8 +485,6 @@ def save_checkpoint(
     rng = _rng_state()
     per_rank = None
     if world > 1:
-        import torch.distributed as dist
-
         per_rank = [None] * world
         dist.all_gather_object(per_rank, rng)
         if rank != 0:
@@ -510,8 +507,6 @@ def save_checkpoint(
     except BaseException as e:
         error = e
     if world > 1:  # the other ranks wait in _await_writer for this word
-        import torch.distributed as dist
-
         dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
     if error is not None:
         raise error
@@ -520,8 +515,6 @@ def save_checkpoint(
 
 def _await_writer(directory: Path) -> Path:
     """A non-zero rank of a distributed save: wait for rank 0's outcome, raise if it failed."""
-    import torch.distributed as dist
-
     word = [None]
     dist.broadcast_object_list(word, src=0)
     if word[0] is not None:

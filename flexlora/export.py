@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import _base_name, _model_config, _saved_modules
+from .checkpoint import _SLOT_TENSORS, _base_name, _model_config, _saved_modules
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import flex_modules, named_modules_all, unwrap_model
 from .merging import delta_weight_fp32
@@ -65,6 +65,11 @@ def _task_type(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _inside(name: str, prefixes) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or sits inside one of them."""
+    return any(name == s or name.startswith(s + ".") for s in prefixes)
+
+
 def _peft_auto_heads(model: nn.Module, task: Optional[str], saved: List[str]) -> List[Tuple[str, nn.Module]]:
     """PEFT's SEQ_CLS models add "classifier" and "score" to modules_to_save themselves and then
     expect their weights in the adapter (matching names by plain ``endswith``): export those heads
@@ -75,7 +80,7 @@ def _peft_auto_heads(model: nn.Module, task: Optional[str], saved: List[str]) ->
     for name, module in model.named_modules():
         if not name or not name.endswith(("classifier", "score")):
             continue
-        if any(name == s or name.startswith(s + ".") for s in saved + [n for n, _ in out]):
+        if _inside(name, saved + [n for n, _ in out]):
             continue
         out.append((name, module))
     return out
@@ -114,7 +119,7 @@ def _merged_state(module: nn.Module) -> Dict[str, torch.Tensor]:
         if not isinstance(sub, FlexLinear):
             continue
         pre = f"{sub_name}." if sub_name else ""
-        for key in ("P", "lam", "Q", "mask"):
+        for key in _SLOT_TENSORS:
             state.pop(pre + key, None)
         state[pre + "weight"] = (sub.weight.detach().float() + delta_weight_fp32(sub)).to(sub.weight.dtype)
     return state
@@ -162,11 +167,7 @@ def export_peft(
     saved = _saved_modules(model, cfg)
     task = _task_type(model) if task_type == "auto" else task_type
     saved += _peft_auto_heads(model, task, [n for n, _ in saved])
-
-    def in_saved(name: str) -> bool:
-        return any(name == s or name.startswith(s + ".") for s, _ in saved)
-
-    folded = [n for n, _ in mods if in_saved(n)]
+    folded = [n for n, _ in mods if _inside(n, [s for s, _ in saved])]
     tensors: Dict[str, torch.Tensor] = {}
     rank_pattern: Dict[str, int] = {}
     skipped = []

@@ -120,15 +120,13 @@ def unmerge(model: nn.Module) -> nn.Module:
         if not m.merged:
             continue
         original = getattr(m, _ORIGINAL, None)
-        adapter = getattr(m, _MERGED_ADAPTER, None)
         if original is not None:
             m.weight.copy_(original)
-        elif adapter is not None:
-            m.weight.copy_((m.weight.float() - _delta_fp32(adapter, m.weight.device)).to(m.weight.dtype))
         else:
-            # merged=True set by hand, or a merged module deep-copied without its snapshot:
-            # the current adapter is the best guess of what was added
-            m.weight.copy_((m.weight.float() - _delta_fp32(_factors(m), m.weight.device)).to(m.weight.dtype))
+            # merge's snapshot; without one (merged=True set by hand, or a merged module deep-copied
+            # without it) the current adapter is the best guess of what was added
+            adapter = getattr(m, _MERGED_ADAPTER, None) or _factors(m)
+            m.weight.copy_((m.weight.float() - _delta_fp32(adapter, m.weight.device)).to(m.weight.dtype))
         _forget_merge(m)
         m.merged = False
     return model

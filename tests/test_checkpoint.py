@@ -99,29 +99,6 @@ def test_config_json_records_ranks_shapes_and_version(tmp_path):
     assert tensors["model.layers.0.self_attn.q_proj.mask"].dtype == torch.bool
 
 
-def test_modules_to_save_round_trip_bert(tmp_path):
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
-    base_sd = BertForSequenceClassification(cfg).state_dict()
-
-    def fresh():
-        m = BertForSequenceClassification(cfg).eval()
-        m.load_state_dict(base_sd)
-        return m
-
-    fc = adapter_config(target_modules=["query", "value"], modules_to_save=["classifier"])
-    model = randomize(wrap(fresh(), fc))
-    with torch.no_grad():
-        model.classifier.weight.add_(1.0)
-    save_adapter(model, tmp_path)
-    loaded = load_adapter(fresh(), tmp_path)
-    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
-    ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
-
-
 def _tiny_bert_classifier():
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -134,6 +111,20 @@ def _tiny_bert_classifier():
         return m
 
     return fresh
+
+
+def test_modules_to_save_round_trip_bert(tmp_path):
+    fresh = _tiny_bert_classifier()
+    fc = adapter_config(target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = randomize(wrap(fresh(), fc))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(fresh(), tmp_path)
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 def test_flexlinear_inside_a_saved_module_is_saved_once_without_its_base_weight(tmp_path):
