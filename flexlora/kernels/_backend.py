@@ -22,6 +22,42 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def mend_old_interpreter(interpreter_module=None) -> bool:
+    """Let Triton 3.6's (and older) CPU interpreter run loops with a runtime bound under NumPy >= 2.4.
+
+    Those interpreters turn every int argument into a 1-element array and take a loop bound
+    (``range(0, n)``) with ``int(array)``, which NumPy 2.4 refuses for arrays that are not 0-d
+    ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with a loop
+    over K failed there (torch 2.11 pins triton 3.6). Triton 3.7 converts ``int(array.squeeze())``;
+    this wraps the interpreter's tensor patching to do the same (on 3.7+ it sets what is already
+    there). A no-op where NumPy still converts, or the interpreter has no such hook. Returns
+    whether it wrapped the hook.
+    """
+    import numpy as np
+
+    if interpreter_module is None:
+        try:
+            from triton.runtime import interpreter as interpreter_module
+        except ImportError:  # pragma: no cover - triton without an interpreter
+            return False
+    patch = getattr(interpreter_module, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_flexlora_mended", False):
+        return False
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return False  # this NumPy still converts 1-element arrays
+    except TypeError:
+        pass
+
+    def patch_lang_tensor(tensor, scope, *args, **kwargs):
+        patch(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
+
+    patch_lang_tensor._flexlora_mended = True
+    interpreter_module._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
 def choose_backend(x: torch.Tensor, backend: Optional[str], cuda_default: str = "triton") -> str:
     """Pick the backend for an op whose main input is ``x``.
 

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend, triton_interpret, triton_runnable
+from ._backend import choose_backend, mend_old_interpreter, triton_interpret, triton_runnable
 
 try:  # triton is optional: without it (or on a CPU without the interpreter) the torch path runs
     import triton
@@ -55,6 +55,8 @@ CUDA_DEFAULT_BACKEND = "torch"
 # Triton decides between compiled kernels and its CPU interpreter when a kernel is defined (at
 # import of this module), so that is the moment that counts for the dot-dtype quirk below.
 _INTERPRETED = triton is not None and triton_interpret()
+if _INTERPRETED:
+    mend_old_interpreter()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Tuple
 
 import torch
 
-from ._backend import choose_backend, triton_interpret, triton_runnable
+from ._backend import choose_backend, mend_old_interpreter, triton_interpret, triton_runnable
 
 try:  # triton is optional: the torch path below serves when it is missing
     import triton
@@ -39,6 +39,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
 # module). A compiled kernel cannot take CPU tensors ("0 active drivers"), so TRITON_INTERPRET=1
 # set after import must not send CPU tensors to it.
 _INTERPRETED = triton is not None and triton_interpret()
+if _INTERPRETED:
+    mend_old_interpreter()
 
 
 if triton is not None:
