@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="LR warm-up as a fraction of the steps")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, the batches, the init and the allocator")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--device", default="auto",
+                   help="where to train: auto (a CUDA GPU where one is visible, else the CPU), cpu, cuda or cuda:N")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: forward passes under bfloat16 autocast (adapter weights, gradients and optimizer state stay fp32)")
 
     g = t.add_argument_group("rank allocation (FlexLoRA; --delta-t/--t-warmup/--t-final also drive AdaLoRA)")
     g.add_argument("--b0", type=int, default=None, help="modules pruned/expanded per event at the start (default 10%% of the modules)")
@@ -130,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         schedule=args.schedule, importance=args.importance, allocation_mode=args.allocation_mode,
         expand_init=args.expand_init, orth_reg=args.orth_reg, r_min=args.r_min, log_every=args.log_every,
         progress=not args.no_progress, cache_dir=args.cache_dir, threads=args.threads,
+        device=args.device, precision=args.precision,
     )
     try:
         run(opts)

@@ -96,6 +96,8 @@ class TrainOptions:
     progress: bool = True
     cache_dir: Optional[str] = None
     threads: Optional[int] = None
+    device: str = "auto"
+    precision: str = "fp32"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +129,38 @@ class MeanPoolClassifier(nn.Module):
         logits = self.head(self.pooled(input_ids, attention_mask))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "auto" (the current CUDA device where one is visible, else the CPU),
+    "cpu", "cuda" or "cuda:N"; InputError for anything else or a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward passes' context: bf16 autocast for ``--precision bf16`` (matmuls in bfloat16,
+    losses and the adapters' parameters, gradients and AdamW state in fp32), else none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _first_line(e: BaseException) -> str:
@@ -300,16 +334,23 @@ def _by_length(ids) -> List[int]:
     return sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
 
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def pooled_features(model: MeanPoolClassifier, ids, pad_id: int, batch_size: int = 128) -> torch.Tensor:
-    """[len(ids), hidden] mean-pooled features, in the order of ``ids``."""
+def pooled_features(model: MeanPoolClassifier, ids, pad_id: int, batch_size: int = 128,
+                    precision: str = "fp32") -> torch.Tensor:
+    """[len(ids), hidden] fp32 mean-pooled features on the model's device, in the order of ``ids``."""
     model.eval()
+    dev = _device_of(model)
     order = _by_length(ids)
-    out = torch.empty(len(ids), model.config.hidden_size)
+    out = torch.empty(len(ids), model.config.hidden_size, device=dev)
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
-        b = collate([ids[j] for j in idx], pad_id)
-        out[idx] = model.pooled(b["input_ids"], b["attention_mask"]).float()
+        b = to_device(collate([ids[j] for j in idx], pad_id), dev)
+        with autocast(dev, precision):
+            out[torch.tensor(idx, device=dev)] = model.pooled(b["input_ids"], b["attention_mask"]).float()
     return out
 
 
@@ -327,22 +368,25 @@ def fit_linear_probe(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def accuracy(model, ids, labels, pad_id: int, batch_size: int = 128) -> float:
+def accuracy(model, ids, labels, pad_id: int, batch_size: int = 128, precision: str = "fp32") -> float:
     model.eval()
+    dev = _device_of(model)
     order = _by_length(ids)
     correct = 0
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
-        b = collate([ids[j] for j in idx], pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        correct += int((logits.argmax(-1) == torch.tensor([labels[j] for j in idx])).sum())
+        b = to_device(collate([ids[j] for j in idx], pad_id), dev)
+        with autocast(dev, precision):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        correct += int((logits.argmax(-1).cpu() == torch.tensor([labels[j] for j in idx])).sum())
     return correct / max(1, len(ids))
 
 
 @torch.no_grad()
-def lm_loss(model, ids, pad_id: int, batch_size: int = 32) -> float:
+def lm_loss(model, ids, pad_id: int, batch_size: int = 32, precision: str = "fp32") -> float:
     """Mean next-token cross-entropy over the real tokens of ``ids``."""
     model.eval()
+    dev = _device_of(model)
     order = _by_length(ids)
     total, count = 0.0, 0
     for i in range(0, len(order), batch_size):
@@ -350,7 +394,8 @@ def lm_loss(model, ids, pad_id: int, batch_size: int = 32) -> float:
         n = int((b["labels"][:, 1:] != -100).sum())
         if n == 0:
             continue
-        total += float(model(**b).loss) * n
+        with autocast(dev, precision):
+            total += float(model(**to_device(b, dev)).loss) * n
         count += n
     return total / max(1, count)
 
@@ -365,6 +410,11 @@ def check_flags(o: TrainOptions) -> None:
         raise InputError(f"--method must be one of {METHODS}, got {o.method!r}")
     if o.task not in TASKS:
         raise InputError(f"--task must be one of {TASKS}, got {o.task!r}")
+    if o.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {PRECISIONS}, got {o.precision!r}")
+    device = resolve_device(o.device)
+    if o.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support")
     # at least 1; None = derived (only r, batch_size and max_length are always given)
     for name in ("r", "batch_size", "max_length", "threads", "log_every", "steps", "train_size", "delta_t"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
@@ -493,6 +543,7 @@ def run(opts: TrainOptions) -> dict:
     from tqdm.auto import tqdm
 
     check_flags(opts)
+    device = resolve_device(opts.device)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
@@ -534,17 +585,21 @@ def run(opts: TrainOptions) -> dict:
         "train_examples": len(train_ids), "test_examples": len(test_ids), "steps": steps,
         "batch_size": o.batch_size, "lr": o.lr, "max_length": o.max_length, "seed": o.seed,
         "target_modules": list(targets), "r": o.r, "r_max": o.r_max,
+        "device": str(device), "precision": o.precision,
     }
+    if device.type == "cuda":
+        metrics["device_name"] = torch.cuda.get_device_name(device)
+    model.to(device)
 
     # --- before the adapters train -------------------------------------------------------------
     t0 = time.perf_counter()
     if task == "classify":
-        y_train = torch.tensor(train_ds.labels)
-        fit_linear_probe(model.head, pooled_features(model, train_ids, pad_id), y_train)
+        y_train = torch.tensor(train_ds.labels, device=device)
+        fit_linear_probe(model.head, pooled_features(model, train_ids, pad_id, precision=o.precision), y_train)
         if test_ids:
-            metrics["test_accuracy_head_only"] = accuracy(model, test_ids, test_ds.labels, pad_id)
+            metrics["test_accuracy_head_only"] = accuracy(model, test_ids, test_ds.labels, pad_id, precision=o.precision)
     elif test_ids:
-        metrics["test_loss_before"] = lm_loss(model, test_ids, pad_id)
+        metrics["test_loss_before"] = lm_loss(model, test_ids, pad_id, precision=o.precision)
     metrics["seconds_before"] = round(time.perf_counter() - t0, 2)
 
     # --- adapters ------------------------------------------------------------------------------
@@ -580,9 +635,11 @@ def run(opts: TrainOptions) -> dict:
     bar = tqdm(total=steps, desc=f"{o.method} {o.model}", disable=not o.progress, dynamic_ncols=True,
                file=sys.stderr)
     for step in range(1, steps + 1):
-        batch = next(stream)
+        batch = to_device(next(stream), device)
         t_step = time.perf_counter()
-        loss = model(**batch).loss
+        with autocast(device, o.precision):
+            loss = model(**batch).loss
+        # the orthogonality penalty in fp32, outside autocast: PᵀP and QQᵀ are what it measures
         total = loss + allocator.orthogonal_loss() if allocator is not None else loss
         total.backward()
         if o.max_grad_norm > 0:
@@ -598,11 +655,11 @@ def run(opts: TrainOptions) -> dict:
         elif adalora is not None:
             adalora.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
+        lv = loss.item()  # waits for the GPU's step to end, so dt below is its real duration
         dt = time.perf_counter() - t_step
         ntok = int(batch["attention_mask"].sum())
         tokens_total += ntok
         train_time += dt
-        lv = loss.item()
         if not math.isfinite(lv):
             bar.close()
             raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr")
@@ -628,9 +685,9 @@ def run(opts: TrainOptions) -> dict:
     # --- after --------------------------------------------------------------------------------
     if test_ids:
         if task == "classify":
-            metrics["test_accuracy_after"] = accuracy(model, test_ids, test_ds.labels, pad_id)
+            metrics["test_accuracy_after"] = accuracy(model, test_ids, test_ds.labels, pad_id, precision=o.precision)
         else:
-            metrics["test_loss_after"] = lm_loss(model, test_ids, pad_id)
+            metrics["test_loss_after"] = lm_loss(model, test_ids, pad_id, precision=o.precision)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
     save_outputs(out, model, allocator, o, task, log_rows, metrics, ds)
     print_summary(metrics, out)
@@ -739,6 +796,7 @@ def print_summary(m: dict, out: Path) -> None:
         ("steps", f"{m['steps']} x batch {m['batch_size']}, lr {m['lr']}"),
         ("train loss", f"{m['loss_first']:.4f} (first steps) -> {m['loss_last']:.4f} (last steps)"),
         ("speed", f"{m['tokens_per_s']:.0f} tokens/s, {m['train_seconds']:.1f} s training"),
+        ("device", f"{m.get('device_name') or m['device']}, {m['precision']}"),
     ]
     if "test_accuracy_head_only" in m:
         rows.append(("test accuracy", f"{m['test_accuracy_head_only']:.4f} head only (frozen model + linear probe)"))

@@ -12,10 +12,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The compiled-kernel tests need a GPU and the interpreter off (TRITON_INTERPRET=0 on the command
-# line); elsewhere they are not collected at all, rather than reported as skipped.
+# The GPU tests (files named *_cuda.py) need a GPU and the interpreter off (TRITON_INTERPRET=0 on
+# the command line); elsewhere they are not collected at all, rather than reported as skipped.
 if not (torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] == "0"):
-    collect_ignore_glob = ["kernels/*_cuda.py"]
+    collect_ignore_glob = ["*_cuda.py", "*/*_cuda.py"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
 from flexlora.cli import main
@@ -44,6 +45,7 @@ def test_train_writes_outputs_and_summary(tiny, tmp_path, capsys):
     assert "step     4/4" in printed or "step    4/4" in printed or "4/4" in printed
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "classify" and m["steps"] == 4
+    assert f"| {m.get('device_name') or m['device']}, fp32" in printed  # where it trained, and how
     for f in ("adapter", "rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors"):
         assert (out / f).exists(), f
 
@@ -64,7 +66,8 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "weight-decay-negative", "warmup-ratio-above-1", "threads-zero", "log-every-negative", "epochs-negative",
      "diverging-lr", "adalora-r-above-r-max", "t-final-too-large", "adalora-t-final-too-large",
      "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
-     "test-size-negative", "steps-and-epochs-before-data"],
+     "test-size-negative", "steps-and-epochs-before-data", "device-unknown", "device-absent",
+     "precision-unknown"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
@@ -173,6 +176,16 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     elif case == "test-size-negative":
         extra = ["--test-size", "-1"]
         expect = "--test-size must be >= 0, got -1"
+    elif case == "device-unknown":
+        extra = ["--device", "tpu"]
+        expect = "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"
+    elif case == "device-absent":  # a GPU index past those visible (none at all on a CPU machine)
+        extra = ["--device", "cuda:99"]
+        expect = "--device cuda:99: " + (
+            "only" if torch.cuda.is_available() else "no CUDA device is visible here")
+    elif case == "precision-unknown":
+        extra = ["--precision", "fp8"]
+        expect = "argument --precision: invalid choice: 'fp8'"
     fast = [a for a in FAST if not (case == "threads-zero" and a in ("--threads", "1"))]
     if case == "epochs-negative":
         fast = [a for a in fast if a not in ("--steps", "4")]

@@ -136,3 +136,37 @@ def test_collate_pads_right_and_masks_labels():
     assert b["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
     b = collate([[1], [2, 3]], pad_id=9, labels=[1, 0])
     assert b["labels"].dtype == torch.long and b["labels"].tolist() == [1, 0]
+
+
+def test_device_auto_picks_a_visible_gpu_else_the_cpu(monkeypatch):
+    from flexlora.data import InputError
+    from flexlora.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match=r"--device cuda: no CUDA device is visible here"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(InputError, match=r"--device must be auto, cpu, cuda or cuda:N, got 'meta'"):
+        resolve_device("meta")
+
+
+def test_bf16_precision_trains_under_autocast_with_fp32_adapters(tiny, tmp_path):
+    """--precision bf16: the forward runs under bfloat16 autocast (its losses differ from fp32's
+    by bf16 rounding only), the adapters and their saved tensors stay fp32."""
+    from safetensors.torch import load_file
+
+    kw = dict(model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), steps=12, lr=5e-2)
+    m32 = run(_opts(tmp_path / "fp32", **kw))
+    m16 = run(_opts(tmp_path / "bf16", precision="bf16", **kw))
+    assert (m32["device"], m32["precision"]) == ("cpu", "fp32") and (m16["device"], m16["precision"]) == ("cpu", "bf16")
+    l32 = [float(r["loss"]) for r in _log(tmp_path / "fp32" / "out")]
+    l16 = [float(r["loss"]) for r in _log(tmp_path / "bf16" / "out")]
+    diffs = [abs(a - b) / a for a, b in zip(l32, l16)]
+    assert max(diffs) > 1e-5, "bf16 losses equal fp32's to the digit: autocast did not engage"
+    assert max(diffs) < 0.02, diffs  # bf16 keeps ~3 digits: the same training, rounded
+    assert m16["loss_last"] < m16["loss_first"]
+    saved = load_file(str(tmp_path / "bf16" / "out" / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype in (torch.float32, torch.bool) for t in saved.values()), {t.dtype for t in saved.values()}

@@ -32,7 +32,8 @@ class FlexLinear(nn.Module):
         bias: whether the base layer has a bias.
         dropout: dropout probability on the adapter input.
         init_std: std of the Gaussian init of P and Q (λ starts at 0, so the output equals the
-            base layer's at init).
+            base layer's at init). Drawn from torch's CPU generator on every device, so a seed
+            gives the same P and Q on the CPU and on a GPU.
         device, dtype: of the base weight; adapter parameters are float32 unless
             ``adapter_dtype`` says otherwise.
 
@@ -108,9 +109,11 @@ class FlexLinear(nn.Module):
 
         dev = weight.device
         adt = adapter_dtype or torch.float32
-        self.P = nn.Parameter(torch.randn(out_features, r_max, device=dev, dtype=adt) * init_std)
+        # P and Q are drawn by the CPU generator whatever the device: one seed, one init on the
+        # CPU and on a GPU (the allocator's expansions draw from the CPU too)
+        self.P = nn.Parameter((torch.randn(out_features, r_max, dtype=adt) * init_std).to(dev))
         self.lam = nn.Parameter(torch.zeros(r_max, device=dev, dtype=adt))
-        self.Q = nn.Parameter(torch.randn(r_max, in_features, device=dev, dtype=adt) * init_std)
+        self.Q = nn.Parameter((torch.randn(r_max, in_features, dtype=adt) * init_std).to(dev))
         mask = torch.zeros(r_max, dtype=torch.bool, device=dev)
         mask[: self.r_init] = True
         self.register_buffer("mask", mask)

@@ -167,6 +167,47 @@ def test_cuda_empty_batch():
     assert torch.count_nonzero(ins["P"].grad) == 0 and ins["lam"].grad.shape == (4,)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("x_lora", [False, True], ids=["x", "x_lora"])
+def test_cuda_zero_in_features(backend, x_lora):
+    """K = 0 (no input features) on the GPU: y = b, db = Σ dy, nothing reaches the adapter."""
+    inp, dy = make_inputs(6, 0, 5, 4, "random", x_lora=x_lora)
+    ins = on_cuda(inp, torch.float32)
+    args = {k: v for k, v in ins.items() if k != "x_lora"}
+    y = flex_linear(**args, x_lora=ins["x_lora"], backend=backend)
+    assert torch.equal(y.detach().cpu(), inp["bias"].float().expand(6, 5)), "y must be the bias"
+    out = grads_of(y, dy, ins)
+    assert rel_err(out["bias"], dy.sum(0)) < 1e-6
+    for k in ("P", "lam"):
+        assert torch.count_nonzero(out[k]) == 0, k
+    assert out["x"].shape == (6, 0) and out["Q"].shape == (4, 0)
+
+
+@pytest.fixture
+def legacy_tf32_switch():
+    """Tests below flip torch's legacy TF32 switch: put it back (new-API reads reflect it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_fp32_follows_the_tf32_switch(backend, legacy_tf32_switch):
+    """fp32 on the GPU: IEEE dots by default (error ~1e-7 of float64); with torch's TF32 switch
+    on, both backends round the operands to TF32's 10-bit mantissa (error ~1e-4), as nn.Linear does."""
+    inp, dy = make_inputs(256, 512, 192, 16, "random")
+    ref = reference(inp, dy)
+    errs = {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        ins = on_cuda(inp, torch.float32)
+        args = {k: v for k, v in ins.items() if k != "x_lora"}
+        out = grads_of(flex_linear(**args, x_lora=ins["x_lora"], backend=backend), dy, ins)
+        errs[tf32] = max(rel_err(out[k], ref[k]) for k in ("y", "x", "P", "lam", "Q"))
+    assert errs[False] < 1e-5, errs
+    assert 3e-5 < errs[True] < 1e-2, errs
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     M=st.integers(1, 300),
