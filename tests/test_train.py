@@ -158,7 +158,7 @@ def test_bf16_precision_trains_under_autocast_with_fp32_adapters(tiny, tmp_path)
     by bf16 rounding only), the adapters and their saved tensors stay fp32."""
     from safetensors.torch import load_file
 
-    kw = dict(model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), steps=12, lr=5e-2)
+    kw = dict(model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), steps=12, lr=5e-2, device="cpu")
     m32 = run(_opts(tmp_path / "fp32", **kw))
     m16 = run(_opts(tmp_path / "bf16", precision="bf16", **kw))
     assert (m32["device"], m32["precision"]) == ("cpu", "fp32") and (m16["device"], m16["precision"]) == ("cpu", "bf16")

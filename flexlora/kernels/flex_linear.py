@@ -305,6 +305,17 @@ def _skinny(a, a_strides, b, b_strides, sc, out, out_strides, L, T, R, rowdot=No
 # autotuning is switched off (a middle entry of the autotune table; good at every LLaMA shape).
 _FIXED_INTERPRETED = dict(BLOCK_M=16, BLOCK_L=32, BLOCK_T=32, GROUP_M=4)
 _FIXED_GPU = dict(BLOCK_M=128, BLOCK_L=128, BLOCK_T=64, GROUP_M=8, num_stages=4, num_warps=8)
+# fp32 operands on tensor cores (TF32) stage twice the bytes: four 128x64 + 64x128 fp32 stages are
+# 256 KiB, over the 227 KiB an H100 block can have ("out of resource: shared memory" at launch,
+# seen on an H100), so fp32 takes 32-deep K steps (128 KiB)
+_FIXED_GPU_FP32 = dict(_FIXED_GPU, BLOCK_T=32)
+
+
+def _fixed_meta(dtype: torch.dtype) -> dict:
+    """The fused GEMM's block config where it does not autotune (see above)."""
+    if _INTERPRETED:
+        return _FIXED_INTERPRETED
+    return _FIXED_GPU_FP32 if dtype == torch.float32 else _FIXED_GPU
 
 
 def _autotune() -> bool:
@@ -336,7 +347,7 @@ def _fused(out, M, L, T, R, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
         DOT=_dot_dtype(out.dtype), PRECISION=_precision(out.dtype), BLOCK_R=_block_r(R),
     )
     if _INTERPRETED or not _autotune():
-        meta = _FIXED_INTERPRETED if _INTERPRETED else _FIXED_GPU
+        meta = _fixed_meta(out.dtype)
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_L"]),)
         _fused_kernel[grid](*args, **flags, **meta)
     else:

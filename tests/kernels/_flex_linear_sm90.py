@@ -103,6 +103,14 @@ def main(which: str) -> None:
                 jobs.append((f"bf16 {name}" + (f" {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_L']}" if cfg else ""), call, cfg))
         call = dict(zip(names[True], capture(64, 256, 512, 64, torch.bfloat16, True)))["dx_lora"]
         jobs.append(("bf16 dx_lora", call, cfgs[0]))
+    elif which == "fp32-tf32":
+        # fp32 with torch's TF32 switch on: tf32 tensor-core dots, 4-byte tiles in every stage.
+        # The fused GEMM as it runs with autotuning off (its fixed config) must fit.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        fixed = dict(fl._fixed_meta(torch.float32))
+        cfg = triton.Config(fixed, num_stages=fixed.pop("num_stages"), num_warps=fixed.pop("num_warps"))
+        for name, call in zip(names[False], capture(64, 256, 512, 64, torch.float32, False)):
+            jobs.append((f"fp32-tf32 {name}", call, cfg if call[0] is fl._fused_kernel else None))
     elif which == "fp16-r256":
         calls = dict(zip(names[False], capture(32, 128, 256, 256, torch.float16, False)))
         jobs += [("fp16-r256 y", calls["y"], cfgs[2]), ("fp16-r256 dv", calls["dv"], None)]

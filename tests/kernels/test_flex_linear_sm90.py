@@ -22,6 +22,7 @@ EXPECTED = {
     "bf16": ["bf16 u", "bf16 y 128x256", "bf16 y 256x128", "bf16 dv", "bf16 dx 128x256", "bf16 dP", "bf16 dQ",
              "bf16 dx_lora"],
     "fp16-r256": ["fp16-r256 y", "fp16-r256 dv"],
+    "fp32-tf32": ["fp32-tf32 u", "fp32-tf32 y", "fp32-tf32 dv", "fp32-tf32 dx", "fp32-tf32 dP", "fp32-tf32 dQ"],
 }
 
 

@@ -171,7 +171,15 @@ def test_cuda_empty_batch():
 @pytest.mark.parametrize("x_lora", [False, True], ids=["x", "x_lora"])
 def test_cuda_zero_in_features(backend, x_lora):
     """K = 0 (no input features) on the GPU: y = b, db = Σ dy, nothing reaches the adapter."""
-    inp, dy = make_inputs(6, 0, 5, 4, "random", x_lora=x_lora)
+    gen = torch.Generator().manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    inp = {
+        "x": torch.zeros(6, 0, **f64), "x_lora": torch.zeros(6, 0, **f64) if x_lora else None,
+        "weight": torch.zeros(5, 0, **f64), "bias": torch.randn(5, generator=gen, **f64),
+        "P": torch.randn(5, 4, generator=gen, **f64), "lam": torch.randn(4, generator=gen, **f64),
+        "Q": torch.zeros(4, 0, **f64), "mask": torch.tensor([True, False, True, True]), "scaling": 0.75,
+    }
+    dy = torch.randn(6, 5, generator=gen, **f64)
     ins = on_cuda(inp, torch.float32)
     args = {k: v for k, v in ins.items() if k != "x_lora"}
     y = flex_linear(**args, x_lora=ins["x_lora"], backend=backend)
