@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a CUDA machine should check and time, in one go (about 8 minutes on an H100):
-#   1. the compiled Triton kernels against float64 (tests/kernels/test_kernels_cuda.py),
+#   1. the compiled Triton kernels against float64 (tests/kernels/test_kernels_cuda.py) and
+#      `flexlora train` on the GPU against the CPU run (tests/test_train_cuda.py),
 #   2. the adapter-op microbenchmark (Triton kernels and the torch path, vs frozen / PEFT),
 #   3. the LLaMA-3-8B-shaped training step (default path, then FLEXLORA_BACKEND=triton),
 #   4. the entropy / orthogonality benchmark, 5. the per-product profile of the adapter op.
@@ -30,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$what" = all ]; then
   # pytest-xdist (not a test extra: CI has 2 cores) spreads the tests over 8 workers where present
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-  step tests 240 python3 -m pytest -q -p no:cacheprovider $xdist --maxfail=20 tests/kernels/test_kernels_cuda.py
+  step tests 240 python3 -m pytest -q -p no:cacheprovider $xdist --maxfail=20 tests/kernels/test_kernels_cuda.py tests/test_train_cuda.py
 fi
 step bench_flex_linear 150 python3 benchmarks/bench_flex_linear.py --csv "$OUT/flex_linear_cuda.csv"
 step bench_llama 120 python3 benchmarks/bench_llama.py --csv "$OUT/llama_cuda.csv"
