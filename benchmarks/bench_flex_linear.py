@@ -18,6 +18,10 @@ bytes the op's math needs at the active rank (every tensor read or written once,
 dtype), the H100 SXM roofline time max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), and the achieved
 fraction roofline / measured.
 
+``--compile MODE`` times every case (the frozen baseline too) through ``torch.compile(module,
+mode=MODE)``, e.g. ``reduce-overhead`` (CUDA graphs: the host-side cost of launching the op's
+kernels disappears, and mask flips / λ changes replay without re-recording); modes fwd and full.
+
 In every mode x requires grad (so backward computes dx as a training step through a frozen layer
 does). "bwd" times ``y.backward(dy, retain_graph=True)`` of a graph built once; "full" times
 ``module(x).backward(dy)``; gradients are reset to None (untimed) before every call.
@@ -219,13 +223,18 @@ def cases_for(rank_configs: Sequence[tuple], kinds: Sequence[str], backends: Seq
     return out
 
 
-def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds: int) -> List[dict]:
+def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds: int,
+              compile_mode: Optional[str] = None) -> List[dict]:
     """Rows of the table for one shape: every mode, every case, ratios to ``cases[0]`` (frozen).
 
     device "cuda": one ``do_bench`` median per case, plus the cost model; "cpu": ``rounds``
-    interleaved rounds, wall and CPU-time medians and per-round ratios.
+    interleaved rounds, wall and CPU-time medians and per-round ratios. ``compile_mode``: every
+    case's module goes through ``torch.compile(mode=compile_mode)`` first.
     """
     setups = {c: FACTORIES[c.kind](shape, c, dtype, device) for c in cases}
+    if compile_mode is not None:
+        for st in setups.values():
+            st.module = torch.compile(st.module, mode=compile_mode)
     all_grads = [t for s in setups.values() for t in s.grads]
     rows = []
     base = cases[0]
@@ -240,6 +249,7 @@ def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds
             row = {
                 "device": device, "dtype": str(dtype).replace("torch.", ""), "M": shape.M, "K": shape.K,
                 "N": shape.N, "mode": mode, "case": c.label, "r_max": c.r_max, "rank": c.rank,
+                "compile": compile_mode or "eager",
             }
             if device == "cuda":
                 flops, nbytes = cost(shape, c.rank, mode, torch.finfo(dtype).bits // 8)
@@ -267,6 +277,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
                    help="FlexLinear backend (default: CUDA times both, the Triton kernels and the torch "
                         "path on cuBLAS, as two rows; the CPU run uses the torch path)")
+    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
+                   help="time every case through torch.compile(mode=...) (modes fwd and full; default none: eager)")
     p.add_argument("--csv", default=None,
                    help="CSV path (default benchmarks/results/flex_linear_<device>.csv; none with --quick)")
     args = p.parse_args(argv)
@@ -275,12 +287,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if bad:
         p.error(f"--cases: unknown {bad}; choose from flexlora, peft_lora, peft_adalora")
     args.kinds = kinds
+    if args.compile != "none" and args.mode == "bwd":
+        p.error("--compile: times modes fwd and full (a compiled graph's backward is not re-run alone)")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse_args(argv)
     modes = MODES if args.mode == "all" else (args.mode,)
+    compile_mode = None if args.compile == "none" else args.compile
+    if compile_mode is not None:
+        modes = tuple(m for m in modes if m != "bwd")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device visible")
@@ -303,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     cases = cases_for(rank_configs, args.kinds, backends)
 
     where = f"{torch.cuda.get_device_name()}" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# flex_linear benchmark: {where}, {dtype}, M={M} tokens, torch {torch.__version__}")
+    print(f"# flex_linear benchmark: {where}, {dtype}, M={M} tokens, torch {torch.__version__}"
+          + (f", every case through torch.compile(mode={compile_mode!r})" if compile_mode else ""))
     if args.device == "cpu":
         # other jobs on the same cores inflate small multi-threaded ops most (each one waits for a
         # descheduled thread), so the adapter's ratio is only meaningful on a quiet machine
@@ -313,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     rows: List[dict] = []
     for K, N in dims:
         shape = Shape(M, K, N)
-        rows += run_shape(shape, cases, modes, dtype, args.device, rounds)
+        rows += run_shape(shape, cases, modes, dtype, args.device, rounds, compile_mode)
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -324,15 +342,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         print(f"(ms: median wall time; ratio: median over {rounds} interleaved rounds of time / frozen time "
               "in the same round, ratio_ci its 95% bootstrap interval; cpu_ms, ratio_cpu: the same on process CPU "
               "time, steadier on a busy machine)")
-    _print_target(rows)
+    if compile_mode is None:  # the targets are for the eager op
+        _print_target(rows)
     print("\nratios to the frozen base (Markdown):\n" + markdown_ratios(rows))
     # a --quick smoke run must not overwrite the published full run's CSV in benchmarks/results/
-    path = args.csv or (None if args.quick else os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv"))
+    path = args.csv or (None if args.quick or compile_mode else os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv"))
     if path:
         write_csv(rows, path)
     if args.device == "cpu":
         print(f"# load average after the run: {os.getloadavg()[0]:.2f}")
-    print(f"# {'wrote ' + path if path else 'no CSV written (--quick without --csv)'} ({time.time() - t_start:.0f} s)")
+    print(f"# {'wrote ' + path if path else 'no CSV written (--quick or --compile without --csv)'} ({time.time() - t_start:.0f} s)")
     return rows
 
 

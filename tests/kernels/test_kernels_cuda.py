@@ -346,3 +346,43 @@ def test_cuda_compile_no_recompiles_across_rank_changes():
     assert recompiles == 0, f"rank changes caused {recompiles} recompiles"
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0, "graph break inside flex_linear"
     torch._dynamo.reset()
+
+
+def test_cuda_graphs_replay_across_rank_changes():
+    """torch.compile(mode="reduce-overhead"): the fwd+bwd of a FlexLinear model is recorded as CUDA
+    graphs once and replayed; prune / expand / retune change the mask and λ in place, which the
+    replays read (data, not graph structure): same numbers as eager at every step, nothing
+    re-recorded or recompiled, no graph skipped."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from flexlora.layers.flex_linear import FlexLinear
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        FlexLinear(64, 48, r_max=16, r_init=8, alpha=16.0), torch.nn.GELU(), FlexLinear(48, 32, r_max=16, r_init=4, alpha=8.0)
+    ).to(DEV)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lam.normal_()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    counters.clear()
+    x = torch.randn(4, 10, 64, device=DEV)
+    for step in range(6):  # cudagraph trees: warm-up, record, then replays
+        with torch.no_grad():
+            model[0].mask[step + 3] = not bool(model[0].mask[step + 3])
+            model[2].mask[step + 4] = True
+            model[2].lam.add_(0.3)
+        grads = {}
+        for name, fn in (("eager", model), ("compiled", compiled)):
+            for p in model.parameters():
+                p.grad = None
+            y = fn(x)
+            y.square().sum().backward()
+            grads[name] = [y.detach().clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        for a, b in zip(grads["eager"], grads["compiled"]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"step {step}: CUDA-graph replay != eager")
+    assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped CUDA graphs for the model"
+    torch._dynamo.reset()
