@@ -188,6 +188,46 @@ def timed_fn(s: Setup, mode: str) -> Callable[[], object]:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _cuda_fn(s: Setup, mode: str, compile_mode: Optional[str]) -> Callable[[], object]:
+    """The callable do_bench times for one case on CUDA. Compiled cases are compiled here, one at
+    a time after ``torch._dynamo.reset()``: each then has CUDA-graph trees of its own (a case
+    recorded into the trees of the cases timed before it had its saved tensors overwritten)."""
+    if compile_mode is None:
+        return timed_fn(s, mode)
+    torch._dynamo.reset()
+    s = Setup(torch.compile(s.module, mode=compile_mode), s.x, s.dy, s.grads)
+    if compile_mode != "reduce-overhead":
+        return timed_fn(s, mode)
+    return _new_graph_step(_fresh_leaf_fn(s, mode))
+
+
+def _fresh_leaf_fn(s: Setup, mode: str) -> Callable[[], object]:
+    """As :func:`timed_fn` for CUDA graphs: x is a new leaf (no copy) and every ``.grad`` is reset at
+    each call. A first gradient is stored by reference, so a ``.grad`` kept across calls would
+    alias a graph's output memory that the next replay overwrites (do_bench resets gradients only
+    in its final loop, not while it estimates and warms up)."""
+
+    def call():
+        for t in s.grads:
+            t.grad = None
+        y = s.module(s.x.detach().requires_grad_(True))
+        return y if mode == "fwd" else y.backward(s.dy)
+
+    return call
+
+
+def _new_graph_step(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` preceded by ``torch.compiler.cudagraph_mark_step_begin()``: CUDA-graph trees may then
+    reuse the previous call's output memory (do_bench calls ``fn`` back to back, and without the
+    mark the next replay refuses to overwrite outputs it thinks are still alive)."""
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+
+    return step
+
+
 # --------------------------------------------------------------------------------------------
 # Analytic cost model (CUDA rows)
 # --------------------------------------------------------------------------------------------
@@ -232,19 +272,19 @@ def run_shape(shape: Shape, cases: List[Case], modes, dtype, device: str, rounds
     case's module goes through ``torch.compile(mode=compile_mode)`` first.
     """
     setups = {c: FACTORIES[c.kind](shape, c, dtype, device) for c in cases}
-    if compile_mode is not None:
+    if compile_mode is not None and device == "cpu":  # interleaved rounds: every case compiled up front
         for st in setups.values():
             st.module = torch.compile(st.module, mode=compile_mode)
     all_grads = [t for s in setups.values() for t in s.grads]
     rows = []
     base = cases[0]
     for mode in modes:
-        fns = {c: timed_fn(setups[c], mode) for c in cases}
         if device == "cuda":
-            cuda_ms = {c: cuda_time_ms(fns[c], setups[c].grads) for c in cases}
+            cuda_ms = {c: cuda_time_ms(_cuda_fn(setups[c], mode, compile_mode), setups[c].grads) for c in cases}
         else:
+            fns = {c: timed_fn(setups[c], mode) for c in cases}
             samples = interleaved_times_ms(fns, rounds=rounds, warmup=1, grads_to_none=all_grads)
-        del fns  # frees the graphs built for "bwd"
+            del fns  # frees the graphs built for "bwd"
         for c in cases:
             row = {
                 "device": device, "dtype": str(dtype).replace("torch.", ""), "M": shape.M, "K": shape.K,
