@@ -143,8 +143,10 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cpu":
+        return torch.device("cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is False)")
@@ -413,8 +415,11 @@ def check_flags(o: TrainOptions) -> None:
     if o.precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {PRECISIONS}, got {o.precision!r}")
     device = resolve_device(o.device)
-    if o.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    # bf16 tensor cores from Ampere (sm_80) on; torch.cuda.is_bf16_supported() also says yes for
+    # older GPUs that only emulate it (slowly), and asks about the current device, not this one
+    if o.precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 tensor cores "
+                         "(compute capability 8.0 or newer needed); use --precision fp32")
     # at least 1; None = derived (only r, batch_size and max_length are always given)
     for name in ("r", "batch_size", "max_length", "threads", "log_every", "steps", "train_size", "delta_t"):
         if getattr(o, name) is not None and getattr(o, name) < 1:

@@ -148,9 +148,32 @@ def test_device_auto_picks_a_visible_gpu_else_the_cpu(monkeypatch):
     with pytest.raises(InputError, match=r"--device cuda: no CUDA device is visible here"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("auto") == torch.device("cuda")
-    with pytest.raises(InputError, match=r"--device must be auto, cpu, cuda or cuda:N, got 'meta'"):
-        resolve_device("meta")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match=r"--device cuda:3: only 1 CUDA device\(s\) are visible"):
+        resolve_device("cuda:3")
+    for bad in ("meta", "cpu:3", "gpu"):
+        with pytest.raises(InputError, match=rf"--device must be auto, cpu, cuda or cuda:N, got '{bad}'"):
+            resolve_device(bad)
+
+
+def test_bf16_needs_a_gpu_with_bf16_tensor_cores(monkeypatch):
+    """--precision bf16 on a pre-Ampere GPU (which torch.cuda.is_bf16_supported() calls supported:
+    it counts emulation) is a one-line error naming the GPU, checked for the --device given."""
+    from flexlora.data import InputError
+    from flexlora.train import check_flags
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or ((7, 0) if d.index == 1 else (9, 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100" if d.index == 1 else "H100")
+    check_flags(TrainOptions(device="cuda:0", precision="bf16"))  # sm_90: fine
+    with pytest.raises(InputError, match=r"--precision bf16: Tesla V100 has no bfloat16 tensor cores"):
+        check_flags(TrainOptions(device="cuda:1", precision="bf16"))
+    check_flags(TrainOptions(device="cuda:1", precision="fp32"))
+    assert [d.index for d in asked] == [0, 1]
 
 
 def test_bf16_precision_trains_under_autocast_with_fp32_adapters(tiny, tmp_path):

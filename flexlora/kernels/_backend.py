@@ -49,9 +49,18 @@ def mend_old_interpreter(interpreter_module=None) -> bool:
     except TypeError:
         pass
 
-    def patch_lang_tensor(tensor, scope, *args, **kwargs):
-        patch(tensor, scope, *args, **kwargs)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
+    def index(self):
+        return int(np.asarray(self.handle.data).squeeze())
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        patch(tensor, *args, **kwargs)
+        # Triton 3.6 patches through a scope that undoes it after the launch; 3.5 and older take
+        # (tensor) or (tensor, builder) and set the class attributes for good
+        scope = kwargs.get("scope", args[0] if args else None)
+        if hasattr(scope, "set_attr"):
+            scope.set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patch_lang_tensor._flexlora_mended = True
     interpreter_module._patch_lang_tensor = patch_lang_tensor

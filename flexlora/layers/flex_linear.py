@@ -111,9 +111,9 @@ class FlexLinear(nn.Module):
         adt = adapter_dtype or torch.float32
         # P and Q are drawn by the CPU generator whatever the device: one seed, one init on the
         # CPU and on a GPU (the allocator's expansions draw from the CPU too)
-        self.P = nn.Parameter((torch.randn(out_features, r_max, dtype=adt) * init_std).to(dev))
+        self.P = nn.Parameter((torch.randn(out_features, r_max, dtype=adt, device="cpu") * init_std).to(dev))
         self.lam = nn.Parameter(torch.zeros(r_max, device=dev, dtype=adt))
-        self.Q = nn.Parameter((torch.randn(r_max, in_features, dtype=adt) * init_std).to(dev))
+        self.Q = nn.Parameter((torch.randn(r_max, in_features, dtype=adt, device="cpu") * init_std).to(dev))
         mask = torch.zeros(r_max, dtype=torch.bool, device=dev)
         mask[: self.r_init] = True
         self.register_buffer("mask", mask)

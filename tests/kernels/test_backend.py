@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 
 from flexlora.kernels._backend import mend_old_interpreter
 
@@ -43,6 +44,30 @@ def test_mend_old_interpreter_lets_runtime_loop_bounds_through():
     scalar.handle = types.SimpleNamespace(data=np.array(5, dtype=np.int64))  # a 0-d result
     assert list(range(scalar)) == [0, 1, 2, 3, 4]
     assert mend_old_interpreter(fake) is False  # wrapped once only
+
+
+def _oldest_patch_lang_tensor(tensor):
+    """Triton 3.5's form: no scope, the class attribute is set for good."""
+    tensor.__index__ = lambda self: int(self.handle.data)
+
+
+def _builder_patch_lang_tensor(tensor, builder):
+    """An older form that takes the interpreter's builder (no set_attr) as its second argument."""
+    tensor.__index__ = lambda self: int(self.handle.data)
+
+
+@pytest.mark.parametrize("hook", [_oldest_patch_lang_tensor, _builder_patch_lang_tensor], ids=["tensor", "tensor-builder"])
+def test_mend_old_interpreter_handles_hooks_without_a_scope(hook):
+    class Tensor:
+        pass
+
+    fake = types.SimpleNamespace(_patch_lang_tensor=hook)
+    assert mend_old_interpreter(fake) is _numpy_refuses_size1()
+    args = (Tensor,) if hook is _oldest_patch_lang_tensor else (Tensor, types.SimpleNamespace())
+    fake._patch_lang_tensor(*args)
+    bound = Tensor()
+    bound.handle = types.SimpleNamespace(data=np.array([4], dtype=np.int32))
+    assert list(range(bound)) == [0, 1, 2, 3]
 
 
 def test_mend_old_interpreter_leaves_other_interpreters_alone():

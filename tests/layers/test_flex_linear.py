@@ -397,3 +397,15 @@ def test_hf_gradient_checkpointing_on_a_wrapped_llama():
         for t0, t1 in zip(a, b):
             assert t0.abs().max() > 0, n
             assert rel_err(t1, t0) < 1e-5, n
+
+
+def test_init_draws_p_and_q_on_the_cpu_generator_whatever_the_default_device():
+    """One seed, one init: P and Q come from the CPU generator even inside a default-device
+    context (where an unpinned randn would draw on that device, or fail on 'meta')."""
+    torch.manual_seed(0)
+    plain = FlexLinear(8, 4, r_max=3, r_init=2, alpha=1.0)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        inside = FlexLinear(8, 4, r_max=3, r_init=2, alpha=1.0, device="cpu")
+    assert inside.P.device.type == "cpu"
+    assert torch.equal(inside.P, plain.P) and torch.equal(inside.Q, plain.Q)
