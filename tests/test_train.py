@@ -50,6 +50,8 @@ def test_causal_lm_flexlora_loss_falls_and_outputs_written(tiny, tmp_path):
     assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
     log = _log(out)
+    rates = sorted(float(r["tokens_per_s"]) for r in log)
+    assert m["tokens_per_s_median_step"] == pytest.approx((rates[19] + rates[20]) / 2, abs=0.06)
     assert [int(r["step"]) for r in log] == list(range(1, 41))
     # default targets for LLaMA: q, k, v, up, down in 2 layers; the budget never moves
     assert m["adapted_modules"] == 10 and m["rank_budget"] == 40
