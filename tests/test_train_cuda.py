@@ -18,23 +18,11 @@ import torch
 import torch.nn as nn
 
 import flexlora
-from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
 from flexlora import FlexLinear, FlexLoRAConfig, RankAllocator
 from flexlora.train import TrainOptions, lm_loss, load_model, run, tokenize
+from test_train import tiny  # noqa: F401  (the CPU tests' tiny models and data: a fixture)
 
 DEV = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_cuda")
-    rows = sentiment_rows(160)
-    return {
-        "bert": tiny_bert(root / "bert"),
-        "llama": tiny_llama(root / "llama"),
-        "cls": write_jsonl(root / "cls.jsonl", rows),
-        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
-    }
 
 
 def _opts(out, **kw):
@@ -50,7 +38,7 @@ def _csv(path):
 
 
 def test_fp32_run_on_the_gpu_retraces_the_cpu_run(tiny, tmp_path):
-    kw = dict(model=str(tiny["llama"]), data=str(tiny["lm"]))
+    kw = dict(model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]))
     cpu = run(_opts(tmp_path / "cpu", device="cpu", **kw))
     gpu = run(_opts(tmp_path / "gpu", device="cuda", **kw))
     assert cpu["device"] == "cpu" and gpu["device"].startswith("cuda") and gpu["device_name"]
@@ -66,30 +54,32 @@ def test_fp32_run_on_the_gpu_retraces_the_cpu_run(tiny, tmp_path):
 
 def test_adapter_trained_on_the_gpu_reloads_on_the_cpu(tiny, tmp_path):
     """Saved from CUDA tensors, loaded into a plain CPU model: the same test loss as the GPU run's."""
-    m = run(_opts(tmp_path, model=str(tiny["llama"]), data=str(tiny["lm"]), device="cuda"))
+    m = run(_opts(tmp_path, model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), device="cuda"))
     model, tok = load_model(tiny["llama"], "causal-lm", None)
     flexlora.load_adapter(model, tmp_path / "adapter")
     assert all(p.device.type == "cpu" for p in model.parameters())
     # the run's test split: the last 10 % of the shuffled file, as split() draws it
     from flexlora.data import load_dataset, split
 
-    _, test = split(load_dataset(str(tiny["lm"])), len(load_dataset(str(tiny["lm"]))) // 10, 0)
+    _, test = split(load_dataset(str(tiny["lm_jsonl"])), len(load_dataset(str(tiny["lm_jsonl"]))) // 10, 0)
     ids = [x for x in tokenize(tok, test.texts, 64) if len(x) >= 2]
     assert abs(lm_loss(model, ids, tok.pad_token_id) - m["test_loss_after"]) < 1e-4 * m["test_loss_after"]
 
 
 def test_bf16_run_on_the_gpu(tiny, tmp_path):
-    m = run(_opts(tmp_path, model=str(tiny["llama"]), data=str(tiny["lm"]), device="cuda", precision="bf16"))
+    m = run(_opts(tmp_path, model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), device="cuda", precision="bf16"))
     assert m["precision"] == "bf16" and m["loss_last"] < 0.9 * m["loss_first"], (m["loss_first"], m["loss_last"])
     assert m["test_loss_after"] < m["test_loss_before"]
 
 
 def test_classifier_and_peft_methods_on_the_gpu(tiny, tmp_path):
-    m = run(_opts(tmp_path / "cls", model=str(tiny["bert"]), data=str(tiny["cls"]), device="cuda", steps=16))
-    assert m["task"] == "classify" and 0.0 <= m["test_accuracy_after"] <= 1.0
+    # the classifier in bf16 (the CPU suite, run on a GPU machine, trains it in fp32 there)
+    m = run(_opts(tmp_path / "cls", model=str(tiny["bert"]), data=str(tiny["cls_jsonl"]), device="cuda", steps=16,
+                  precision="bf16"))
+    assert m["task"] == "classify" and m["precision"] == "bf16" and 0.0 <= m["test_accuracy_after"] <= 1.0
     assert (tmp_path / "cls" / "classifier_head.safetensors").is_file()
     for method in ("lora", "adalora"):
-        m = run(_opts(tmp_path / method, model=str(tiny["llama"]), data=str(tiny["lm"]), device="cuda",
+        m = run(_opts(tmp_path / method, model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), device="cuda",
                       method=method, t_warmup=4, t_final=4))
         assert m["loss_last"] < m["loss_first"], method
         assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()
