@@ -407,8 +407,9 @@ def lm_loss(model, ids, pad_id: int, batch_size: int = 32, precision: str = "fp3
 # the run
 
 
-def check_flags(o: TrainOptions) -> None:
-    """Every flag on its own (before anything loads): InputError naming the first bad one."""
+def check_flags(o: TrainOptions) -> torch.device:
+    """Every flag on its own (before anything loads): InputError naming the first bad one.
+    Returns the device ``--device`` resolves to."""
     if o.method not in METHODS:
         raise InputError(f"--method must be one of {METHODS}, got {o.method!r}")
     if o.task not in TASKS:
@@ -448,6 +449,7 @@ def check_flags(o: TrainOptions) -> None:
             raise InputError(f"--r-max must be >= --r ({o.r}), got {o.r_max}")
         if o.method == "flexlora" and o.r_min > o.r:
             raise InputError(f"--r-min must be <= --r ({o.r}), got {o.r_min}")
+    return device
 
 
 def _window_defaults(steps: int):
@@ -548,8 +550,7 @@ def run(opts: TrainOptions) -> dict:
     """Train as ``opts`` says, write the outputs into ``opts.output_dir`` and return the metrics."""
     from tqdm.auto import tqdm
 
-    check_flags(opts)
-    device = resolve_device(opts.device)
+    device = check_flags(opts)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
