@@ -33,7 +33,7 @@ import torch.nn as nn
 from ._atomic import atomic_directory
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules, name_matches, named_modules_all, unwrap_model, wrap
+from .layers.wrap import check_unsharded, flex_modules, name_matches, named_modules_all, unwrap_model, wrap
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -135,6 +135,7 @@ def _collect_adapter(model: nn.Module, allocator):
     access. Returns (tensors, meta, allocator state or None)."""
     model = unwrap_model(model)
     cfg = _model_config(model)
+    check_unsharded(flex_modules(model), "save_adapter")
     merged = [n for n, m in flex_modules(model) if m.merged]
     if merged:
         raise ValueError(
@@ -217,6 +218,7 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
     """Raise on the first difference between the saved adapter and the model's."""
     where = f"adapter {str(directory)!r}"
     mods = dict(flex_modules(model))
+    check_unsharded(list(mods.items()), "load_adapter")
     merged = [n for n, m in mods.items() if m.merged]
     if merged:
         raise ValueError(

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ._atomic import atomic_directory
 from .checkpoint import _SLOT_TENSORS, _base_name, _model_config, _saved_modules
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import flex_modules, named_modules_all, unwrap_model
+from .layers.wrap import check_unsharded, flex_modules, named_modules_all, unwrap_model
 from .merging import delta_weight_fp32
 
 # peft.TaskType's values (peft 0.21), for when peft is not installed (it is not a dependency)
@@ -159,6 +159,7 @@ def export_peft(
     model = unwrap_model(model)
     cfg = _model_config(model)
     mods = flex_modules(model)
+    check_unsharded(mods, "export_peft")
     merged = [n for n, m in mods if m.merged]
     if merged:
         raise ValueError(

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .layers.flex_linear import FlexLinear
-from .layers.wrap import carry_hooks, flex_modules, named_modules_all, parameter_owners, tied_names, unwrap_model
+from .layers.wrap import carry_hooks, check_unsharded, flex_modules, named_modules_all, parameter_owners, tied_names, unwrap_model
 
 _ORIGINAL = "_flexlora_unmerged_weight"
 _MERGED_ADAPTER = "_flexlora_merged_adapter"
@@ -66,6 +66,7 @@ def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
     mods = flex_modules(unwrap_model(model))
     if not mods:
         raise ValueError("model holds no FlexLinear modules (not wrapped by flexlora.wrap?)")
+    check_unsharded(mods, "merge / unmerge")
     return mods
 
 

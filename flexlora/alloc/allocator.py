@@ -41,7 +41,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..config import FlexLoRAConfig
 from ..kernels.spectral_entropy import spectral_entropy_and_slots
 from ..layers.flex_linear import FlexLinear
-from ..layers.wrap import flex_modules, unwrap_model
+from ..layers.wrap import check_unsharded, flex_modules, unwrap_model
 from ._batch import stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
@@ -260,6 +260,7 @@ class RankAllocator:
         named = flex_modules(inner)
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
+        check_unsharded(named, "RankAllocator")
         schedule_warned = _warn_if_no_allocation(config)
         self._warned_step0 = False
         self.config = config

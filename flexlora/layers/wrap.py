@@ -6,6 +6,7 @@ import re
 import warnings
 from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from ..config import FlexLoRAConfig
@@ -225,6 +226,26 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
 def flex_modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
     """(qualified name, FlexLinear) pairs in ``named_modules`` order (stable across runs)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FlexLinear)]
+
+
+def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str) -> None:
+    """Raise NotImplementedError when an adapter's P, λ or Q is a DTensor shard (FSDP2's
+    ``fully_shard``, tensor parallelism). Rank events, saving, loading, merging and export read
+    and write single slots of whole P, λ, Q on every rank; on shards they would fail deep inside
+    DTensor dispatch, or act on one rank's rows only."""
+    dist = torch.distributed
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, m in named:
+        for key in ("P", "lam", "Q"):
+            if isinstance(getattr(m, key), DTensor):
+                raise NotImplementedError(
+                    f"{caller}: the adapter of {name!r} is sharded ({key} is a DTensor, as FSDP2's fully_shard "
+                    "or tensor parallelism leave it); flexlora needs whole P, lam, Q on every rank: train with "
+                    "DistributedDataParallel (each rank holds the base model; the adapters are small)"
+                )
 
 
 class ParameterCount(NamedTuple):
