@@ -331,6 +331,13 @@ def _adapter_snapshot(model: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor
     return out
 
 
+def _restore_snapshot(snapshot: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy an :func:`_adapter_snapshot` back into its tensors."""
+    with torch.no_grad():
+        for t, old in snapshot:
+            t.copy_(old)
+
+
 def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool = True) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return the model.
 
@@ -391,9 +398,16 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
         if undo_wrap is not None:  # a plain model given: hand it back plain
             undo_wrap()
         raise
+    snapshot = _adapter_snapshot(model) if allocator is not None else []
     _apply(model, meta, tensors)
     if allocator is not None:
-        allocator.load_state_dict(alloc_state)
+        try:
+            allocator.load_state_dict(alloc_state)
+        except BaseException:  # checked above, so not expected: still, no half-loaded model
+            _restore_snapshot(snapshot)
+            if undo_wrap is not None:
+                undo_wrap()
+            raise
     return undo_wrap
 
 
@@ -558,6 +572,10 @@ def load_checkpoint(
         _check_optimizer_state(optimizer, state["optimizer"], directory)
     snapshot = _adapter_snapshot(model)  # empty for a plain model
     alloc_before = allocator.state_dict() if allocator is not None else None
+    # Optimizer.load_state_dict puts new state tensors in place and leaves the old ones as they
+    # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
+    opt_before = optimizer.state_dict() if optimizer is not None else None
+    sched_before = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
     undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
         if optimizer is not None:
@@ -565,14 +583,19 @@ def load_checkpoint(
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
     except BaseException:
-        # what load_adapter copied goes back: a failed load leaves the objects as they were
-        with torch.no_grad():
-            for t, old in snapshot:
-                t.copy_(old)
+        # what was already loaded goes back: a failed load leaves the objects as they were
+        _restore_snapshot(snapshot)
         if allocator is not None:
             allocator.load_state_dict(alloc_before)
+        if optimizer is not None:
+            optimizer.load_state_dict(opt_before)
         if undo_wrap is not None:  # a plain model given: hand it back plain
             undo_wrap()
+        if sched_before is not None:
+            try:  # a scheduler whose load just failed may refuse its own state too
+                scheduler.load_state_dict(sched_before)
+            except Exception:
+                pass  # the original error, raised below, is the one that explains
         raise
     _set_rng_state(_this_ranks_rng(state, directory))
     return int(state["step"])

@@ -268,6 +268,24 @@ def test_failed_load_with_another_allocator_seed_leaves_model_untouched(tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_failed_load_with_another_importance_metric_leaves_model_and_allocator_untouched(tmp_path):
+    model = trained_llama(seed=1)
+    alloc = flexlora.RankAllocator(model)  # entropy
+    for step in (1, 2, 3):
+        alloc.step(step)
+    save_adapter(model, tmp_path, allocator=alloc)
+    other = trained_llama(seed=2, importance="sensitivity")
+    alloc2 = flexlora.RankAllocator(other)
+    before, alloc_before = adapter_state(other), alloc2.state_dict()
+    with pytest.raises(ValueError, match=r"importance='sensitivity'.*'entropy'"):
+        load_adapter(other, tmp_path, allocator=alloc2)
+    after = adapter_state(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    state = alloc2.state_dict()
+    assert state["last_step"] == alloc_before["last_step"] == 0 and state["history"] == alloc_before["history"]
+    assert state["num_events"] == 0 and state["importance"]["name"] == "sensitivity"
+
+
 def test_failed_load_into_a_plain_model_leaves_it_plain(tmp_path):
     save_adapter(trained_llama(), tmp_path)
     plain = base_llama(hidden=48)  # same module names, other shapes: wrap succeeds, the check fails

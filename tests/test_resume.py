@@ -188,6 +188,34 @@ def test_load_checkpoint_failing_late_puts_everything_back(tmp_path):
     assert alloc2.num_events == alloc_before["num_events"]
 
 
+def test_load_checkpoint_failing_scheduler_puts_optimizer_and_scheduler_back(tmp_path):
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 3)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=3)
+    seed_all(1)
+    model2, opt2, sched2, alloc2 = build()
+    train(model2, opt2, sched2, alloc2, 0, 1)  # state of its own, other than the checkpoint's
+    params = [p for p in model2.parameters() if p.requires_grad]
+    moments = [{k: v.clone() for k, v in opt2.state[p].items()} for p in params]
+    lr = opt2.param_groups[0]["lr"]
+
+    class Failing(torch.optim.lr_scheduler.LambdaLR):  # fails after the optimizer was loaded
+        def load_state_dict(self, sd):
+            raise KeyError("lr_lambdas")
+
+    failing = Failing(opt2, lambda s: 1.0)
+    opt2.param_groups[0]["lr"] = lr  # LambdaLR's constructor set it
+    with pytest.raises(KeyError, match="lr_lambdas"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2, scheduler=failing)
+    assert opt2.param_groups[0]["lr"] == lr
+    for p, saved in zip(params, moments):
+        state = opt2.state[p]
+        assert set(state) == set(saved)
+        assert all(torch.equal(state[k], saved[k]) for k in saved), "optimizer state not put back"
+    assert float(opt2.state[params[0]]["step"]) == 1.0
+
+
 def test_load_checkpoint_failing_late_hands_a_plain_model_back_plain(tmp_path):
     seed_all(0)
     model, opt, sched, alloc = build()

@@ -425,14 +425,24 @@ class RankAllocator:
                 f"RankAllocator.load_state_dict: saved with config.seed={state['seed']}, but this "
                 f"allocator has config.seed={self.config.seed}; new directions would differ"
             )
+        missing = [k for k in ("last_step", "num_events", "stepped", "warned", "history", "importance") if k not in state]
+        if missing:
+            raise ValueError(f"RankAllocator.load_state_dict: the state lacks {missing}")
+        try:
+            self.importance.check_state(state["importance"])
+        except ValueError as e:
+            raise ValueError(
+                f"RankAllocator.load_state_dict: config.importance={self.config.importance!r} cannot take the "
+                f"saved importance state ({e})"
+            ) from None
 
     def _restore(self, state: Dict[str, Any]) -> None:
+        self.importance.load_state_dict(state["importance"])  # first: the one part that can still refuse
         self._last_step = int(state["last_step"])
         self.num_events = int(state["num_events"])
         self._stepped = bool(state["stepped"])
         self._warned = dict(state["warned"])
         self.history = [dict(r) for r in state["history"]]
-        self.importance.load_state_dict(state["importance"])
         # The masks came with the model's state: re-derive the budget from them, and restore the
         # zero-inactive-slot invariant for them (moments: the next step() re-adopts the optimizer).
         self._total_rank = int(sum(self.ranks().values()))

@@ -102,9 +102,16 @@ class Importance:
     def state_dict(self) -> dict:
         return {"name": self.name}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def check_state(self, sd: dict) -> None:
+        """Raise ValueError if ``sd`` cannot be loaded into this metric; changes nothing (loads
+        check every part before they change any)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict, got {type(sd).__name__}")
         if sd.get("name", self.name) != self.name:
             raise ValueError(f"{type(self).__name__}.load_state_dict: state is for metric {sd.get('name')!r}, expected {self.name!r}")
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.check_state(sd)
 
 
 class EntropyImportance(Importance):
@@ -321,6 +328,21 @@ class SensitivityImportance(Importance):
             "ipt": [t.clone() for t in self.ipt],
             "unc": [t.clone() for t in self.unc],
         }
+
+    def check_state(self, sd: dict) -> None:
+        super().check_state(sd)
+        missing = [k for k in ("steps", "ipt", "unc") if k not in sd]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state lacks {missing}")
+        if len(sd["ipt"]) != len(sd["unc"]):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(sd['ipt'])} ipt but {len(sd['unc'])} unc tensors")
+        if self.ipt and len(sd["ipt"]) == len(self.ipt):
+            for i, (dst, src) in enumerate(zip(self.ipt + self.unc, list(sd["ipt"]) + list(sd["unc"]))):
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: state tensor {i} has shape {tuple(src.shape)}, "
+                        f"expected {tuple(dst.shape)}"
+                    )
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
