@@ -21,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Tuple
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -93,15 +93,22 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _check_target(target: Path) -> None:
+def _check_target(target: Path, conflicts: Iterable[str] = ()) -> None:
     cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
+    real = target.resolve()  # through symlinked folders above it: the folder a save replaces
+    if real == cwd or real in cwd.parents:
         raise ValueError(
             f"cannot save to {str(target)!r}: it is (or contains) the current working directory, which a "
             "save replaces as a whole; give a dedicated subfolder"
         )
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save to {str(target)!r}: it exists and is not a directory")
+    for name, owner in conflicts:
+        if (target / name).exists():
+            raise FileExistsError(
+                f"cannot save to {str(target)!r}: it holds {name} ({owner}), whose weights file has the same "
+                "name as this save's; give another folder"
+            )
     # the nearest existing folder above the target: the one the save creates its folders in
     parent = next((p for p in target.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
@@ -111,18 +118,20 @@ def _check_target(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target, owned_files: Iterable[str]) -> Iterator[Path]:
+def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tuple[str, str]] = ()) -> Iterator[Path]:
     """Context manager yielding a temporary directory to fill; on normal exit it replaces ``target``.
 
     Files of an existing ``target`` whose names are not in ``owned_files`` (a user's notes, a plot)
     are carried over into the new directory; the owned ones are replaced or dropped. On an
     exception inside the block the temporary directory is removed and ``target`` is untouched.
+    ``conflicts``: (file name, what writes it) pairs; an existing ``target`` holding one is
+    refused (FileExistsError) before anything is written (another format's folder).
     """
     target = Path(target).absolute()
     if target.is_symlink():  # replace the folder the link points to, keep the link
         target = target.resolve()
     owned = set(owned_files)
-    _check_target(target)
+    _check_target(target, conflicts)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -42,6 +42,9 @@ ALLOCATOR_NAME = "allocator_state.pt"
 TRAINING_STATE_NAME = "training_state.pt"
 FORMAT_VERSION = 1
 _OWNED = (WEIGHTS_NAME, CONFIG_NAME, ALLOCATOR_NAME, TRAINING_STATE_NAME)
+# a PEFT adapter's folder (export_peft, PEFT's save_pretrained) names its weights as flexlora
+# does: a save there would leave its adapter_config.json beside flexlora's weights
+_CONFLICTS = (("adapter_config.json", "a PEFT adapter: export_peft or PEFT's save_pretrained"),)
 _SLOT_TENSORS = ("P", "lam", "Q", "mask")
 _SAVE_PREFIX = "modules_to_save."
 
@@ -100,6 +103,20 @@ def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.T
     for name, m in _saved_modules(model, cfg):
         for key, t in _module_state(m).items():
             tensors[f"{_SAVE_PREFIX}{name}.{key}"] = t.detach().to("cpu").contiguous()
+    return _own_storage(tensors)
+
+
+def _own_storage(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` with a copy for each tensor whose memory an earlier one already holds:
+    safetensors refuses shared memory, which tied weights saved under two names are (input
+    embeddings and lm_head both in modules_to_save). Loading writes both names into the one
+    tied tensor."""
+    seen = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            tensors[key] = t.clone()
+        seen.add(ptr)
     return tensors
 
 
@@ -170,7 +187,7 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
         written; the previous content of ``directory`` survives any failure.
     """
     collected = _collect_adapter(model, allocator)
-    with atomic_directory(directory, _OWNED) as tmp:
+    with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
         _write_adapter(tmp, collected)
     return Path(directory)
 
@@ -226,8 +243,9 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
             "call flexlora.unmerge(model) first"
         )
     saved = meta["modules"]
+    lookup = _flex_by_any_name(model)
     for name, info in saved.items():
-        m = mods.get(name)
+        m = lookup.get(name)
         if m is None:
             raise ValueError(
                 f"{where} does not match the model: saved module {name!r} has no FlexLinear in the model "
@@ -257,8 +275,9 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
                 raise ValueError(
                     f"{str(directory / WEIGHTS_NAME)!r} is inconsistent: tensor {name}.{key} is {got}, expected {want}"
                 )
-    for name in mods:
-        if name not in saved:
+    found = {id(lookup[n]) for n in saved}
+    for name, m in mods.items():
+        if id(m) not in found:
             raise ValueError(
                 f"{where} does not match the model: the model's FlexLinear {name!r} is not in the save "
                 f"(unexpected module; other target_modules?)"
@@ -287,9 +306,17 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
             )
 
 
+def _flex_by_any_name(model: nn.Module) -> Dict[str, FlexLinear]:
+    """{name: FlexLinear} under every name a module is registered by: a Linear held as both `enc`
+    and `dec` was saved under whichever name came first in the saving model."""
+    return {n: m for n, m in named_modules_all(model) if isinstance(m, FlexLinear)}
+
+
 def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    lookup = _flex_by_any_name(model)
     with torch.no_grad():
-        for name, m in flex_modules(model):
+        for name in meta["modules"]:
+            m = lookup[name]
             for key in _SLOT_TENSORS:
                 getattr(m, key).copy_(tensors[f"{name}.{key}"])
         cfg = _model_config(model)
@@ -418,7 +445,9 @@ def _torch_load(path: Path, what: str, weights_only: bool = True):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # pickle/zip errors come in many types
         hint = ""
-        if weights_only and "weights_only" in str(e):
+        # only a refused object (torch names it "Unsupported global"), not garbage bytes, which
+        # the weights-only unpickler also reports as "Weights only load failed"
+        if weights_only and "Unsupported global" in str(e):
             hint = (
                 " -- it holds objects torch.load(weights_only=True) refuses (e.g. a custom scheduler's "
                 "state); if you trust the file, pass weights_only=False"
@@ -517,7 +546,7 @@ def save_checkpoint(
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
         collected = _collect_adapter(model, allocator)
-        with atomic_directory(directory, _OWNED) as tmp:
+        with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
             _write_adapter(tmp, collected)
             torch.save(state, tmp / TRAINING_STATE_NAME)
     except BaseException as e:

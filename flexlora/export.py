@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import _SLOT_TENSORS, _base_name, _model_config, _saved_modules
+from .checkpoint import CONFIG_NAME, _SLOT_TENSORS, _own_storage, _base_name, _model_config, _saved_modules
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, named_modules_all, unwrap_model
 from .merging import delta_weight_fp32
@@ -197,6 +197,15 @@ def export_peft(
             "export_peft: no module left to export as PEFT LoRA: every adapted module has rank 0"
             + (f" or sits inside an exported modules_to_save module ({folded})" if folded else "")
         )
+    first = {id(m): n for n, m in mods if n in rank_pattern}
+    aliases = [(first[id(m)], n) for n, m in named_modules_all(model) if id(m) in first and n != first[id(m)]]
+    if aliases:
+        warnings.warn(
+            f"export_peft: {len(aliases)} adapted module(s) are also registered under another name (first: "
+            f"{aliases[0][0]!r} as {aliases[0][1]!r}); PEFT adapts a module once, under its first name, so its "
+            "calls through the other names run without the adapter in PEFT and outputs differ from FlexLoRA's",
+            stacklevel=2,
+        )
     if skipped:
         warnings.warn(
             f"export_peft: {len(skipped)} module(s) at rank 0 have no PEFT LoRA equivalent and are left "
@@ -225,8 +234,9 @@ def export_peft(
         "init_lora_weights": True,
         "modules_to_save": [n for n, _ in saved] or None,
     }
-    with atomic_directory(directory, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    conflicts = ((CONFIG_NAME, "a FlexLoRA adapter: save_adapter or save_checkpoint"),)
+    with atomic_directory(directory, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME), conflicts) as tmp:
+        safetensors.torch.save_file(_own_storage(tensors), str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / PEFT_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     return {

@@ -460,7 +460,12 @@ def test_symlinked_target_and_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(real)
     with pytest.raises(ValueError, match="current working directory"):
         save_adapter(new, ".")
-    assert (real / CONFIG_NAME).is_file()
+    # the working directory reached through a symlinked folder above it: refused as well (a
+    # save replaces its target folder as a whole, which would delete the working directory)
+    (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ValueError, match="current working directory"):
+        save_adapter(new, tmp_path / "alias" / "real")
+    assert (real / CONFIG_NAME).is_file() and Path.cwd().resolve() == real.resolve()
 
 
 def test_missing_and_corrupt_files_name_the_path(tmp_path):
@@ -485,6 +490,89 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     (tmp_path / "no_weights" / WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=r"no_weights.*adapter_model\.safetensors"):
         load_adapter(base_llama(), tmp_path / "no_weights")
+
+
+def test_a_refused_object_gets_the_weights_only_hint_and_garbage_does_not(tmp_path):
+    model = trained_llama()
+    alloc = flexlora.RankAllocator(model)
+    save_adapter(model, tmp_path / "a", allocator=alloc)
+    torch.save({"not": _Opaque()}, tmp_path / "a" / ALLOCATOR_NAME)  # an object weights_only refuses
+    with pytest.raises(ValueError, match=r"(?s)allocator_state\.pt.*if you trust the file, pass weights_only=False"):
+        load_adapter(trained_llama(), tmp_path / "a", allocator=flexlora.RankAllocator(trained_llama()))
+    (tmp_path / "a" / ALLOCATOR_NAME).write_bytes(b"garbage bytes")
+    with pytest.raises(ValueError, match=r"allocator_state\.pt.*corrupt") as info:
+        load_adapter(trained_llama(), tmp_path / "a", allocator=flexlora.RankAllocator(trained_llama()))
+    assert "weights_only=False" not in str(info.value)
+
+
+class _Opaque:
+    pass
+
+
+def test_tied_embeddings_both_in_modules_to_save_round_trip(tmp_path):
+    def tied():
+        return wrap(llama_model(tie_word_embeddings=True).eval(),
+                    adapter_config(modules_to_save=["embed_tokens", "lm_head"]))
+
+    model = randomize(tied())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.normal_(generator=torch.Generator().manual_seed(9))  # trained embedding
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_adapter(model, tmp_path / "a")  # safetensors refused the shared memory before
+    saved = safetensors.torch.load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    emb, head = saved["modules_to_save.model.embed_tokens.weight"], saved["modules_to_save.lm_head.weight"]
+    assert torch.equal(emb, model.lm_head.weight.detach()) and torch.equal(head, emb)
+    fresh = tied()
+    load_adapter(fresh, tmp_path / "a")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+
+
+def test_shared_linear_loads_whichever_of_its_names_comes_first(tmp_path):
+    class Shared(torch.nn.Module):
+        def __init__(self, enc_first):
+            super().__init__()
+            lin = torch.nn.Linear(8, 8)
+            if enc_first:
+                self.enc, self.dec = lin, lin
+            else:
+                self.dec, self.enc = lin, lin
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    cfg = FlexLoRAConfig(r_init=2, r_max=4, target_modules=["enc"])
+    torch.manual_seed(0)
+    model = randomize(wrap(Shared(enc_first=True), cfg))
+    x = torch.randn(3, 8)
+    save_adapter(model, tmp_path / "a")  # saved as 'enc'
+    torch.manual_seed(0)
+    other = load_adapter(Shared(enc_first=False), tmp_path / "a")  # 'dec' is its first name
+    assert flex_modules(other)[0][0] == "dec"
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_flexlora_and_peft_folders_are_not_mixed(tmp_path):
+    model = trained_llama()
+    peft_dir, flex_dir = tmp_path / "peft", tmp_path / "flex"
+    with pytest.warns(UserWarning, match="rank 0"):
+        flexlora.export_peft(model, peft_dir)
+    before = file_bytes(peft_dir)
+    with pytest.raises(FileExistsError, match=r"adapter_config\.json.*PEFT"):
+        save_adapter(model, peft_dir)
+    with pytest.raises(FileExistsError, match=r"adapter_config\.json.*PEFT"):
+        flexlora.save_checkpoint(peft_dir, model)
+    assert file_bytes(peft_dir) == before
+    save_adapter(model, flex_dir)
+    before = file_bytes(flex_dir)
+    with pytest.raises(FileExistsError, match=r"flexlora_config\.json.*FlexLoRA"):
+        flexlora.export_peft(model, flex_dir)
+    assert file_bytes(flex_dir) == before
 
 
 def test_save_rejects_unwrapped_and_merged_models(tmp_path):

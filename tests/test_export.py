@@ -165,6 +165,43 @@ def test_bert_with_modules_to_save(tmp_path, save_head):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
 
 
+def test_shared_linear_export_warns_that_peft_adapts_one_name(tmp_path):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.dec = self.enc
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    model = randomize(wrap(Shared(), flex_config(target_modules=["enc"])))
+    with pytest.warns(UserWarning, match=r"first: 'enc' as 'dec'.*without the adapter in PEFT"):
+        export_peft(model, tmp_path / "shared", task_type=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no alias: no warning
+        export_peft(randomize(wrap(llama(layers=1), flex_config())), tmp_path / "plain")
+
+
+def test_tied_embeddings_in_modules_to_save_export_and_load_in_peft(tmp_path):
+    base = llama_model(layers=2, tie_word_embeddings=True).eval()
+    model = randomize(wrap(copy.deepcopy(base), flex_config(modules_to_save=["embed_tokens", "lm_head"])))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank-0 notes
+        export_peft(model, tmp_path)  # safetensors refused the shared memory before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        err = (pm(ids).logits - want).abs().max().item()
+    assert err <= 1e-5, err
+
+
 def test_export_rejects_merged_and_all_rank_zero(tmp_path):
     from flexlora.merging import merge
 
