@@ -141,10 +141,14 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     if not targets:
         linears = [n for key, names in names_of.items() if key not in mha_children for n in names]
         skipped = f" (matched only {skipped_mha}, skipped: {why_mha})" if skipped_mha else ""
-        raise ValueError(
-            f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model{skipped}; "
-            f"some that exist: {linears[:8]}{' ...' if len(linears) > 8 else ''}"
+        other = next(((n, m) for n, m in model.named_modules() if n and name_matches(n, config.target_modules)), None)
+        if other is not None and not skipped:  # e.g. GPT-2's attention and MLP are Conv1D
+            skipped = f" (it matches {other[0]!r}, a {type(other[1]).__name__}, not an nn.Linear)"
+        exist = (
+            f"some that exist: {linears[:8]}{' ...' if len(linears) > 8 else ''}" if linears else
+            "the model has no nn.Linear submodule (for a bare nn.Linear use FlexLinear.from_linear)"
         )
+        raise ValueError(f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model{skipped}; {exist}")
     save = [(n, m) for n, m in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     if config.modules_to_save and not save:
         names = [n for n, _ in model.named_modules() if n]
@@ -152,6 +156,15 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             f"wrap: modules_to_save={list(config.modules_to_save)!r} matches no module; "
             f"some that exist: {names[-8:]}"
         )
+    if not isinstance(config.modules_to_save, str):
+        unmatched = [e for e in config.modules_to_save if not any(name_matches(n, [e]) for n, _ in save)]
+        if unmatched:  # a typo beside entries that match: that module would silently stay frozen
+            warnings.warn(
+                f"wrap: modules_to_save entries {unmatched} match no module and are ignored; the other entries "
+                "are trained in full",
+                UserWarning,
+                stacklevel=2,
+            )
     target_ids = {id(linear): names[0] for names, linear in targets}
     for save_name, m in save:
         if id(m) in target_ids:
@@ -161,6 +174,11 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
                 "adapted (target_modules) or trained in full (modules_to_save), not both"
             )
     for names, linear in targets:
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"wrap: module {names[0]!r} is a lazy Linear whose weight is not materialized yet; run one "
+                "forward pass before wrapping"
+            )
         if hasattr(linear, "_hf_hook"):
             # accelerate replaced this module's forward by one that calls the Linear's original
             # forward: a FlexLinear in its place would be bypassed or lose the device moves

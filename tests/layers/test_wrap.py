@@ -131,6 +131,41 @@ def test_modules_to_save_no_match_is_error():
         wrap(model, FlexLoRAConfig(target_modules=["query"], modules_to_save=["head_that_is_not_there"]))
 
 
+def test_modules_to_save_entry_that_matches_nothing_warns_while_others_train():
+    model, _ = tiny_bert()
+    with pytest.warns(UserWarning, match=r"modules_to_save entries \['clasifier'\] match no module"):
+        wrap(model, FlexLoRAConfig(target_modules=["query"], modules_to_save=["classifier", "clasifier"]))
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(tiny_bert()[0], FlexLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
+
+
+def test_no_linear_match_names_what_did_match_or_that_there_is_no_linear():
+    class Conv1DLike(nn.Module):  # GPT-2's attention and MLP projections are Conv1D, not Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 4))
+
+    model = nn.Sequential()
+    model.add_module("c_attn", Conv1DLike())
+    model.add_module("head", nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"it matches 'c_attn', a Conv1DLike, not an nn.Linear.*\['head'\]"):
+        wrap(model, FlexLoRAConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match=r"no nn.Linear submodule.*FlexLinear.from_linear"):
+        wrap(nn.Linear(4, 4), FlexLoRAConfig(target_modules=["x"]))
+
+
+def test_lazy_linear_not_materialized_is_an_error_before_anything_changes():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'0' is a lazy Linear.*run one forward pass"):
+        wrap(model, FlexLoRAConfig(target_modules=["0", "2"]))
+    assert all(p.requires_grad for p in model.parameters()) and not flex_modules(model)
+    model(torch.randn(3, 5))  # materialized: now it wraps
+    wrap(model, FlexLoRAConfig(target_modules=["0", "2"]))
+    assert [n for n, _ in flex_modules(model)] == ["0", "2"]
+
+
 def test_double_wrap_is_error():
     model, _ = tiny_llama()
     wrap(model, FlexLoRAConfig())
