@@ -115,9 +115,16 @@ def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
+    """CSV: RFC 4180 quoting, strictly (an unterminated quote is an error naming the line it opens
+    on, not a field that silently swallows the rest of the file). TSV: no quoting, one record per
+    line, quotes are text (as GLUE's and most NLP TSVs are written and read)."""
     rows = []
+    start = 1  # the line the record being read starts on
     with _open_text(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        if delimiter == "\t":
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
+        else:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
             header = next(reader, None)
             if header is None:
@@ -127,8 +134,9 @@ def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
                 raise InputError(f"{path}:1: the header row must name a 'text' column (and optionally 'label'), got {header}")
             ti = header.index("text")
             li = header.index("label") if "label" in header else None
+            start = reader.line_num + 1
             for rec in reader:
-                lineno = reader.line_num
+                lineno, start = start, reader.line_num + 1
                 if not rec or all(not c.strip() for c in rec):
                     continue
                 if len(rec) != len(header):
@@ -136,6 +144,8 @@ def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
                 label = _MISSING if li is None else rec[li].strip()
                 rows.append((lineno, _text_field(rec[ti], path, lineno), label))
         except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise InputError(f"{path}:{start}: a quoted field opens here and is never closed") from None
             raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows
 
@@ -182,6 +192,12 @@ def _build(rows, source: str) -> TextDataset:
         if isinstance(label, bool) or not isinstance(label, (int, str)):
             raise InputError(f"{source}:{lineno}: \"label\" must be an int (1.0 counts as 1) or a string, got {label!r}")
         raw.append(label)
+    kinds = [isinstance(v, int) for v in raw]
+    if any(kinds) and not all(kinds):  # JSON 1 beside "1": one class or two? refuse to guess
+        bad = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        first = "a JSON int" if kinds[0] else "a string"
+        raise InputError(f"{source}:{rows[bad][0]}: this label is {'a string' if kinds[0] else 'a JSON int'} "
+                         f"({raw[bad]!r}) but the first is {first}; labels must be all of one kind")
     # CSV labels are strings: treat "0", "1", ... as ints so they keep their numeric order.
     if all(isinstance(v, int) or (isinstance(v, str) and _is_int(v)) for v in raw):
         raw = [int(v) for v in raw]
@@ -202,9 +218,10 @@ def _build(rows, source: str) -> TextDataset:
 
 
 def _is_int(s) -> bool:
-    """A string of ASCII digits with an optional sign: int() alone also takes "1_0" (= 10) and
-    other spellings, which would merge distinct string labels into one class."""
-    return isinstance(s, str) and re.fullmatch(r"[+-]?[0-9]+", s.strip()) is not None
+    """An int written the one canonical way (ASCII digits, no leading zero or "+", "-" only on a
+    non-zero): int() also takes "1_0" (= 10), "01" and "+1", which would merge distinct string
+    labels into one class."""
+    return isinstance(s, str) and re.fullmatch(r"0|-?[1-9][0-9]*", s.strip()) is not None
 
 
 def split(ds: TextDataset, test_size: int, seed: int) -> Tuple[TextDataset, TextDataset]:

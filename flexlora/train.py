@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from ._atomic import atomic_directory, move_into
 from .layers.wrap import name_matches
@@ -197,13 +198,42 @@ def load_model(path: Path, task: str, num_labels: int):
     return model, tok
 
 
+def _config_json(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
 def model_type_of(path: Path) -> str:
-    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    return _config_json(path).get("model_type", "")
+
+
+def architectures_of(path: Path) -> List[str]:
+    """config.json's ``architectures`` (the classes the model was saved from); [] when absent."""
+    arch = _config_json(path).get("architectures")
+    if arch is None:
+        return []
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+        raise InputError(f"--model: {path / 'config.json'}: \"architectures\" must be a list of class names, got {arch!r}")
+    return arch
 
 
 def is_causal_lm_dir(path: Path) -> bool:
-    arch = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    return any(a.endswith("ForCausalLM") for a in arch)
+    """Saved from a causal LM class: ...ForCausalLM, or ...LMHeadModel (GPT-2's naming)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures_of(path))
+
+
+def check_model_dir(path: Path, max_length: int) -> None:
+    """Refuse, before loading anything, what the loop cannot train: an encoder-decoder model (it
+    needs decoder inputs), or --max-length beyond the model's position table."""
+    cfg = _config_json(path)
+    architectures_of(path)
+    if cfg.get("is_encoder_decoder"):
+        raise InputError(
+            f"--model: {path} is an encoder-decoder model ({cfg.get('model_type')!r}); flexlora train fine-tunes "
+            "an encoder (classification) or a causal LM"
+        )
+    limit = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if isinstance(cfg.get(k), int)), None)
+    if limit is not None and max_length > limit:
+        raise InputError(f"--max-length must be <= {limit} (the model's max_position_embeddings), got {max_length}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -460,11 +490,19 @@ def _window_defaults(steps: int):
 
 
 def _check_window(steps: int, o: TrainOptions) -> None:
-    """--t-warmup + --t-final < steps (a None takes its default); names the flags given."""
+    """--t-warmup + --t-final < steps (a None takes its default), and for AdaLoRA steps - t_final
+    >= 2; names the flags given."""
     default_w, default_f = _window_defaults(steps)
     w = default_w if o.t_warmup is None else o.t_warmup
     f = default_f if o.t_final is None else o.t_final
     if w + f < steps:
+        if o.method == "adalora" and steps - f < 2:
+            # PEFT's AdaLoRA fixes its final ranks at step steps - t_final from the importance scores
+            # gathered before it: at step 1 there are none (a KeyError deep inside PEFT)
+            raise InputError(
+                f"--method adalora needs at least 2 steps before its final phase: steps ({steps}) - --t-final ({f}) "
+                "must be >= 2 (give more --steps or --epochs, or a smaller --t-final)"
+            )
         return
     named = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
     raise InputError(
@@ -558,11 +596,21 @@ def run(opts: TrainOptions) -> dict:
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
 
     model_dir = resolve_model(opts.model, cache)
+    check_model_dir(model_dir, opts.max_length)
     ds = load_dataset(opts.data, cache)
     o = resolve(opts, len(ds), builtin_data=opts.data == "movie-sentences")
     task = o.task
     if task == "auto":
-        task = "classify" if ds.labels is not None and not is_causal_lm_dir(model_dir) else "causal-lm"
+        causal_dir = is_causal_lm_dir(model_dir)
+        task = "classify" if ds.labels is not None and not causal_dir else "causal-lm"
+        arch = architectures_of(model_dir)
+        if task == "causal-lm" and arch and not causal_dir:
+            # e.g. a BERT on texts: its LM head would be new and frozen, its attention bidirectional
+            raise InputError(
+                f"--data {ds.source} has no labels, so --task auto would fine-tune a causal LM, but --model "
+                f"{opts.model} is a {arch[0]}, not a causal LM; give labelled data or a causal LM (or --task "
+                "causal-lm to train it as one anyway)"
+            )
     if task == "classify" and ds.labels is None:
         raise InputError(f"--task classify needs labels, but {ds.source} has only texts")
 
@@ -652,6 +700,7 @@ def run(opts: TrainOptions) -> dict:
         if o.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
         optimizer.step()
+        lr_used = optimizer.param_groups[0]["lr"]  # the log shows the lr of this step, not the next
         scheduler.step()
         if allocator is not None:
             try:
@@ -673,7 +722,7 @@ def run(opts: TrainOptions) -> dict:
         losses.append(lv)
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
         rank = current_rank(model, o.method, o, n_mod, step)
-        log_rows.append({"step": step, "loss": round(lv, 6), "lr": optimizer.param_groups[0]["lr"],
+        log_rows.append({"step": step, "loss": round(lv, 6), "lr": lr_used,
                          "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
         bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
         bar.update(1)
@@ -733,6 +782,12 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
     except OSError as e:
         raise InputError(
             f"--output-dir: saving the outputs into {out} failed ({e.strerror or e}); what was there before is unchanged"
+        ) from None
+    except (RuntimeError, SafetensorError) as e:  # how torch.save and safetensors report a full disk
+        free = shutil.disk_usage(out).free
+        raise InputError(
+            f"--output-dir: saving the outputs into {out} failed ({type(e).__name__}: {_first_line(e)}; "
+            f"{free / 2**20:.1f} MiB free there); what was there before is unchanged"
         ) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -67,7 +67,8 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "diverging-lr", "adalora-r-above-r-max", "t-final-too-large", "adalora-t-final-too-large",
      "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
      "test-size-negative", "steps-and-epochs-before-data", "device-unknown", "device-absent",
-     "precision-unknown"],
+     "precision-unknown", "adalora-one-step", "max-length-above-positions", "encoder-decoder-model",
+     "architectures-not-a-list", "encoder-on-texts-only"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
@@ -186,8 +187,22 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     elif case == "precision-unknown":
         extra = ["--precision", "fp8"]
         expect = "argument --precision: invalid choice: 'fp8'"
+    elif case == "adalora-one-step":  # PEFT's AdaLoRA raised a KeyError from inside
+        extra = ["--method", "adalora", "--steps", "1"]
+        expect = "--method adalora needs at least 2 steps before its final phase: steps (1) - --t-final (0)"
+    elif case == "max-length-above-positions":  # BERT's position table has 64 rows
+        extra = ["--max-length", "65"]
+        expect = "--max-length must be <= 64 (the model's max_position_embeddings), got 65"
+    elif case in ("encoder-decoder-model", "architectures-not-a-list"):
+        model = _model_with_config(tiny["bert"], tmp_path / "m", **(
+            {"is_encoder_decoder": True, "model_type": "t5"} if case == "encoder-decoder-model" else {"architectures": 5}))
+        expect = "is an encoder-decoder model ('t5')" if case == "encoder-decoder-model" else (
+            '"architectures" must be a list of class names, got 5')
+    elif case == "encoder-on-texts-only":  # would train BERT as a causal LM with a new, frozen head
+        data = str(tiny["lm"])
+        expect = "has no labels, so --task auto would fine-tune a causal LM, but --model"
     fast = [a for a in FAST if not (case == "threads-zero" and a in ("--threads", "1"))]
-    if case == "epochs-negative":
+    if case in ("epochs-negative", "adalora-one-step"):
         fast = [a for a in fast if a not in ("--steps", "4")]
     argv = ["train", "--model", model, "--data", data, "--output-dir", str(out), *fast, *extra]
     existed = {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")}
@@ -201,6 +216,18 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     assert {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")} == existed
     if not existed:
         assert not (tmp_path / "out").exists()
+
+
+def _model_with_config(src, dst, **changes):
+    """A copy of model folder ``src`` (files hard-linked) whose config.json has ``changes``."""
+    os.mkdir(dst)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            os.link(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
 
 
 def test_test_size_zero_trains_without_a_test_split(tiny, tmp_path, capsys):
@@ -225,9 +252,13 @@ def _files(out):
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
-def test_failed_save_keeps_previous_outputs_whole(tiny, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", ["OSError", "RuntimeError", "SafetensorError"])
+def test_failed_save_keeps_previous_outputs_whole(tiny, tmp_path, capsys, monkeypatch, error):
     """Run 2 fails while saving (after its adapter is written): run 1's outputs stay, all of them
-    and only them, and no staging folder is left behind."""
+    and only them, and no staging folder is left behind. A full disk reaches us as an OSError, or
+    as torch.save's RuntimeError and safetensors' SafetensorError: one line and exit 2 for each."""
+    from safetensors import SafetensorError
+
     import flexlora
 
     out = tmp_path / "keep"
@@ -236,13 +267,20 @@ def test_failed_save_keeps_previous_outputs_whole(tiny, tmp_path, capsys, monkey
     assert "adapter/adapter_model.safetensors" in before and "rank_heatmap.png" in before
 
     def disk_full(*a, **k):
+        if error == "RuntimeError":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1984 vs 1872")
+        if error == "SafetensorError":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(flexlora, "plot_rank_heatmap", disk_full)
     code, lines = _run_bad(capsys, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]),
                                     "--output-dir", str(out), "--seed", "1", *FAST])
     assert code == 2 and len(lines) == 1, lines
-    assert "saving the outputs into" in lines[0] and "No space left on device" in lines[0]
+    assert "saving the outputs into" in lines[0]
+    assert ("unexpected pos" if error == "RuntimeError" else "No space left on device") in lines[0]
+    if error != "OSError":
+        assert error in lines[0] and "MiB free there" in lines[0]
     assert "what was there before is unchanged" in lines[0]
     assert _files(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(

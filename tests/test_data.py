@@ -336,7 +336,43 @@ def test_data_path_expands_home(tmp_path, monkeypatch):
 
 def test_mixed_label_kinds_name_the_line(tmp_path):
     p = _write(tmp_path, "mix.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": "pos"}\n')
-    with pytest.raises(InputError, match=r"mix.jsonl:3: this label is a string \('pos'\) but the first is an int"):
+    with pytest.raises(InputError, match=r"mix.jsonl:3: this label is a string \('pos'\) but the first is a JSON int; labels must be all of one kind"):
+        load_dataset(str(p))
+
+
+@pytest.mark.parametrize("content,line", [
+    ('text\n"good\nbad\nfine\nawful\n', 2),  # texts only: swallowed the rest of the file into one example
+    ('text,label\ngood,1\nbad,0\n"x,1\ny,0\n', 4),  # labelled: the error named the file's last line
+])
+def test_unterminated_csv_quote_names_the_line_it_opens_on(tmp_path, content, line):
+    p = _write(tmp_path, "u.csv", content)
+    with pytest.raises(InputError, match=rf"u.csv:{line}: a quoted field opens here and is never closed"):
+        load_dataset(str(p))
+
+
+def test_tsv_quotes_are_text_and_each_line_is_one_example(tmp_path):
+    p = _write(tmp_path, "q.tsv", 'text\tlabel\n"Wow" she said\t1\nbad\t0\n"fine\t1\nok\t0\n')
+    ds = load_dataset(str(p))
+    assert ds.texts == ['"Wow" she said', "bad", '"fine', "ok"] and ds.labels == [1, 0, 1, 0]
+
+
+def test_csv_quoting_still_reads_quoted_newlines_and_quotes(tmp_path):
+    p = _write(tmp_path, "ok.csv", 'text,label\n"multi\nline",1\nb,0\n"c ""q""",1\n')
+    ds = load_dataset(str(p))
+    assert ds.texts == ["multi\nline", "b", 'c "q"'] and ds.labels == [1, 0, 1]
+
+
+def test_labels_with_leading_zeros_or_a_plus_stay_distinct(tmp_path):
+    p = _write(tmp_path, "lz.csv", "text,label\na,01\nb,1\nc,+1\nd,2\n")
+    ds = load_dataset(str(p))
+    assert ds.label_names == ["+1", "01", "1", "2"] and ds.labels == [1, 2, 0, 3]
+    p = _write(tmp_path, "neg.csv", "text,label\na,-1\nb,1\nc,0\n")  # canonical ints keep numeric order
+    assert load_dataset(str(p)).label_names == ["-1", "0", "1"]
+
+
+def test_json_int_and_string_labels_are_not_merged(tmp_path):
+    p = _write(tmp_path, "mix.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "1"}\n{"text": "c", "label": 0}\n')
+    with pytest.raises(InputError, match=r"mix.jsonl:2: this label is a string \('1'\) but the first is a JSON int"):
         load_dataset(str(p))
 
 

@@ -59,6 +59,21 @@ def test_causal_lm_flexlora_loss_falls_and_outputs_written(tiny, tmp_path):
     assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_log_lr_is_the_lr_each_step_used(tiny, tmp_path, monkeypatch):
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(_opts(tmp_path, model=str(tiny["bert"]), data=str(tiny["cls_jsonl"]), steps=10, warmup_ratio=0.5))
+    logged = [float(r["lr"]) for r in _log(tmp_path / "out")]
+    assert len(used) == 10 and logged == pytest.approx(used, rel=1e-12)
+    assert logged[0] > 0 and logged[-1] > 0  # the warm-up's first step and the decay's last are not 0
+
+
 def test_flexlora_reallocates_ranks_during_training(tiny, tmp_path):
     run(_opts(tmp_path, model=str(tiny["llama"]), data=str(tiny["lm_jsonl"]), steps=40, delta_t=2, b0=2))
     with open(tmp_path / "out" / "rank_history.csv") as f:
