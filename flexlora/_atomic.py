@@ -93,7 +93,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _check_target(target: Path, conflicts: Iterable[str] = ()) -> None:
+def _check_target(target: Path, conflicts: Iterable[Tuple[str, str]] = ()) -> None:
     cwd = Path.cwd().resolve()
     real = target.resolve()  # through symlinked folders above it: the folder a save replaces
     if real == cwd or real in cwd.parents:

@@ -152,8 +152,9 @@ def _collect_adapter(model: nn.Module, allocator):
     access. Returns (tensors, meta, allocator state or None)."""
     model = unwrap_model(model)
     cfg = _model_config(model)
-    check_unsharded(flex_modules(model), "save_adapter")
-    merged = [n for n, m in flex_modules(model) if m.merged]
+    mods = flex_modules(model)
+    check_unsharded(mods, "save_adapter")
+    merged = [n for n, m in mods if m.merged]
     if merged:
         raise ValueError(
             f"cannot save an adapter while modules are merged (first: {merged[0]!r}); call flexlora.unmerge(model) first"

@@ -121,10 +121,8 @@ def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
     rows = []
     start = 1  # the line the record being read starts on
     with _open_text(path, newline="") as f:
-        if delimiter == "\t":
-            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
-        else:
-            reader = csv.reader(f, delimiter=delimiter, strict=True)
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = next(reader, None)
             if header is None:

@@ -206,26 +206,19 @@ def model_type_of(path: Path) -> str:
     return _config_json(path).get("model_type", "")
 
 
-def architectures_of(path: Path) -> List[str]:
-    """config.json's ``architectures`` (the classes the model was saved from); [] when absent."""
-    arch = _config_json(path).get("architectures")
-    if arch is None:
-        return []
+def is_causal_lm(architectures: Sequence[str]) -> bool:
+    """Saved from a causal LM class: ...ForCausalLM, or ...LMHeadModel (GPT-2's naming)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def check_model_dir(path: Path, max_length: int) -> List[str]:
+    """Refuse, before loading anything, what the loop cannot train: a malformed
+    ``architectures``, an encoder-decoder model (it needs decoder inputs), or --max-length beyond
+    the model's position table. Returns config.json's ``architectures`` ([] when absent)."""
+    cfg = _config_json(path)
+    arch = [] if cfg.get("architectures") is None else cfg["architectures"]
     if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
         raise InputError(f"--model: {path / 'config.json'}: \"architectures\" must be a list of class names, got {arch!r}")
-    return arch
-
-
-def is_causal_lm_dir(path: Path) -> bool:
-    """Saved from a causal LM class: ...ForCausalLM, or ...LMHeadModel (GPT-2's naming)."""
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures_of(path))
-
-
-def check_model_dir(path: Path, max_length: int) -> None:
-    """Refuse, before loading anything, what the loop cannot train: an encoder-decoder model (it
-    needs decoder inputs), or --max-length beyond the model's position table."""
-    cfg = _config_json(path)
-    architectures_of(path)
     if cfg.get("is_encoder_decoder"):
         raise InputError(
             f"--model: {path} is an encoder-decoder model ({cfg.get('model_type')!r}); flexlora train fine-tunes "
@@ -234,6 +227,7 @@ def check_model_dir(path: Path, max_length: int) -> None:
     limit = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if isinstance(cfg.get(k), int)), None)
     if limit is not None and max_length > limit:
         raise InputError(f"--max-length must be <= {limit} (the model's max_position_embeddings), got {max_length}")
+    return arch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -596,14 +590,13 @@ def run(opts: TrainOptions) -> dict:
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
 
     model_dir = resolve_model(opts.model, cache)
-    check_model_dir(model_dir, opts.max_length)
+    arch = check_model_dir(model_dir, opts.max_length)
     ds = load_dataset(opts.data, cache)
     o = resolve(opts, len(ds), builtin_data=opts.data == "movie-sentences")
     task = o.task
     if task == "auto":
-        causal_dir = is_causal_lm_dir(model_dir)
+        causal_dir = is_causal_lm(arch)
         task = "classify" if ds.labels is not None and not causal_dir else "causal-lm"
-        arch = architectures_of(model_dir)
         if task == "causal-lm" and arch and not causal_dir:
             # e.g. a BERT on texts: its LM head would be new and frozen, its attention bidirectional
             raise InputError(
