@@ -549,6 +549,9 @@ def prepare_output_dir(path: str) -> Path:
     the nearest folder above it that exists) takes a file, and no existing entry has a name of
     ours with the wrong kind (a file named ``adapter``, a folder named ``metrics.json``). Folders
     created for the probe are removed again, so a run that fails before saving leaves none behind."""
+    if not str(path).strip():
+        # "" is Path("."): an unset shell variable would scatter the outputs into the working folder
+        raise InputError("--output-dir: empty; give a folder (. for the current one)")
     out = Path(path).expanduser()
     missing = [p for p in [out, *out.parents] if not p.exists()]
     try:

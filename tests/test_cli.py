@@ -68,9 +68,9 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
      "test-size-negative", "steps-and-epochs-before-data", "device-unknown", "device-absent",
      "precision-unknown", "adalora-one-step", "max-length-above-positions", "encoder-decoder-model",
-     "architectures-not-a-list", "encoder-on-texts-only"],
+     "architectures-not-a-list", "encoder-on-texts-only", "output-dir-empty"],
 )
-def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
+def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, monkeypatch, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
     out = tmp_path / "out" / "run"
     extra = []
@@ -99,6 +99,11 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
         (tmp_path / "a-file").write_text("x")
         extra = ["--output-dir", str(tmp_path / "a-file" / "sub")]  # a directory under a regular file
         expect = "--output-dir: cannot write"
+    elif case == "output-dir-empty":  # "" would mean the working folder: an unset shell variable
+        extra = ["--output-dir", ""]
+        (tmp_path / "cwd").mkdir()
+        monkeypatch.chdir(tmp_path / "cwd")
+        expect = "--output-dir: empty"
     elif case == "unknown-flag":
         extra = ["--no-such-flag"]
         expect = "unrecognized arguments"
@@ -216,6 +221,8 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, case):
     assert {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")} == existed
     if not existed:
         assert not (tmp_path / "out").exists()
+    if case == "output-dir-empty":
+        assert not any((tmp_path / "cwd").iterdir())
 
 
 def _model_with_config(src, dst, **changes):
