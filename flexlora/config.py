@@ -1,13 +1,15 @@
 """`FlexLoRAConfig`: the one configuration dataclass of flexlora.
 
-Every field carries its help text in ``metadata["help"]``; ``__post_init__`` validates each field
-and names it, with the allowed range, in the error.
+Every field carries its help text in ``metadata["help"]``; :meth:`FlexLoRAConfig.validate` (run at
+construction, and again by ``wrap`` and ``RankAllocator``) checks each field and names it, with the
+allowed range, in the error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
@@ -25,16 +27,35 @@ IMPORTANCE_METRICS = (
 ALLOCATION_MODES = ("prune_expand", "prune_only", "expand_only")
 EXPAND_INITS = ("zero_impact", "small", "zero", "orthogonal")
 
+try:  # numpy.bool_ is no numbers.Integral, but guard it like bool all the same
+    from numpy import bool_ as _np_bool
+except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+    _np_bool = bool
+
 
 def is_int(v: Any) -> bool:
-    """An int, bool excluded (True would pass as 1)."""
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (int, numpy.int64, ...: any numbers.Integral), bool excluded (True would pass
+    as 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, _np_bool))
 
 
 def is_finite_number(v: Any) -> bool:
-    """An int or float, bool excluded, neither NaN nor ±inf (NaN passes no comparison and inf
-    passes "> 0": both would reach the outputs as NaN)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A real number (int, float, numpy.float32, ...: any numbers.Real), bool excluded, neither
+    NaN nor ±inf (NaN passes no comparison and inf passes "> 0": both would reach the outputs as
+    NaN)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, _np_bool)) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    """numpy (or other numbers.Integral / numbers.Real) scalars as Python int / float, so that
+    the config stays JSON-ready and compares like the built-in numbers."""
+    if type(v) in (int, float) or isinstance(v, bool):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def _is_collection(v: Any) -> bool:
@@ -86,7 +107,7 @@ class FlexLoRAConfig:
     total_steps: int = _help("Total optimizer steps T of the run (>= 1).", default=1000)
     t_warmup: int = _help("Steps before the first allocation event (>= 0).", default=100)
     t_final: int = _help(
-        "Steps at the end with frozen ranks (>= 0); t_warmup < total_steps - t_final.", default=200
+        "Steps at the end with frozen ranks (>= 0, < total_steps); t_warmup < total_steps - t_final.", default=200
     )
     delta_t: int = _help("Steps between two allocation events (>= 1).", default=10)
     b0: int = _help("Modules pruned (and expanded) per event at the start of the window (>= 0).", default=4)
@@ -106,10 +127,20 @@ class FlexLoRAConfig:
     uncertainty_beta: float = _help(
         "EMA factor of the sensitivity's uncertainty term, in [0, 1).", default=0.85
     )
-    entropy_eps: float = _help("The eps in -sum s log(s + eps) (> 0).", default=1e-12)
+    entropy_eps: float = _help("The eps in -sum s log(s + eps), in (0, 1e-3].", default=1e-12)
     seed: int = _help("Seed of the new directions' Gaussian draws (same on every DDP rank).", default=0)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming the first bad one and its allowed range) and
+        normalise them (name lists to tuples, numpy scalars to int / float). Runs at
+        construction; :func:`flexlora.wrap` and :class:`flexlora.RankAllocator` run it again,
+        so a field changed after construction is checked before it is used."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
+
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
                 raise ValueError(
@@ -153,7 +184,11 @@ class FlexLoRAConfig:
 
         need(is_int(self.total_steps) and self.total_steps >= 1, "total_steps", "an int >= 1")
         need(is_int(self.t_warmup) and self.t_warmup >= 0, "t_warmup", "an int >= 0")
-        need(is_int(self.t_final) and self.t_final >= 0, "t_final", "an int >= 0")
+        need(
+            is_int(self.t_final) and 0 <= self.t_final < self.total_steps,
+            "t_final",
+            f"an int in [0, total_steps={self.total_steps}) (the final phase must leave steps before it)",
+        )
         need(
             self.t_warmup < self.total_steps - self.t_final,
             "t_warmup",
@@ -170,7 +205,8 @@ class FlexLoRAConfig:
         for name in ("sensitivity_beta", "uncertainty_beta"):
             v = getattr(self, name)
             need(is_finite_number(v) and 0.0 <= v < 1.0, name, "a number in [0, 1)")
-        need(is_finite_number(self.entropy_eps) and self.entropy_eps > 0, "entropy_eps", "a finite number > 0")
+        # eps only keeps log(s) finite at s = 0; a large one (s ≤ 1) shifts every score, even below 0
+        need(is_finite_number(self.entropy_eps) and 0 < self.entropy_eps <= 1e-3, "entropy_eps", "a number in (0, 1e-3]")
         need(is_int(self.seed), "seed", "an int")
 
     @property

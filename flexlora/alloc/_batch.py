@@ -6,10 +6,20 @@ stack (one bmm / eigh / reduction for a whole group of same-shaped modules), not
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+def full_precision(device: torch.device):
+    """A context with autocast off on ``device``: the allocator's Grams, spectra and the
+    orthogonality penalty measure PᵀP − I and σ² to ~1e-4 and below, which bf16 matmuls (under
+    a user's ``torch.autocast``) would round away (the penalty's gradient off by ~40 %)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 # Upper bound on the elements of one stacked chunk of P plus Q (fp32: 256 MiB): bounds the
 # temporary memory of the grouped ops on big models without changing their results.

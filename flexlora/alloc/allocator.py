@@ -42,7 +42,7 @@ from ..config import FlexLoRAConfig
 from ..kernels.spectral_entropy import spectral_entropy_and_slots
 from ..layers.flex_linear import FlexLinear
 from ..layers.wrap import check_unsharded, flex_modules, unwrap_model
-from ._batch import stack_lam_mask
+from ._batch import full_precision, stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
 from .orthogonal import add_orthogonal_grad_, orthogonal_loss
@@ -257,6 +257,7 @@ class RankAllocator:
                 )
         if not isinstance(config, FlexLoRAConfig):
             raise TypeError(f"RankAllocator: config must be a FlexLoRAConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since construction (config.total_steps = ...)
         named = flex_modules(inner)
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
@@ -371,6 +372,7 @@ class RankAllocator:
                     stacklevel=2,
                 )
             return None
+        self.config.validate()  # ~30 µs: a field changed mid-run is named, not a schedule internal
         if not fresh:
             self.importance.update(self.modules)
         self._last_step = global_step
@@ -413,6 +415,10 @@ class RankAllocator:
                 f"RankAllocator.load_state_dict: expected a dict with format={_STATE_FORMAT!r}, got "
                 f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
             )
+        missing = [k for k in ("modules", "seed", "last_step", "num_events", "stepped", "warned", "history", "importance")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"RankAllocator.load_state_dict: the state lacks {missing}")
         saved = list(state["modules"])
         if saved != self.names:
             diff = [(a, b) for a, b in zip(saved, self.names) if a != b][:1]
@@ -425,11 +431,8 @@ class RankAllocator:
                 f"RankAllocator.load_state_dict: saved with config.seed={state['seed']}, but this "
                 f"allocator has config.seed={self.config.seed}; new directions would differ"
             )
-        missing = [k for k in ("last_step", "num_events", "stepped", "warned", "history", "importance") if k not in state]
-        if missing:
-            raise ValueError(f"RankAllocator.load_state_dict: the state lacks {missing}")
         try:
-            self.importance.check_state(state["importance"])
+            self.importance.check_state(state["importance"], self.modules)
         except ValueError as e:
             raise ValueError(
                 f"RankAllocator.load_state_dict: config.importance={self.config.importance!r} cannot take the "
@@ -437,7 +440,7 @@ class RankAllocator:
             ) from None
 
     def _restore(self, state: Dict[str, Any]) -> None:
-        self.importance.load_state_dict(state["importance"])  # first: the one part that can still refuse
+        self.importance.load_state_dict(state["importance"], self.modules)  # first: the one part that can still refuse
         self._last_step = int(state["last_step"])
         self.num_events = int(state["num_events"])
         self._stepped = bool(state["stepped"])
@@ -455,8 +458,9 @@ class RankAllocator:
     def _score_bank(self):
         """(scores, min_slot, free_slot, ranks) as host lists, from one device->host transfer."""
         lam, mask = stack_lam_mask(self.modules)
-        _, min_slot, free_slot, rank = spectral_entropy_and_slots(lam, mask, float(self.config.entropy_eps))
-        scores = self.importance.scores(self.modules)
+        with full_precision(lam.device):  # a step() called inside autocast scores as outside
+            _, min_slot, free_slot, rank = spectral_entropy_and_slots(lam, mask, float(self.config.entropy_eps))
+            scores = self.importance.scores(self.modules)
         packed = torch.stack(
             [scores.to(torch.float64), min_slot.to(torch.float64), free_slot.to(torch.float64), rank.to(torch.float64)]
         )
@@ -488,6 +492,7 @@ class RankAllocator:
         with torch.no_grad():
             for i in pruned:
                 self._prune_slot(self.modules[i], min_slot[i], opt)
+                self.importance.reset_slot(i, min_slot[i])
                 ranks[i] -= 1
             gen = torch.Generator(device="cpu")
             gen.manual_seed(event_seed(self.config.seed, step))
@@ -495,6 +500,7 @@ class RankAllocator:
             # how the scores ranked it against the others.
             for i in sorted(expanded):
                 self._expand_slot(self.modules[i], free_slot[i], opt, gen)
+                self.importance.reset_slot(i, free_slot[i])
                 ranks[i] += 1
         self._total_rank = int(sum(ranks))
         self.num_events += 1
@@ -567,8 +573,8 @@ class RankAllocator:
             for m in self.modules:
                 off = ~m.mask
                 for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
-                    for t in _moment_tensors(holder, p):
-                        t.masked_fill_(fill_mask, 0)
+                    for t, v in _moment_tensors(holder, p):
+                        t.masked_fill_(fill_mask, v)
         self._warn_if_state_not_per_element(holder)
 
     def _warn_if_state_not_per_element(self, optimizer) -> None:
@@ -742,24 +748,46 @@ class RankAllocator:
         )
 
 
-def _moment_tensors(opt, p: torch.Tensor) -> List[torch.Tensor]:
+# Per-element optimizer state that does not start at zero: (optimizer class, state key) -> the
+# start value from the parameter's group. A reset slot gets what a fresh optimizer would give it:
+# an Adagrad sum of 0 (not initial_accumulator_value) makes its first update ~lr·sign(g), and a
+# Rprop step size of 0 is clamped to step_size_min, so the slot would barely learn for ~50 steps.
+_START_VALUES = (
+    (torch.optim.Adagrad, "sum", lambda group: group.get("initial_accumulator_value", 0.0)),
+    (torch.optim.Rprop, "step_size", lambda group: group["lr"]),
+)
+
+
+def _moment_tensors(opt, p: torch.Tensor) -> List[Tuple[torch.Tensor, Any]]:
     """The optimizer's per-element state tensors of ``p`` (exp_avg, exp_avg_sq, max_exp_avg_sq,
-    momentum_buffer, ...): every state tensor shaped like p. Scalars such as ``step`` are left."""
+    momentum_buffer, Adagrad's sum, ...: every state tensor shaped like p), each with the value
+    a fresh optimizer starts it at (0 but for :data:`_START_VALUES`). Scalars such as ``step``
+    are left."""
     if opt is None:
         return []
     state = opt.state.get(p)
     if not state:
         return []
-    return [t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape]
+    starts = {key: start for cls, key, start in _START_VALUES if isinstance(opt, cls)}
+    group = None
+    if starts:
+        group = next((g for g in opt.param_groups if any(q is p for q in g["params"])), None)
+    out = []
+    for key, t in state.items():
+        if torch.is_tensor(t) and t.shape == p.shape:
+            start = starts[key](group) if key in starts and group is not None else 0
+            out.append((t, float(start) if torch.is_tensor(start) else start))
+    return out
 
 
 def _zero_slot_moments(opt, m: FlexLinear, j: int) -> None:
-    for t in _moment_tensors(opt, m.P):
-        t[:, j] = 0
-    for t in _moment_tensors(opt, m.lam):
-        t[j] = 0
-    for t in _moment_tensors(opt, m.Q):
-        t[j, :] = 0
+    """Reset slot j's optimizer state (P column, λ entry, Q row) to a fresh optimizer's."""
+    for t, v in _moment_tensors(opt, m.P):
+        t[:, j] = v
+    for t, v in _moment_tensors(opt, m.lam):
+        t[j] = v
+    for t, v in _moment_tensors(opt, m.Q):
+        t[j, :] = v
 
 
 def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

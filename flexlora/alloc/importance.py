@@ -36,7 +36,7 @@ skips an update whose gradients hold a NaN or inf (an fp16 overflow, for which G
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -99,19 +99,24 @@ class Importance:
         """[n] float32 scores of ``modules`` (FlexLinear, flex_modules order)."""
         raise NotImplementedError
 
+    def reset_slot(self, index: int, slot: int) -> None:
+        """Forget what the metric holds of slot ``slot`` of module ``index`` (it was just pruned
+        or opened: a new direction must not inherit the old one's statistics). No-op here."""
+
     def state_dict(self) -> dict:
         return {"name": self.name}
 
-    def check_state(self, sd: dict) -> None:
-        """Raise ValueError if ``sd`` cannot be loaded into this metric; changes nothing (loads
-        check every part before they change any)."""
+    def check_state(self, sd: dict, modules: Optional[Sequence] = None) -> None:
+        """Raise ValueError if ``sd`` cannot be loaded into this metric (for ``modules``, the
+        FlexLinear list it will score, where given); changes nothing (loads check every part
+        before they change any)."""
         if not isinstance(sd, dict):
             raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict, got {type(sd).__name__}")
         if sd.get("name", self.name) != self.name:
             raise ValueError(f"{type(self).__name__}.load_state_dict: state is for metric {sd.get('name')!r}, expected {self.name!r}")
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.check_state(sd)
+    def load_state_dict(self, sd: dict, modules: Optional[Sequence] = None) -> None:
+        self.check_state(sd, modules)
 
 
 class EntropyImportance(Importance):
@@ -297,6 +302,18 @@ class SensitivityImportance(Importance):
         self.steps += 1
 
     @torch.no_grad()
+    def reset_slot(self, index: int, slot: int) -> None:
+        # An opened slot starts from zero statistics, as every slot did at the first update (an
+        # inactive slot's EMAs only decay by beta per step: with a short delta_t a reopened slot
+        # would start with much of the pruned direction's importance)
+        if not self.ipt:
+            return
+        for stats in (self.ipt, self.unc):
+            stats[3 * index][:, slot] = 0
+            stats[3 * index + 1][slot] = 0
+            stats[3 * index + 2][slot, :] = 0
+
+    @torch.no_grad()
     def scores(self, modules):
         lam_all, mask_all = stack_lam_mask(modules)
         n, R_all = mask_all.shape
@@ -329,23 +346,34 @@ class SensitivityImportance(Importance):
             "unc": [t.clone() for t in self.unc],
         }
 
-    def check_state(self, sd: dict) -> None:
-        super().check_state(sd)
+    def check_state(self, sd: dict, modules: Optional[Sequence] = None) -> None:
+        super().check_state(sd, modules)
         missing = [k for k in ("steps", "ipt", "unc") if k not in sd]
         if missing:
             raise ValueError(f"{type(self).__name__}.load_state_dict: the state lacks {missing}")
         if len(sd["ipt"]) != len(sd["unc"]):
             raise ValueError(f"{type(self).__name__}.load_state_dict: {len(sd['ipt'])} ipt but {len(sd['unc'])} unc tensors")
-        if self.ipt and len(sd["ipt"]) == len(self.ipt):
-            for i, (dst, src) in enumerate(zip(self.ipt + self.unc, list(sd["ipt"]) + list(sd["unc"]))):
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: state tensor {i} has shape {tuple(src.shape)}, "
-                        f"expected {tuple(dst.shape)}"
-                    )
+        # The shapes the state must have: those of the modules it will score (another r_max or
+        # another model would load here and fail at the next step(), after the rest of a resume
+        # had been restored), else those of the state already held.
+        want = [tuple(p.shape) for p in self._params(modules)] if modules is not None else (
+            [tuple(t.shape) for t in self.ipt] if self.ipt and len(sd["ipt"]) == len(self.ipt) else None)
+        if want is None or not sd["ipt"]:  # an empty state (no update yet) fits any modules
+            return
+        if len(sd["ipt"]) != len(want):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state holds {len(sd['ipt']) // 3} modules' "
+                f"statistics, expected {len(want) // 3}"
+            )
+        for i, (shape, src) in enumerate(zip(want + want, list(sd["ipt"]) + list(sd["unc"]))):
+            if not torch.is_tensor(src) or tuple(src.shape) != shape:
+                got = tuple(src.shape) if torch.is_tensor(src) else type(src).__name__
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: state tensor {i} has shape {got}, expected {shape}"
+                )
 
-    def load_state_dict(self, sd: dict) -> None:
-        super().load_state_dict(sd)
+    def load_state_dict(self, sd: dict, modules: Optional[Sequence] = None) -> None:
+        super().load_state_dict(sd, modules)
         self.steps = int(sd["steps"])
         self.skipped = int(sd.get("skipped", 0))  # absent from states saved before it existed
         if self.ipt and len(sd["ipt"]) == len(self.ipt):

@@ -111,13 +111,13 @@ class FlexLinear(nn.Module):
         adt = adapter_dtype or torch.float32
         # P and Q are drawn by the CPU generator whatever the device: one seed, one init on the
         # CPU and on a GPU (the allocator's expansions draw from the CPU too)
-        self.P = nn.Parameter((torch.randn(out_features, r_max, dtype=adt, device="cpu") * init_std).to(dev))
-        self.lam = nn.Parameter(torch.zeros(r_max, device=dev, dtype=adt))
-        self.Q = nn.Parameter((torch.randn(r_max, in_features, dtype=adt, device="cpu") * init_std).to(dev))
-        mask = torch.zeros(r_max, dtype=torch.bool, device=dev)
+        self.P = nn.Parameter((torch.randn(out_features, self.r_max, dtype=adt, device="cpu") * self.init_std).to(dev))
+        self.lam = nn.Parameter(torch.zeros(self.r_max, device=dev, dtype=adt))
+        self.Q = nn.Parameter((torch.randn(self.r_max, in_features, dtype=adt, device="cpu") * self.init_std).to(dev))
+        mask = torch.zeros(self.r_max, dtype=torch.bool, device=dev)
         mask[: self.r_init] = True
         self.register_buffer("mask", mask)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
 
     @property
     def rank(self) -> int:
@@ -187,7 +187,7 @@ def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:
         raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
     if not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"FlexLinear: alpha must be a finite number > 0, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not is_finite_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"FlexLinear: dropout must be in [0, 1), got {dropout!r}")
     if not is_finite_number(init_std) or init_std <= 0:
         raise ValueError(f"FlexLinear: init_std must be a finite number > 0, got {init_std!r}")

@@ -111,6 +111,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     """
     if not isinstance(config, FlexLoRAConfig):
         raise TypeError(f"wrap: config must be a FlexLoRAConfig, got {type(config).__name__}")
+    config.validate()  # fields may have been changed since construction
     if any(isinstance(m, FlexLinear) for m in model.modules()):
         raise ValueError("wrap: the model already holds FlexLinear modules (wrapped twice?)")
 

@@ -821,3 +821,101 @@ def test_warns_when_two_live_allocators_step_the_same_modules():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first.step(6, opt)  # once
+
+
+@pytest.mark.parametrize(
+    "make, key, start",
+    [
+        (lambda ps: torch.optim.Adagrad(ps, lr=0.05, initial_accumulator_value=0.1), "sum", 0.1),
+        (lambda ps: torch.optim.Rprop(ps, lr=0.01), "step_size", 0.01),
+        (lambda ps: torch.optim.Adam(ps, lr=0.01), "exp_avg_sq", 0.0),
+    ],
+    ids=["adagrad", "rprop", "adam"],
+)
+def test_reset_slots_get_a_fresh_optimizers_state(make, key, start):
+    # Reset to 0, an Adagrad sum (start initial_accumulator_value) made the new slot's first update
+    # ~lr·sign(g), and a Rprop step size was clamped to step_size_min: the slot barely learnt.
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config())
+    opt = make(list(bank.parameters()))
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, 4):
+        (bank(torch.randn(16, 5, generator=g)) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    al.step(3, opt)  # first sight of the optimizer: inactive slots (3, 4, 5) reset
+    for m in bank.layers:
+        for p, sel in ((m.P, lambda t: t[:, 3:]), (m.lam, lambda t: t[3:]), (m.Q, lambda t: t[3:])):
+            assert (sel(opt.state[p][key]) == start).all()
+    before = {id(p): opt.state[p][key].clone() for p in bank.parameters() if p in opt.state}
+    ev = al._event(10, 2)
+    assert ev.pruned and ev.expanded
+    for name, j in ev.pruned + ev.expanded:
+        m = bank.layers[int(name.split(".")[1])]
+        assert (opt.state[m.P][key][:, j] == start).all() and opt.state[m.lam][key][j] == start
+        assert (opt.state[m.Q][key][j] == start).all()
+        # and the slot did hold a trained value before (else the test could not fail)
+        if name == ev.pruned[0][0] and j == ev.pruned[0][1]:
+            assert not (before[id(m.lam)][j] == start)
+    touched = {(int(n.split(".")[1]), j) for n, j in ev.pruned + ev.expanded}
+    for i, m in enumerate(bank.layers):  # every other slot untouched
+        keep = [j for j in range(6) if (i, j) not in touched]
+        assert torch.equal(opt.state[m.lam][key][keep], before[id(m.lam)][keep])
+
+
+def test_sensitivity_state_of_other_shapes_is_refused_before_anything_loads():
+    # Saved with r_max 6, loaded with r_max 8: the load succeeded and the next step() failed with
+    # "the modules differ", after the allocator's step count and history had been replaced.
+    src = Bank([6] * 2, r_init=3, seed=1)
+    al = RankAllocator(src, config(importance="sensitivity"))
+    (src(torch.randn(4, 5)) ** 2).sum().backward()
+    al.step(1)
+    state = al.state_dict()
+    dst = RankAllocator(Bank([8] * 2, r_init=3, seed=1), config(importance="sensitivity"))
+    dst.step(1)
+    hist = list(dst.history)
+    with pytest.raises(ValueError, match=r"importance.*state tensor 0 has shape \(7, 6\), expected \(7, 8\)"):
+        dst.load_state_dict(state)
+    assert dst.history == hist and dst.importance.steps == 0
+    with pytest.raises(ValueError, match=r"the state lacks \['modules'\]"):
+        dst.load_state_dict({k: v for k, v in state.items() if k != "modules"})
+
+
+@pytest.mark.parametrize("importance", ["energy_entropy_matrix", "exact_entropy", "entropy"])
+def test_scores_inside_autocast_equal_those_outside(importance):
+    bank = Bank([6] * 3, r_init=4, seed=2)
+    with torch.no_grad():
+        for m in bank.layers:
+            m.lam.normal_()
+    al = RankAllocator(bank, config(importance=importance))
+    outside = al._score_bank()[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = al._score_bank()[0]
+    assert inside == outside
+
+
+def test_sensitivity_statistics_of_touched_slots_start_from_zero():
+    bank = Bank([6] * 4, r_init=3, seed=4)
+    al = RankAllocator(bank, config(importance="sensitivity"))
+    opt = torch.optim.SGD(bank.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, 6):
+        (bank(torch.randn(16, 5, generator=g)) ** 2).mean().backward()
+        opt.step()
+        al.step(t, opt)
+        opt.zero_grad()
+    imp = al.importance
+    before = [(a.clone(), u.clone()) for a, u in zip(imp.ipt, imp.unc)]
+    ev = al._event(10, 2)
+    assert ev.pruned and ev.expanded
+    touched = {(int(n.split(".")[1]), j) for n, j in ev.pruned + ev.expanded}
+    i0, j0 = int(ev.pruned[0][0].split(".")[1]), ev.pruned[0][1]
+    assert before[3 * i0][0][:, j0].sum() > 0  # the pruned slot held statistics (else this could not fail)
+    for i in range(4):
+        for k, sel in ((0, lambda t, j: t[:, j]), (1, lambda t, j: t[j]), (2, lambda t, j: t[j])):
+            for j in range(6):
+                for stats, old in ((imp.ipt, before[3 * i + k][0]), (imp.unc, before[3 * i + k][1])):
+                    if (i, j) in touched:
+                        assert not sel(stats[3 * i + k], j).any()
+                    else:
+                        assert torch.equal(sel(stats[3 * i + k], j), sel(old, j))
