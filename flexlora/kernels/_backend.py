@@ -80,6 +80,8 @@ def choose_backend(x: torch.Tensor, backend: Optional[str], cuda_default: str = 
     """
     if backend is None:
         backend = os.environ.get("FLEXLORA_BACKEND") or None
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"the environment variable FLEXLORA_BACKEND must be one of {BACKENDS} or unset, got {backend!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     can_triton = triton_available() and (x.is_cuda or (x.device.type == "cpu" and triton_interpret()))

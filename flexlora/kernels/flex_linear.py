@@ -114,7 +114,9 @@ if triton is not None:
             acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
             a_ptrs += BLOCK_T * stride_at
             b_ptrs += BLOCK_T * stride_bt
-        acc = acc * sc[None, :]
+        # a slot scaled by 0 (inactive, or λ = 0) gives exactly 0, also where its column of A·B
+        # is not finite (inf in x, a NaN written into an inactive P column / Q row)
+        acc = tl.where(sc[None, :] != 0.0, acc * sc[None, :], 0.0)
 
         out_ptrs = out_ptr + offs_l64[:, None] * stride_ol + offs_r[None, :] * stride_or
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=l_ok[:, None] & r_ok[None, :])
@@ -180,10 +182,13 @@ if triton is not None:
                         mask=m_ok[:, None] & r_ok[None, :],
                         other=0.0,
                     ).to(tl.float32)
-                    ug = u * g[None, :]
+                    # slots with g = 0 add exactly nothing: their u and V rows are not read into
+                    # the product (0·inf would be NaN)
+                    g_on = g != 0.0
+                    ug = tl.where(g_on[None, :], u * g[None, :], 0.0)
                     v = tl.load(
                         v_ptr + offs_r[:, None] * stride_vr + offs_l64[None, :] * stride_vl,
-                        mask=r_ok[:, None] & l_ok[None, :],
+                        mask=(r_ok & g_on)[:, None] & l_ok[None, :],
                         other=0.0,
                     )
                     acc = tl.dot(ug.to(DOT), v.to(DOT), acc, input_precision=PRECISION)
@@ -356,9 +361,10 @@ def _fused(out, M, L, T, R, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
 
 
 def _gates(lam, mask, scaling):
-    """(g = s·λ⊙mask, mask) as fp32 [R] vectors: the kernels read them as data, never constants."""
+    """(g = s·λ⊙mask, mask) as fp32 [R] vectors: the kernels read them as data, never constants.
+    g is 0 where the mask is off, whatever λ holds there (λ·0 would keep a NaN)."""
     maskf = mask.to(torch.float32)
-    return lam.to(torch.float32) * maskf * scaling, maskf
+    return torch.where(mask, lam.to(torch.float32) * scaling, 0.0), maskf
 
 
 def _triton_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
@@ -377,7 +383,7 @@ def _triton_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
     _fused(
         y, M, N, K, R,
         a=x2, a_strides=x2.stride(), b=weight, b_strides=(weight.stride(1), weight.stride(0)),
-        u=u, g=g, v=P, v_strides=(P.stride(1), P.stride(0)), bias=bias,
+        u=u, g=g, v=P, v_strides=(P.stride(1), P.stride(0)), bias=None if bias is None else bias.contiguous(),
     )
     return y, u
 
@@ -431,6 +437,12 @@ def _check_inputs(x, weight, bias, P, lam, Q, mask, x_lora, scaling=1.0) -> None
         raise TypeError(f"flex_linear: x must be a floating-point tensor, got {got}")
     if x.dim() < 1:
         raise ValueError("flex_linear: x must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    for name, t, optional in (("weight", weight, False), ("bias", bias, True), ("P", P, False), ("lam", lam, False),
+                              ("Q", Q, False), ("mask", mask, False), ("x_lora", x_lora, True)):
+        if not isinstance(t, torch.Tensor) and not (optional and t is None):
+            raise TypeError(
+                f"flex_linear: {name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}"
+            )
     if weight.dim() != 2:
         raise ValueError(f"flex_linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
@@ -480,8 +492,8 @@ def _wide(lam: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def _gate(lam: torch.Tensor, mask: torch.Tensor, scaling: Scaling) -> torch.Tensor:
-    """g = s·λ⊙mask, [R], in λ's dtype."""
-    return (lam * mask) * scaling  # a bool mask promotes to λ's dtype
+    """g = s·λ⊙mask, [R], in λ's dtype: exactly 0 where the mask is off, whatever λ holds there."""
+    return torch.where(mask, lam * scaling, 0.0)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -735,7 +747,9 @@ def _op_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D backward: (dx, dx_lora, dweight, dbias, dP, dlam, dQ); an empty tensor where not needed."""
     grads = _backward(dy, x, x_lora, weight, P, lam, Q, mask, u, _scale(scaling, scaling_t), backend, tuple(needs))
-    return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
+    # contiguous, as the fake promises: a thin product computed transposed (a width not a
+    # multiple of 16) is a transposed view, and inductor checks the strides at run time
+    return tuple(dy.new_empty(0) if gr is None else gr.contiguous() for gr in grads)
 
 
 @_op_bwd.register_fake
@@ -860,7 +874,9 @@ def _eager_apply(*args) -> torch.Tensor:
     """y of the eager Function for (x, x_lora, weight, bias, P, lam, Q, mask, scaling,
     scaling_t, backend)."""
     if _functorch_active():
-        return _EagerFlexLinear.apply(*args)[0]
+        # torch.func hands backward functorch-wrapped tensors, which a Triton launch cannot read
+        # ("Cannot access storage of TensorWrapper"): both passes take the torch path there
+        return _EagerFlexLinear.apply(*args[:-1], "torch")[0]
     return _FastEagerFlexLinear.apply(*args)
 
 
@@ -933,8 +949,8 @@ def _autocast_inputs(x, x_lora):
     custom op is opaque to autocast, and without this the base GEMM would silently run in fp32
     (the op computes in x's dtype, casting W, P and Q to it)."""
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, x_lora
+    if not torch.is_autocast_enabled(dev) or x.dtype == torch.float64:
+        return x, x_lora  # autocast leaves float64 alone (nn.Linear stays float64 there too)
     dt = torch.get_autocast_dtype(dev)
     return x.to(dt), None if x_lora is None else x_lora.to(dt)
 
@@ -945,7 +961,8 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
     x2 = x.reshape(M, K)
     xl2 = None if x_lora is None else x_lora.reshape(M, K)
     if isinstance(scaling, torch.Tensor):
-        s, s_t = 1.0, scaling.to(device=x.device, dtype=torch.float32)
+        # fp32 at least, float64 kept (a float64 s rounded to fp32 cost float64 math 8 digits)
+        s, s_t = 1.0, scaling.to(device=x.device, dtype=torch.promote_types(scaling.dtype, torch.float32))
     else:
         s, s_t = float(scaling), None
     if torch.compiler.is_compiling():

@@ -78,11 +78,14 @@ if triton is not None:
         e = x * x
         total = tl.sum(e, axis=1)
         s = e / tl.where(total > 0.0, total, 1.0)[:, None]
-        h = tl.where(act, -s * tl.log(s + eps), 0.0)
+        # s = 0 terms are 0 (their limit), also where eps is below fp32's range and s + eps = 0
+        h = tl.where(act & (s > 0.0), -s * tl.log(s + eps), 0.0)
         H = tl.sum(h, axis=1)
         r = tl.sum(act.to(tl.int32), axis=1)
         denom = tl.log(tl.maximum(r.to(tl.float32), 2.0))
-        ent = tl.where((r < 2) | (amax == 0.0), 0.0, H / denom)
+        # [0, 1] exactly: rounding puts a uniform spectrum one ulp above 1
+        ent = tl.minimum(tl.maximum(H / denom, 0.0), 1.0)
+        ent = tl.where((r < 2) | (amax == 0.0), 0.0, ent)
         # a NaN / inf active λ makes the row NaN also at r < 2, where the line above gives 0
         # (tl.max need not propagate NaN, so test the slots themselves)
         bad = tl.sum((act & ((a != a) | (a == float("inf")))).to(tl.int32), axis=1) > 0
@@ -152,15 +155,17 @@ def spectral_entropy_and_slots_torch(
     if R == 0:
         z = torch.zeros(n, dtype=torch.int64, device=dev)
         return torch.zeros(n, dtype=torch.float32, device=dev), z - 1, z - 1, z
-    a = torch.where(mask, lam.detach().float().abs(), 0.0)
+    lam = _fp32_range(lam.detach(), mask)
+    a = torch.where(mask, lam.float().abs(), 0.0)
     amax = a.amax(dim=1, keepdim=True)
     x = a / torch.where(amax > 0, amax, 1.0)
     e = x * x
     total = e.sum(dim=1, keepdim=True)
     s = e / torch.where(total > 0, total, 1.0)
-    H = torch.where(mask, -s * torch.log(s + eps), 0.0).sum(dim=1)
+    H = torch.where(mask & (s > 0), -s * torch.log(s + eps), 0.0).sum(dim=1)
     r = mask.sum(dim=1)
-    ent = torch.where((r < 2) | (amax[:, 0] == 0), 0.0, H / torch.log(r.clamp_min(2).float()))
+    ent = (H / torch.log(r.clamp_min(2).float())).clamp(0.0, 1.0)
+    ent = torch.where((r < 2) | (amax[:, 0] == 0), 0.0, ent)
     bad = (mask & ~a.isfinite()).any(dim=1)  # NaN / inf active λ: NaN at every rank, rank 1 too
     ent = torch.where(bad, float("nan"), ent)
     # argmin/argmax return the first extremum on ties (documented), hence "lowest index"
@@ -168,6 +173,16 @@ def spectral_entropy_and_slots_torch(
     min_slot = torch.where(r > 0, key.argmin(dim=1), -1)
     free_slot = torch.where(mask.all(dim=1), -1, (~mask).to(torch.uint8).argmax(dim=1))
     return ent, min_slot, free_slot, r.to(torch.int64)
+
+
+def _fp32_range(lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """λ wider than fp32 (float64) divided by its row's largest active |λ| in its own dtype: the
+    entropy does not change, and the fp32 math after it sees neither inf (λ = 1e300) nor 0
+    (λ = 1e-300). Narrower λ is returned as it is."""
+    if lam.dtype.itemsize <= 4:
+        return lam
+    amax = torch.where(mask, lam.abs(), 0.0).amax(dim=1, keepdim=True)
+    return lam / torch.where(amax > 0, amax, 1.0)
 
 
 def _check(lam: torch.Tensor, mask: torch.Tensor, eps: float) -> None:
@@ -179,8 +194,8 @@ def _check(lam: torch.Tensor, mask: torch.Tensor, eps: float) -> None:
         raise ValueError(f"spectral_entropy: mask must be a bool tensor of lam's shape {tuple(lam.shape)}, got {got}")
     if mask.device != lam.device:
         raise ValueError(f"spectral_entropy: mask is on {mask.device}, lam on {lam.device}; expected the same device")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"spectral_entropy: eps must be a number > 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"spectral_entropy: eps must be a finite number > 0, got {eps!r}")
 
 
 @torch.no_grad()
@@ -190,7 +205,8 @@ def spectral_entropy_and_slots(
     """Normalized spectral entropy of every row, plus the slots the allocator needs, in one pass.
 
     Args:
-        lam: [n, R] λ of n modules (fp32, fp16 or bf16; read detached).
+        lam: [n, R] λ of n modules (fp32, fp16, bf16, or float64: scaled per row into fp32's
+            range first; read detached).
         mask: [n, R] bool, active slots.
         eps: the ε in −Σ s log(s + ε) (> 0).
         backend: "triton", "torch" or None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1
@@ -204,7 +220,7 @@ def spectral_entropy_and_slots(
     """
     _check(lam, mask, eps)
     if _use_triton(lam, backend) and lam.shape[1] > 0:
-        return _spectral_entropy_triton(lam.detach(), mask, eps)
+        return _spectral_entropy_triton(_fp32_range(lam.detach(), mask), mask, eps)
     return spectral_entropy_and_slots_torch(lam, mask, eps)
 
 

@@ -128,10 +128,10 @@ class FlexLinear(nn.Module):
         """x: [..., in_features] -> [..., out_features], in x's dtype."""
         if not torch.is_floating_point(x):
             raise TypeError(f"FlexLinear expects a floating-point input, got dtype {x.dtype}")
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FlexLinear expected input with last dimension in_features={self.in_features}, "
-                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
+                f"got {x.shape[-1] if x.dim() else 'a 0-d tensor'} (input shape {tuple(x.shape)})"
             )
         if self.merged:
             # as the unmerged op does: compute in x's dtype whatever the (fp32) base weights' dtype
@@ -144,9 +144,11 @@ class FlexLinear(nn.Module):
         )
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·P·diag(λ⊙mask)·Q: [out_features, in_features], in the adapter dtype."""
-        g = self.lam * self.mask.to(self.lam.dtype) * self.scaling
-        return (self.P * g) @ self.Q
+        """ΔW = s·P·diag(λ⊙mask)·Q: [out_features, in_features], in the adapter dtype. Inactive
+        slots contribute exactly nothing, whatever their P column, λ and Q row hold."""
+        on = self.mask
+        g = torch.where(on, self.lam * self.scaling, 0.0)
+        return torch.where(on, self.P * g, 0.0) @ torch.where(on[:, None], self.Q, 0.0)
 
     def extra_repr(self) -> str:
         # a meta tensor has no values: its rank cannot be read (before to_empty / loading)

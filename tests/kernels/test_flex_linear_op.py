@@ -626,9 +626,13 @@ def _good(**over):
         (dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dimension"),
         (dict(lam=torch.ones(3, dtype=torch.long)), TypeError, "lam must be a floating-point tensor, got dtype torch.int64"),
         (dict(Q=torch.ones(3, 6, dtype=torch.int32)), TypeError, "Q must be a floating-point tensor"),
+        (dict(weight=None), TypeError, "weight must be a tensor, got NoneType"),  # was an AttributeError
+        (dict(lam=[1.0, 2.0, 3.0]), TypeError, "lam must be a tensor, got list"),
+        (dict(bias=1.0), TypeError, "bias must be a tensor or None, got float"),
     ],
     ids=["x-int", "x-width", "P-shape", "Q-shape", "lam-2d", "mask-float", "mask-shape", "bias-shape",
-         "weight-3d", "scaling-vector", "scaling-str", "P-device", "x-0d", "lam-int", "Q-int"],
+         "weight-3d", "scaling-vector", "scaling-str", "P-device", "x-0d", "lam-int", "Q-int", "weight-none",
+         "lam-list", "bias-float"],
 )
 def test_bad_input_raises_clearly(over, exc, words):
     args = _good(**over)
@@ -645,6 +649,14 @@ def test_bad_x_lora_and_backend_name():
         flex_linear(**args, x_lora=torch.randn(4, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend must be one of"):
         flex_linear(**args, backend="cuda")
+    with pytest.raises(TypeError, match="x_lora must be a tensor or None, got ndarray"):
+        flex_linear(**args, x_lora=args["x"].numpy())
+
+
+def test_bad_backend_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FLEXLORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="the environment variable FLEXLORA_BACKEND must be one of"):
+        flex_linear(**_good())
 
 
 class _FakeCuda:
@@ -716,3 +728,127 @@ def test_import_does_not_need_triton():
     )
     done = run_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes: compiled backward layout, strided bias, non-finite values in inactive slots,
+# torch.func on the Triton path, float64 scaling, float64 under autocast
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("r_max, r_init", [(8, 8), (12, 6)], ids=["full-from-start", "filled-later"])
+def test_inductor_backward_with_every_slot_active(monkeypatch, r_max, r_init):
+    """Every slot active and r_max not a multiple of 16: the torch path computes dP transposed, a
+    transposed view that the compiled custom op returned as it was, against the contiguous layout
+    its fake declares; inductor checks strides at run time ("expected ... stride 1==8") and a
+    compiled run died as soon as the allocator filled a module (aot_eager never checks)."""
+    import torch._dynamo
+
+    from flexlora.layers.flex_linear import FlexLinear
+
+    monkeypatch.setenv("FLEXLORA_BACKEND", "torch")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = FlexLinear(8, 12, r_max=r_max, r_init=r_init, alpha=8.0)
+    with torch.no_grad():
+        layer.lam.normal_()
+    compiled = torch.compile(layer)
+    x = torch.randn(4, 8)
+    for fill in (False, True):
+        if fill:
+            with torch.no_grad():
+                layer.mask.fill_(True)
+                layer.lam.normal_()
+        grads = []
+        for fn in (layer, compiled):
+            layer.zero_grad(set_to_none=True)
+            fn(x).square().sum().backward()
+            grads.append([layer.P.grad.clone(), layer.lam.grad.clone(), layer.Q.grad.clone()])
+        for name, ge, gc in zip(("P", "lam", "Q"), *grads):
+            torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=f"compiled d{name} != eager")
+    torch._dynamo.reset()
+
+
+def test_triton_reads_a_strided_bias():
+    inp, dy = make_inputs(3, 5, 4, 2, "on")
+    ref = reference(inp, dy)
+    ins = leaves(inp, torch.float32)
+    wide = torch.zeros(8, dtype=torch.float32)
+    wide[::2] = ins["bias"].detach()
+    ins["bias"] = wide[::2].requires_grad_(True)  # stride 2
+    args = {k: v for k, v in ins.items() if k != "x_lora"}
+    out = collect(flex_linear(**args, backend="triton"), dy, ins)
+    assert rel_err(out["y"], ref["y"]) < 1e-5  # read with stride 1 it was 1.5 off
+    assert rel_err(out["bias"], ref["bias"]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["lam", "P", "Q"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_values_in_inactive_slots_change_nothing(backend, where, value):
+    """An inactive slot adds nothing, whatever it holds: λ·mask kept a NaN λ (NaN·0 = NaN) and
+    the Triton kernels multiplied an inactive P column / Q row by a zero gate."""
+    inp, dy = make_inputs(5, 9, 7, 4)
+    inp["mask"] = torch.tensor([True, False, True, False])
+    ref = reference(inp, dy)
+    bad = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    if where == "lam":
+        bad["lam"][1] = value
+    elif where == "P":
+        bad["P"][:, 3] = value
+    else:
+        bad["Q"][1, :] = value
+    out, _ = run_op(bad, dy, torch.float32, backend)
+    for k in ("y", "x", "bias", "P", "lam", "Q"):
+        got, r = out[k], ref[k]
+        active = {"P": (slice(None), inp["mask"]), "lam": (inp["mask"],), "Q": (inp["mask"],)}.get(k, ())
+        assert torch.isfinite(got[active]).all(), f"{backend} {k}: non-finite with {value} in an inactive {where}"
+        assert rel_err(got[active], r[active]) < 1e-5, f"{backend} {k}"
+    assert_inactive_zero(out, inp["mask"], f"{backend} {where}={value}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inactive_gradients_stay_zero_with_inf_in_x(backend):
+    """inf in x (an fp16 overflow upstream) makes the active gradients non-finite, as for any
+    layer; the inactive slots' gradients stay exactly 0.0 (0·inf gave NaN on the Triton path)."""
+    inp, dy = make_inputs(4, 6, 5, 4)
+    inp["mask"] = torch.tensor([True, False, True, False])
+    inp["x"][1, 2] = float("inf")
+    out, _ = run_op(inp, dy, torch.float32, backend)
+    assert_inactive_zero(out, inp["mask"], f"{backend} inf in x")
+
+
+def test_torch_func_grad_on_the_triton_backend():
+    """torch.func with the Triton backend chosen (by name or by default under the interpreter)
+    runs the torch path: a Triton launch cannot read functorch's wrapped tensors."""
+    inp, dy = make_inputs(5, 7, 6, 4)
+    ref = reference(inp, dy)
+    ins = leaves(inp, torch.float32)
+
+    def objective(lam):
+        args = {**ins, "lam": lam}
+        args.pop("x_lora")
+        return (flex_linear(**args, backend="triton") * dy.float()).sum()
+
+    g = torch.func.grad(objective)(ins["lam"].detach())
+    assert rel_err(g, ref["lam"]) < 1e-5
+
+
+def test_float64_scaling_tensor_keeps_float64_precision():
+    inp, dy = make_inputs(5, 9, 7, 4, "on")
+    inp["scaling"] = 1.0 / 3.0
+    ref = reference(inp, dy)
+    ins = leaves(inp, torch.float64)
+    args = {k: v for k, v in ins.items() if k not in ("x_lora", "scaling")}
+    y = flex_linear(**args, scaling=torch.tensor(1.0 / 3.0, dtype=torch.float64), backend="torch")
+    out = collect(y, dy, ins)
+    for k in ("y", "x", "P", "lam", "Q"):
+        assert rel_err(out[k], ref[k]) < 1e-13, f"d{k}: the float64 scaling was rounded to fp32"
+
+
+def test_float64_input_is_left_alone_by_autocast():
+    inp, _ = make_inputs(3, 6, 5, 4)
+    args = {k: v for k, v in inp.items() if k != "x_lora"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = flex_linear(**args, backend="torch")
+        y_lin = torch.nn.functional.linear(args["x"], args["weight"])
+    assert y.dtype == y_lin.dtype == torch.float64  # autocast does not touch float64 (was bf16)
+    assert rel_err(y, formula(**inp)) < 1e-13

@@ -177,9 +177,10 @@ def test_large_eps_matches_float64_reference(backend):
         (torch.zeros(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.bool), EPS, "lam must be a 2-D floating"),
         (torch.zeros(2, 8), torch.ones(2, 8), EPS, "mask must be a bool tensor"),
         (torch.zeros(2, 8), torch.ones(2, 7, dtype=torch.bool), EPS, "mask must be a bool tensor"),
-        (torch.zeros(2, 8), torch.ones(2, 8, dtype=torch.bool), 0.0, "eps must be a number > 0"),
+        (torch.zeros(2, 8), torch.ones(2, 8, dtype=torch.bool), 0.0, "eps must be a finite number > 0"),
+        (torch.zeros(2, 8), torch.ones(2, 8, dtype=torch.bool), float("inf"), "eps must be a finite number > 0"),
     ],
-    ids=["lam-1d", "lam-int", "mask-float", "mask-shape", "eps-zero"],
+    ids=["lam-1d", "lam-int", "mask-float", "mask-shape", "eps-zero", "eps-inf"],
 )
 def test_bad_input(lam, mask, eps, match):
     with pytest.raises(ValueError, match=match):
@@ -257,3 +258,35 @@ def test_interpreter_switched_on_after_import_falls_back_to_torch():
     ent, *slots = res["out"]
     check((torch.tensor(ent, dtype=torch.float32), *(torch.tensor(t, dtype=torch.int64) for t in slots)), reference(lam, mask))
     assert res["err"] and "TRITON_INTERPRET=1 must be set before flexlora is imported" in res["err"], res["err"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_below_fp32_range_gives_no_nan(backend):
+    # s + eps rounded to 0 for an s = 0 slot (a just-opened λ = 0): 0·log(0) = NaN, which the
+    # allocator reads as a diverged module
+    lam = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 3.0]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    got = spectral_entropy_and_slots(lam, mask, 1e-46, backend=backend)
+    check(got, reference(lam, mask, 1e-300))
+    assert abs(got[0][0].item() - math.log(2) / math.log(3)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("R", [2, 3, 6, 7, 64, 256])
+def test_uniform_spectrum_is_exactly_one(backend, R):
+    # rounding put a uniform spectrum at 1.0000001, outside the documented [0, 1]
+    ent = spectral_entropy(torch.ones(1, R), torch.ones(1, R, dtype=torch.bool), backend=backend)
+    assert 0.0 <= ent.item() <= 1.0 and abs(ent.item() - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e300, 1e-300, 1e-320], ids=["1e300", "1e-300", "1e-320-subnormal"])
+def test_float64_lambda_beyond_fp32_range(backend, scale):
+    # cast to fp32 first, λ = 1e300 became inf (read as diverged) and 1e-300 became 0 (score 0)
+    g = torch.Generator().manual_seed(3)
+    lam = (torch.rand(4, 8, generator=g, dtype=torch.float64) + 0.1) * scale
+    mask = torch.rand(4, 8, generator=g) < 0.7
+    mask[:, :2] = True
+    got = spectral_entropy_and_slots(lam, mask, backend=backend)
+    check(got, reference(lam / scale, mask))
+    assert (got[0] > 0.1).all()

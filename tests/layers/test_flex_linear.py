@@ -409,3 +409,26 @@ def test_init_draws_p_and_q_on_the_cpu_generator_whatever_the_default_device():
         inside = FlexLinear(8, 4, r_max=3, r_init=2, alpha=1.0, device="cpu")
     assert inside.P.device.type == "cpu"
     assert torch.equal(inside.P, plain.P) and torch.equal(inside.Q, plain.Q)
+
+
+def test_zero_d_input_is_a_clear_error():
+    layer = FlexLinear(4, 3, r_max=2, r_init=1, alpha=2.0)
+    with pytest.raises(ValueError, match="last dimension in_features=4, got a 0-d tensor"):
+        layer(torch.tensor(1.0))  # was an IndexError
+
+
+@pytest.mark.parametrize("where", ["lam", "P", "Q"])
+def test_delta_weight_ignores_non_finite_inactive_slots(where):
+    torch.manual_seed(0)
+    layer = FlexLinear(5, 4, r_max=3, r_init=2, alpha=2.0)
+    with torch.no_grad():
+        layer.lam.normal_()
+        layer.lam[2] = 0
+    ref = (layer.P.detach().double()[:, :2] * (layer.lam.detach().double()[:2] * layer.scaling)) @ layer.Q.detach().double()[:2]
+    with torch.no_grad():
+        {"lam": lambda: layer.lam.__setitem__(2, float("nan")),
+         "P": lambda: layer.P[:, 2].fill_(float("inf")),
+         "Q": lambda: layer.Q[2].fill_(float("nan"))}[where]()
+    dw = layer.delta_weight()
+    assert torch.isfinite(dw).all()
+    assert (dw.double() - ref).abs().max() < 1e-6
