@@ -46,7 +46,7 @@ from ._batch import full_precision, stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
 from .orthogonal import add_orthogonal_grad_, orthogonal_loss
-from .schedule import config_budget_at, config_is_event_step, config_peak_budget
+from .schedule import config_budget_at, config_is_event_step, config_peak_budget, event_steps_between
 
 _STATE_FORMAT = "flexlora.RankAllocator/1"
 # The allocator that last stepped each FlexLinear, and a process-wide count of step() calls:
@@ -264,6 +264,9 @@ class RankAllocator:
         check_unsharded(named, "RankAllocator")
         schedule_warned = _warn_if_no_allocation(config)
         self._warned_step0 = False
+        self._warned_back = False
+        self._warned_gap = False
+        self._warned_no_grads = False
         self.config = config
         self.names: List[str] = [n for n, _ in named]
         self.modules: List[FlexLinear] = [m for _, m in named]
@@ -290,6 +293,7 @@ class RankAllocator:
         self._call_serial: Optional[int] = None  # _STEP_CALLS at this allocator's last step()
 
         self._zero_inactive_slots()
+        self._fed_at_event = self.importance.fed
         scores, _, _, ranks = self._score_bank()
         self._total_rank = int(sum(ranks))
         self.history.extend(make_rows(0, self.names, ranks, scores))
@@ -371,8 +375,33 @@ class RankAllocator:
                     UserWarning,
                     stacklevel=2,
                 )
+            elif 0 < global_step < self._last_step and not self._warned_back:
+                # not a repeated call: a count that restarted (a step counter per epoch, a second
+                # trainer.train() with the same allocator) would switch allocation off silently
+                self._warned_back = True
+                warnings.warn(
+                    f"RankAllocator.step({global_step}) after step({self._last_step}) is ignored, and so is every "
+                    f"step up to {self._last_step}: no importance update and no event until the count passes it. "
+                    "global_step must be the running optimizer-step count of the whole run (not restarted per "
+                    "epoch); a new training run needs a new RankAllocator",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return None
         self.config.validate()  # ~30 µs: a field changed mid-run is named, not a schedule internal
+        if global_step > self._last_step + 1 and not self._warned_gap:
+            missed = event_steps_between(self._last_step, global_step, self.config)
+            if missed:
+                self._warned_gap = True
+                warnings.warn(
+                    f"RankAllocator.step({global_step}) after step({self._last_step}): the event step(s) "
+                    f"{missed}{' ...' if len(missed) == 3 else ''} in between were never passed to step(), so those "
+                    "allocation events did not happen. Call step() after every optimizer step with the running "
+                    "optimizer-step count; when resuming, restore the allocator's state first "
+                    "(flexlora.load_checkpoint, or FlexLoRACallback with the Trainer)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if not fresh:
             self.importance.update(self.modules)
         self._last_step = global_step
@@ -441,6 +470,7 @@ class RankAllocator:
 
     def _restore(self, state: Dict[str, Any]) -> None:
         self.importance.load_state_dict(state["importance"], self.modules)  # first: the one part that can still refuse
+        self._fed_at_event = self.importance.fed
         self._last_step = int(state["last_step"])
         self.num_events = int(state["num_events"])
         self._stepped = bool(state["stepped"])
@@ -477,6 +507,7 @@ class RankAllocator:
         return s, [int(x) for x in mn], [int(x) for x in fr], [int(x) for x in rk]
 
     def _event(self, step: int, budget: int) -> AllocationEvent:
+        self._warn_if_importance_starved()
         scores, min_slot, free_slot, ranks = self._score_bank()
         pruned, expanded = plan_event(
             scores, ranks, self.r_max, self.config.r_min, budget, self.config.allocation_mode
@@ -642,6 +673,25 @@ class RankAllocator:
             )
         self._call_serial = _STEP_CALLS[0]
         _LAST_STEPPED_BY[first] = weakref.ref(self)
+
+    def _warn_if_importance_starved(self) -> None:
+        """Warn once when a gradient-fed metric (sensitivity) got no gradients since the last event:
+        every update found the gradients None (``optimizer.zero_grad()`` before ``step()``), so it
+        scores every module 0 and the event moves rank by module order alone."""
+        fed = self.importance.fed
+        starved = self.importance.needs_gradients and fed == self._fed_at_event
+        self._fed_at_event = fed
+        if starved and not self._warned_no_grads:
+            self._warned_no_grads = True
+            warnings.warn(
+                f"RankAllocator: importance {self.config.importance!r} received no gradients since "
+                f"{'the last event' if self.num_events else 'the allocator was built'} (P, λ and Q had .grad None at "
+                "every update), so it scores every module 0 and this event moves rank by module order alone. Call "
+                "allocator.step() before optimizer.zero_grad(), or allocator.update_importance() while the "
+                "gradients exist (FlexLoRACallback does)",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_pace(self) -> None:
         """Warn once when step() is called several times between optimizer steps, gap after gap

@@ -12,19 +12,23 @@ Where each piece runs in the Trainer's optimizer step (transformers 5.x order: c
 - ``on_step_end``: ``allocator.step(state.global_step, optimizer)`` — the allocation event, with
   the optimizer whose moments of touched slots are reset;
 - ``on_save``: ``allocator.state_dict()`` into the new ``checkpoint-<step>/`` folder
-  (:data:`ALLOCATOR_STATE_FILE`), and ``on_train_begin`` of a resumed run loads it back, so
-  ``trainer.train(resume_from_checkpoint=...)`` continues the allocation history, event count and
-  importance statistics (the masks come back with the model's weights).
+  (:data:`ALLOCATOR_STATE_FILE`), and ``on_train_begin`` of a resumed run loads it back from the
+  folder given to ``trainer.train(resume_from_checkpoint=...)`` (wherever it is), so the run
+  continues the allocation history, event count and importance statistics (the masks come back
+  with the model's weights).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import sys
 import warnings
 from pathlib import Path
+from typing import List
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .._atomic import replace_file
 from .allocator import RankAllocator
@@ -54,9 +58,8 @@ class FlexLoRACallback(TrainerCallback):
         self.orthogonal = bool(orthogonal)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0:  # resumed from checkpoint-<global_step>
-            self._load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / ALLOCATOR_STATE_FILE,
-                             state.global_step)
+        if state.global_step > 0:  # resumed from a checkpoint written at global_step
+            self._load_state(_resume_candidates(args, state.global_step), state.global_step)
         cfg = self.allocator.config
         if state.max_steps and state.max_steps > 0 and state.max_steps != cfg.total_steps:
             warnings.warn(
@@ -84,14 +87,43 @@ class FlexLoRACallback(TrainerCallback):
             torch.save(self.allocator.state_dict(), buf)
             replace_file(folder / ALLOCATOR_STATE_FILE, buf.getvalue())
 
-    def _load_state(self, path: Path, step: int) -> None:
-        if not path.is_file():
+    def _load_state(self, candidates: List[Path], step: int) -> None:
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            looked = " or ".join(repr(str(p)) for p in candidates)
             warnings.warn(
-                f"FlexLoRACallback: the Trainer resumes at step {step} but {str(path)!r} does not exist, so "
+                f"FlexLoRACallback: the Trainer resumes at step {step} but {looked} does not exist, so "
                 "the allocator starts afresh: its history and event count restart and its importance "
                 "statistics are lost (the masks come back with the model's weights). Checkpoints written "
-                "with FlexLoRACallback hold that file; for others call allocator.load_state_dict yourself",
+                f"with FlexLoRACallback hold {ALLOCATOR_STATE_FILE}; for others call allocator.load_state_dict "
+                "yourself",
                 stacklevel=2,
             )
             return
         self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _resume_candidates(args, step: int) -> List[Path]:
+    """Where the allocator state of a run resumed at ``step`` may be, most specific first: the
+    folder given to ``trainer.train(resume_from_checkpoint=...)`` (the Trainer passes it to no
+    callback, so it is read from that call's frame), ``args.resume_from_checkpoint``, then
+    ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``, or a run that resumes
+    in the folder it writes)."""
+    found: List[Path] = []
+    frame = sys._getframe(1)
+    for _ in range(64):  # the Trainer's train() is a few frames up; bounded, in case it is not
+        if frame is None:
+            break
+        folder = frame.f_locals.get("resume_from_checkpoint") if frame.f_code.co_name in _TRAIN_FRAMES else None
+        if isinstance(folder, (str, os.PathLike)) and isinstance(frame.f_locals.get("self"), Trainer):
+            found.append(Path(folder) / ALLOCATOR_STATE_FILE)
+            break
+        frame = frame.f_back
+    if isinstance(getattr(args, "resume_from_checkpoint", None), (str, os.PathLike)):
+        found.append(Path(args.resume_from_checkpoint) / ALLOCATOR_STATE_FILE)
+    found.append(Path(args.output_dir) / f"checkpoint-{step}" / ALLOCATOR_STATE_FILE)
+    return list(dict.fromkeys(found))
+
+
+# Trainer methods whose local resume_from_checkpoint names the folder being resumed from
+_TRAIN_FRAMES = ("train", "_inner_training_loop")

@@ -91,6 +91,13 @@ class Importance:
     """Base: a static metric of the current parameters. ``update`` is a no-op, no state."""
 
     name = "base"
+    needs_gradients = False  # whether update() must see the adapters' gradients
+
+    @property
+    def fed(self) -> int:
+        """Updates that found gradients so far (the allocator warns when none came between two
+        events of a metric that needs them)."""
+        return 0
 
     def update(self, modules: Sequence) -> None:
         """Called once per optimizer step while gradients are present (stateful metrics only)."""
@@ -246,6 +253,11 @@ class SensitivityImportance(Importance):
     gradients hold a NaN or inf changes nothing (it counts in ``skipped``, not ``steps``)."""
 
     name = "sensitivity"
+    needs_gradients = True
+
+    @property
+    def fed(self) -> int:
+        return self.steps + self.skipped
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1 = float(beta1)

@@ -16,7 +16,7 @@ not Python's banker's rounding, so b(t) never depends on the parity of a tie.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..config import SCHEDULES, FlexLoRAConfig
 
@@ -75,6 +75,23 @@ def first_event_step(*, total_steps: int, t_warmup: int, t_final: int, delta_t: 
         raise ValueError(f"first_event_step: delta_t must be >= 1, got {delta_t!r}")
     step = t_warmup if t_warmup >= 1 else delta_t  # steps are 1-based: step 0 is never an event
     return step if step <= total_steps - t_final else None
+
+
+def event_steps_between(after: int, before: int, config: FlexLoRAConfig, limit: int = 3) -> List[int]:
+    """Up to ``limit`` event steps t with after < t < before, in order (O(limit), whatever the gap)."""
+    first = first_event_step(
+        total_steps=config.total_steps, t_warmup=config.t_warmup, t_final=config.t_final, delta_t=config.delta_t
+    )
+    if first is None:
+        return []
+    last = min(before - 1, config.total_steps - config.t_final)
+    t = max(after + 1, first)
+    t = config.t_warmup + -(-(t - config.t_warmup) // config.delta_t) * config.delta_t  # next on the grid
+    out = []
+    while t <= last and len(out) < limit:
+        out.append(t)
+        t += config.delta_t
+    return out
 
 
 def config_peak_budget(config: FlexLoRAConfig) -> Tuple[Optional[int], int]:

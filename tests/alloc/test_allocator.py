@@ -814,7 +814,8 @@ def test_warns_when_two_live_allocators_step_the_same_modules():
         first.step(1, opt)
         first.step(2, opt)
         second = RankAllocator(model)  # e.g. a notebook cell run again: the first one stops stepping
-        second.step(3, opt)
+        warnings.filterwarnings("ignore", message=r"RankAllocator.step\(3\) after step\(0\): the event step")
+        second.step(3, opt)  # (that it missed steps 1 and 2 is true, and warned)
         second.step(4, opt)
     with pytest.warns(UserWarning, match="another RankAllocator also steps these modules"):
         first.step(5, opt)  # both in use, in turn
@@ -919,3 +920,84 @@ def test_sensitivity_statistics_of_touched_slots_start_from_zero():
                         assert not sel(stats[3 * i + k], j).any()
                     else:
                         assert torch.equal(sel(stats[3 * i + k], j), sel(old, j))
+
+
+def _looped(bank, al, opt, steps, gen, zero_grad_first=False):
+    for t in steps:
+        (bank(torch.randn(16, 5, generator=gen)) ** 2).mean().backward()
+        opt.step()
+        if zero_grad_first:
+            opt.zero_grad()
+            al.step(t, opt)
+        else:
+            al.step(t, opt)
+            opt.zero_grad()
+
+
+def test_a_step_count_that_restarts_warns_once():
+    # enumerate(loader, start=1) inside an epoch loop: epochs 2+ were ignored without a word
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(t_warmup=2, delta_t=2, total_steps=30, t_final=2))
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    _looped(bank, al, opt, range(1, 11), g)
+    events = al.num_events
+    with pytest.warns(UserWarning, match=r"step\(1\) after step\(10\) is ignored, and so is every step up to 10.*not restarted per epoch"):
+        _looped(bank, al, opt, range(1, 11), g)
+    assert al.num_events == events
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al.step(10, opt)  # a repeated step: ignored quietly, as before
+        _looped(bank, al, opt, range(1, 3), g)  # warned once only
+
+
+def test_skipped_event_steps_warn_once():
+    # step() every other optimizer step (or a micro-step count): events at odd steps never ran
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(t_warmup=3, delta_t=2, total_steps=40, t_final=2))  # events 3, 5, 7, ...
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    _looped(bank, al, opt, [2], g)  # from 0 to 2: steps 1 and 2 hold no event, so no warning
+    with pytest.warns(UserWarning, match=r"step\(4\) after step\(2\): the event step\(s\) \[3\] in between were never"):
+        _looped(bank, al, opt, [4], g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _looped(bank, al, opt, [6, 8, 10], g)  # once
+    assert al.num_events == 0
+
+
+def test_a_gap_without_event_steps_does_not_warn():
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(t_warmup=3, delta_t=4, total_steps=40, t_final=2))  # events 3, 7, 11
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _looped(bank, al, opt, [1, 2, 3, 5, 7], g)  # 4 and 6 skipped: neither is an event step
+    assert al.num_events == 2
+
+
+def test_sensitivity_without_gradients_warns_at_the_event():
+    # zero_grad() before step(): every update found .grad None, all scores 0, and events moved
+    # rank by module order (flip-flopping the same slots), without a word
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(importance="sensitivity", t_warmup=2, delta_t=2, total_steps=30, t_final=2))
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match=r"importance 'sensitivity' received no gradients since the allocator was built"):
+        _looped(bank, al, opt, [1, 2], g, zero_grad_first=True)
+    assert al.importance.steps == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _looped(bank, al, opt, [3, 4], g, zero_grad_first=True)  # once
+
+
+def test_sensitivity_fed_in_the_right_order_does_not_warn():
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config(importance="sensitivity", t_warmup=2, delta_t=2, total_steps=30, t_final=2))
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _looped(bank, al, opt, range(1, 11), g)
+    assert al.num_events == 5 and al.importance.steps == 10

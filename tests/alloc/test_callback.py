@@ -111,6 +111,17 @@ def test_resumed_trainer_continues_the_allocator_exactly(tmp_path):
     for (_, a), (_, b) in zip(flexlora.flex_modules(model), flexlora.flex_modules(model2)):
         assert torch.equal(a.mask, b.mask)
         torch.testing.assert_close(a.lam, b.lam, rtol=1e-5, atol=1e-6)
+    # A checkpoint resumed from outside the run's output_dir (moved, renamed, another run's):
+    # the allocator state was looked up in <output_dir>/checkpoint-12 only, and the run went on
+    # with a fresh allocator (5 events against 11, another history)
+    moved = tmp_path / "kept" / "step-12"
+    moved.parent.mkdir()
+    (tmp_path / "resumed" / "checkpoint-12").rename(moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model3, elsewhere = _run(tmp_path / "elsewhere", 24, resume=str(moved))
+    assert elsewhere.history == straight.history and elsewhere.num_events == straight.num_events
+    assert elsewhere.importance.steps == 24
 
 
 def test_resume_without_allocator_state_warns(tmp_path):
@@ -118,6 +129,19 @@ def test_resume_without_allocator_state_warns(tmp_path):
     (tmp_path / "checkpoint-12" / "flexlora_allocator_state.pt").unlink()
     with pytest.warns(UserWarning, match="resumes at step 12 but .*flexlora_allocator_state.pt' does not exist"):
         _run(tmp_path, 24, resume=str(tmp_path / "checkpoint-12"))
+
+
+def test_second_train_with_the_same_allocator_warns(tmp_path):
+    # the second run's global_step restarts at 1, below the allocator's last step: every step()
+    # was ignored, so the second run trained without any allocation, silently
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(r_init=4, r_max=8, alpha=16.0, target_modules=["q_proj", "v_proj"], total_steps=8,
+                         t_warmup=2, t_final=2, delta_t=2, b0=1)
+    flexlora.wrap(model, cfg)
+    callback = FlexLoRACallback(RankAllocator(model))
+    make_trainer(tmp_path / "a", model, [callback], max_steps=8).train()
+    with pytest.warns(UserWarning, match=r"RankAllocator.step\(1\) after step\(8\) is ignored, and so is every step up to 8"):
+        make_trainer(tmp_path / "b", model, [callback], max_steps=8).train()
 
 
 def test_trainer_warns_on_total_steps_mismatch(tmp_path):
