@@ -15,13 +15,14 @@ Roofline
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -142,6 +143,32 @@ def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> s
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join([line, sep, *body])
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts that must be >= 1 (rounds, repeats, steps, threads): a
+    clear usage error at parse time instead of a traceback after the run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def check_csv_path(parser: argparse.ArgumentParser, path: Optional[str]) -> None:
+    """Before the run: the --csv path's folder exists (it is created) and takes a file, so a bad
+    path is a usage error now rather than a lost run later."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--csv: cannot create {folder} ({e.strerror or e})")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        parser.error(f"--csv: cannot write {path}")
 
 
 def write_csv(rows: Sequence[Dict[str, object]], path: str) -> None:

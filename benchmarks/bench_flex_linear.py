@@ -48,10 +48,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from _common import (H100_SXM, cuda_time_ms, format_table, interleaved_times_ms, median_ratio,  # noqa: E402
-                     median_ratio_ci, write_csv)
+from _common import (H100_SXM, check_csv_path, cuda_time_ms, format_table, interleaved_times_ms,  # noqa: E402
+                     median_ratio, median_ratio_ci, positive_int, write_csv)
 
 MODES = ("fwd", "bwd", "full")
+DEFAULT_CASES = "flexlora,peft_lora,peft_adalora"
 
 
 @dataclass(frozen=True)
@@ -311,17 +312,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
     p.add_argument("--quick", action="store_true", help="one shape, fewer rounds (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="CPU rounds per case (default 7, --quick 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--cases", default="flexlora,peft_lora,peft_adalora", help="comma list of compared cases")
+    p.add_argument("--rounds", type=positive_int, default=None, help="CPU rounds per case (default 7, --quick 3)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--cases", default=DEFAULT_CASES, help="comma list of compared cases")
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
                    help="FlexLinear backend (default: CUDA times both, the Triton kernels and the torch "
                         "path on cuBLAS, as two rows; the CPU run uses the torch path)")
     p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
                    help="time every case through torch.compile(mode=...) (modes fwd and full; default none: eager)")
     p.add_argument("--csv", default=None,
-                   help="CSV path (default benchmarks/results/flex_linear_<device>.csv; none with --quick)")
+                   help="CSV path (default: benchmarks/results/flex_linear_<device>.csv, the published table, "
+                        "written only by a full default run; a run with --quick, --mode, --cases, --rounds, "
+                        "--backend or --compile writes a CSV only where --csv says)")
     args = p.parse_args(argv)
+    check_csv_path(p, args.csv)
     kinds = [k.strip() for k in args.cases.split(",") if k.strip()]
     bad = [k for k in kinds if k not in FACTORIES or k == "frozen"]
     if bad:
@@ -385,13 +389,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if compile_mode is None:  # the targets are for the eager op
         _print_target(rows)
     print("\nratios to the frozen base (Markdown):\n" + markdown_ratios(rows))
-    # a --quick smoke run must not overwrite the published full run's CSV in benchmarks/results/
-    path = args.csv or (None if args.quick or compile_mode else os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv"))
+    # only a full default run may replace the published table in benchmarks/results/: a partial
+    # one (one mode, fewer cases or rounds, a smoke run) would overwrite it with a subset
+    default_run = (not args.quick and compile_mode is None and args.mode == "all" and args.rounds is None
+                   and args.backend is None and args.kinds == DEFAULT_CASES.split(","))
+    path = args.csv or (os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv") if default_run else None)
     if path:
         write_csv(rows, path)
     if args.device == "cpu":
         print(f"# load average after the run: {os.getloadavg()[0]:.2f}")
-    print(f"# {'wrote ' + path if path else 'no CSV written (--quick or --compile without --csv)'} ({time.time() - t_start:.0f} s)")
+    print(f"# {'wrote ' + path if path else 'no CSV written (not a full default run; pass --csv PATH)'} "
+          f"({time.time() - t_start:.0f} s)")
     return rows
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import statistics
 import sys
@@ -53,7 +52,7 @@ import torch.nn as nn
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import flexlora  # noqa: E402
-from _common import median_ratio, median_ratio_ci  # noqa: E402
+from _common import check_csv_path, median_ratio, median_ratio_ci, positive_int, write_csv  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ["floor", "flexlora", "lora", "adalora"]
@@ -82,12 +81,9 @@ def _config_llama(hidden, layers, heads, kv_heads, ffn, vocab, dtype, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def build():
-        m = copy.deepcopy(model)
-        m.load_state_dict(state)
-        return m
+    def build():  # the template is never trained: a deep copy has its exact weights
+        return copy.deepcopy(model)
 
     return build
 
@@ -213,6 +209,17 @@ def saved_bytes(runner: Runner, input_ids) -> int:
 # --- measurement -----------------------------------------------------------------------------------
 
 
+def _storage_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages of ``model``'s parameters and buffers."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def _minor_faults():
     """The process's minor page faults so far (None where the OS does not say). On CPU a step's
     fresh allocations cost a page fault per 4 KiB page first touched, and how many a step takes
@@ -235,12 +242,14 @@ def measure(case: Case, args) -> List[Dict]:
     for v, r in runners.items():  # warm-up (and, on CUDA, peak memory)
         if cuda:
             torch.cuda.synchronize()
+            # what the other variants' models (and their optimizer state) hold: not this one's
+            others = torch.cuda.memory_allocated() - _storage_bytes(r.model)
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             r.step(ids)
         if cuda:
             torch.cuda.synchronize()
-            mem[v] = torch.cuda.max_memory_allocated() / 2**20
+            mem[v] = (torch.cuda.max_memory_allocated() - others) / 2**20
         else:
             mem[v] = (saved_bytes(r, ids) + r.state_bytes()) / 2**20
     for rep in range(args.repeats):
@@ -334,17 +343,19 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--delta-t", type=int, default=2, help="steps between allocation events (both methods)")
-    p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=positive_int, default=2, help="steps per timed repeat")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--settle", type=int, default=1,
                    help="CPU: untimed steps at the start of every repeat, after switching variants")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--adapter-dtype-like-base", action="store_true",
-                   help="FlexLoRA adapters in the base dtype (bf16 on CUDA) like PEFT's, instead of fp32")
+                   help="FlexLoRA adapters in the base dtype (bf16 on CUDA) instead of fp32 (PEFT keeps its "
+                        "adapters in fp32 by default)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
+    check_csv_path(p, args.csv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -372,11 +383,7 @@ def main(argv=None) -> int:
     print_table(rows, cuda)
     print_targets(rows, cuda)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            keys = list(dict.fromkeys(k for r in rows for k in r))  # first-seen order: stable across runs
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, args.csv)
     return 0
 
 

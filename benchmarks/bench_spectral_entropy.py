@@ -19,15 +19,20 @@ median (torch backend). Run: python benchmarks/bench_spectral_entropy.py [--csv 
 from __future__ import annotations
 
 import argparse
-import csv
+import os
 import statistics
+import sys
 import time
 
-import torch
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # run from anywhere, this checkout's flexlora
 
-from flexlora.alloc._batch import stack_lam_mask
-from flexlora.alloc.orthogonal import add_orthogonal_grad_, orthogonal_loss
-from flexlora.kernels.spectral_entropy import spectral_entropy_and_slots
+import torch  # noqa: E402
+
+from _common import check_csv_path, cuda_time_ms, positive_int, write_csv  # noqa: E402
+from flexlora.alloc._batch import stack_lam_mask  # noqa: E402
+from flexlora.alloc.orthogonal import add_orthogonal_grad_, orthogonal_loss  # noqa: E402
+from flexlora.kernels.spectral_entropy import spectral_entropy_and_slots  # noqa: E402
 
 N_LAYERS, R_MAX = 32, 64
 # LLaMA-7B projections: (in_features, out_features)
@@ -95,9 +100,7 @@ def time_cases(cases, device, rounds, grads=(), base="loop"):
     case once per round, round-robin with a rotating start (so load bursts on a shared machine
     hit all cases alike); speedup = median over rounds of the per-round ratio loop / case."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        ms = {name: float(do_bench(fn, grad_to_none=list(grads) or None)) for name, fn in cases.items()}
+        ms = {name: cuda_time_ms(fn, grads) for name, fn in cases.items()}  # medians
         return {name: (t, ms[base] / t) for name, t in ms.items()}
     names = list(cases)
     times = {n: [] for n in names}
@@ -129,10 +132,12 @@ def format_table(rows, columns):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=40, help="CPU: interleaved rounds (entropy table)")
-    ap.add_argument("--orth-rounds", type=int, default=5, help="CPU: interleaved rounds (orth table)")
-    ap.add_argument("--cpu-shrink", type=int, default=8, help="CPU: divide projection sizes by this (orth table)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda where one is visible)")
+    ap.add_argument("--rounds", type=positive_int, default=40, help="CPU: interleaved rounds (entropy table)")
+    ap.add_argument("--orth-rounds", type=positive_int, default=5, help="CPU: interleaved rounds (orth table)")
+    ap.add_argument("--cpu-shrink", type=positive_int, default=8,
+                    help="CPU: divide projection sizes by this (orth table)")
     ap.add_argument(
         "--threads", type=int, default=1,
         help="CPU: torch intra-op threads (default 1: the entropy tensors are tiny, and on a loaded "
@@ -140,7 +145,15 @@ def main():
     )
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    check_csv_path(ap, args.csv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     backend = "triton" if device.type == "cuda" else "torch"
@@ -202,10 +215,7 @@ def main():
     cols = ["op", "variant", "case", "ms", "speedup_vs_loop"] + (["roofline_ms"] if device.type == "cuda" else [])
     print(format_table(rows, cols))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv([{c: r.get(c) for c in cols} for r in rows], args.csv)
 
 
 if __name__ == "__main__":

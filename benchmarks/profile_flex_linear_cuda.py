@@ -109,6 +109,11 @@ def whole_op(M: int, K: int, N: int, R: int, dt=torch.bfloat16) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no options
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_flex_linear_cuda.py: needs a CUDA device (none is visible)")
     print(torch.cuda.get_device_name(), torch.__version__)
     for K, N in ((4096, 4096), (4096, 14336)):
         products(8192, K, N, 64)

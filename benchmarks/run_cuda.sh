@@ -12,6 +12,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/cuda}
 mkdir -p "$OUT"
+# this run's logs only: a summary or a tests.log left by an earlier run would print as current
+rm -f "$OUT/summary.log" "$OUT"/tests.log "$OUT"/bench_*.log "$OUT"/profile.log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 what=${1:-all}
 
