@@ -322,7 +322,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time every case through torch.compile(mode=...) (modes fwd and full; default none: eager)")
     p.add_argument("--csv", default=None,
                    help="CSV path (default: benchmarks/results/flex_linear_<device>.csv, the published table, "
-                        "written only by a full default run; a run with --quick, --mode, --cases, --rounds, "
+                        "written only by a full default run; a run with --quick, --mode, --cases, --rounds, --threads, "
                         "--backend or --compile writes a CSV only where --csv says)")
     args = p.parse_args(argv)
     check_csv_path(p, args.csv)
@@ -392,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     # only a full default run may replace the published table in benchmarks/results/: a partial
     # one (one mode, fewer cases or rounds, a smoke run) would overwrite it with a subset
     default_run = (not args.quick and compile_mode is None and args.mode == "all" and args.rounds is None
-                   and args.backend is None and args.kinds == DEFAULT_CASES.split(","))
+                   and args.backend is None and args.threads == 2 and args.kinds == DEFAULT_CASES.split(","))
     path = args.csv or (os.path.join(_HERE, "results", f"flex_linear_{args.device}.csv") if default_run else None)
     if path:
         write_csv(rows, path)

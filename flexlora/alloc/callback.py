@@ -31,6 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._atomic import replace_file
+from ..layers.wrap import unwrap_model
 from .allocator import RankAllocator
 
 ALLOCATOR_STATE_FILE = "flexlora_allocator_state.pt"
@@ -58,6 +59,7 @@ class FlexLoRACallback(TrainerCallback):
         self.orthogonal = bool(orthogonal)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._check_model(kwargs.get("model"))
         if state.global_step > 0:  # resumed from a checkpoint written at global_step
             self._load_state(_resume_candidates(args, state.global_step), state.global_step)
         cfg = self.allocator.config
@@ -70,22 +72,83 @@ class FlexLoRACallback(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.orthogonal:
+        if self.orthogonal and self._first_call("pre_optimizer_step", state.global_step):
             self.allocator.add_orthogonal_grad_()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.allocator.update_importance()
+        if self._first_call("optimizer_step", state.global_step):
+            self.allocator.update_importance()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.allocator.step(state.global_step, kwargs.get("optimizer"))
+        if self._first_call("step_end", state.global_step):
+            self.allocator.step(state.global_step, kwargs.get("optimizer"))
 
     def on_save(self, args, state, control, **kwargs):
-        # the Trainer has just written checkpoint-<global_step>/ (on the main process)
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            buf = io.BytesIO()
-            torch.save(self.allocator.state_dict(), buf)
-            replace_file(folder / ALLOCATOR_STATE_FILE, buf.getvalue())
+        # the Trainer has just written checkpoint-<global_step>/ into its run folder: output_dir,
+        # or output_dir/run-<trial> in a hyperparameter search
+        if not _should_save(args, state) or not self._first_call("save", state.global_step):
+            return
+        folder = _run_dir(args) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            warnings.warn(
+                f"FlexLoRACallback: the Trainer saved at step {state.global_step} but {str(folder)!r} is not a "
+                f"folder, so {ALLOCATOR_STATE_FILE} was not written and a resume from that checkpoint will "
+                "start the allocator afresh",
+                stacklevel=2,
+            )
+            return
+        buf = io.BytesIO()
+        torch.save(self.allocator.state_dict(), buf)
+        replace_file(folder / ALLOCATOR_STATE_FILE, buf.getvalue())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # load_best_model_at_end has just put the best checkpoint's weights (masks, λ) back: the
+        # allocator goes back with them, or it would describe the last step's ranks and a
+        # save_adapter(..., allocator=) would pair that history with the best model's masks
+        best = getattr(state, "best_model_checkpoint", None)
+        if getattr(args, "load_best_model_at_end", False) and best and state.global_step > 0:
+            path = Path(best) / ALLOCATOR_STATE_FILE
+            if path.is_file():
+                self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                warnings.warn(
+                    f"FlexLoRACallback: the Trainer loaded the best model from {best!r}, which holds no "
+                    f"{ALLOCATOR_STATE_FILE}: the allocator still describes the last step, not the model's ranks",
+                    stacklevel=2,
+                )
+
+    def _first_call(self, hook: str, step: int) -> bool:
+        """False when this hook already ran for this step on the same allocator: one allocator in
+        two callbacks (or one callback added twice) would add the orthogonality gradient twice
+        and advance the sensitivity averages twice per step. Warns once."""
+        marks = self.allocator.__dict__.setdefault("_callback_marks", {})
+        if marks.get(hook) == step:
+            if not self.allocator.__dict__.get("_callback_dup_warned"):
+                self.allocator.__dict__["_callback_dup_warned"] = True
+                warnings.warn(
+                    "FlexLoRACallback: two callbacks drive the same RankAllocator (or one was added twice); "
+                    "the second one's calls are skipped, so each step adds the orthogonality gradient and "
+                    "updates the importance once",
+                    stacklevel=3,
+                )
+            return False
+        marks[hook] = step
+        return True
+
+    def _check_model(self, model) -> None:
+        """The allocator must drive the model the Trainer trains: one built for another model (or
+        for a model_init's earlier model) would move the ranks of a model nobody trains."""
+        if model is None:
+            return
+        inner = unwrap_model(model)
+        ids = {id(m) for m in inner.modules()}
+        if not all(id(m) in ids for m in self.allocator.modules):
+            raise ValueError(
+                "FlexLoRACallback: the allocator's FlexLinear modules are not in the model the Trainer "
+                "trains; build the RankAllocator from that model (with Trainer(model_init=...), every "
+                "call makes a new model: wrap it and build its allocator and callback inside, or pass "
+                "the model itself)"
+            )
 
     def _load_state(self, candidates: List[Path], step: int) -> None:
         path = next((p for p in candidates if p.is_file()), None)
@@ -103,26 +166,53 @@ class FlexLoRACallback(TrainerCallback):
         self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _resume_candidates(args, step: int) -> List[Path]:
-    """Where the allocator state of a run resumed at ``step`` may be, most specific first: the
-    folder given to ``trainer.train(resume_from_checkpoint=...)`` (the Trainer passes it to no
-    callback, so it is read from that call's frame), ``args.resume_from_checkpoint``, then
-    ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``, or a run that resumes
-    in the folder it writes)."""
-    found: List[Path] = []
-    frame = sys._getframe(1)
-    for _ in range(64):  # the Trainer's train() is a few frames up; bounded, in case it is not
+def _should_save(args, state) -> bool:
+    """Whether this process writes checkpoints: the Trainer's own rule (args.should_save: the main
+    process, or each node's with save_on_each_node)."""
+    should = getattr(args, "should_save", None)
+    return bool(should) if should is not None else bool(state.is_world_process_zero)
+
+
+def _trainer_frame(names):
+    """(trainer, locals) of the nearest calling frame of a transformers Trainer method in
+    ``names``, or (None, None). The Trainer tells callbacks neither the folder it resumes from
+    nor the run folder of a hyperparameter-search trial; its own frames know both."""
+    frame = sys._getframe(2)
+    for _ in range(64):  # a few frames up; bounded, in case the caller is no Trainer at all
         if frame is None:
             break
-        folder = frame.f_locals.get("resume_from_checkpoint") if frame.f_code.co_name in _TRAIN_FRAMES else None
-        if isinstance(folder, (str, os.PathLike)) and isinstance(frame.f_locals.get("self"), Trainer):
-            found.append(Path(folder) / ALLOCATOR_STATE_FILE)
-            break
+        if frame.f_code.co_name in names and isinstance(frame.f_locals.get("self"), Trainer):
+            return frame.f_locals["self"], frame.f_locals
         frame = frame.f_back
-    if isinstance(getattr(args, "resume_from_checkpoint", None), (str, os.PathLike)):
-        found.append(Path(args.resume_from_checkpoint) / ALLOCATOR_STATE_FILE)
-    found.append(Path(args.output_dir) / f"checkpoint-{step}" / ALLOCATOR_STATE_FILE)
-    return list(dict.fromkeys(found))
+    return None, None
+
+
+def _run_dir(args) -> Path:
+    """The folder the Trainer writes checkpoint-<step>/ into: output_dir/run-<trial> inside a
+    hyperparameter search (Trainer._get_output_dir), else output_dir."""
+    trainer, local = _trainer_frame(("_maybe_log_save_evaluate", "_save_checkpoint"))
+    if trainer is not None and hasattr(trainer, "_get_output_dir"):
+        try:
+            return Path(trainer._get_output_dir(trial=local["trial"]))
+        except Exception:  # a private helper of the Trainer: fall back to the plain rule
+            pass
+    return Path(args.output_dir)
+
+
+def _resume_candidates(args, step: int) -> List[Path]:
+    """Where the allocator state of a run resumed at ``step`` is: in the folder given to
+    ``trainer.train(resume_from_checkpoint=...)`` (read from that call's frame; the Trainer
+    replaces True by the last checkpoint of output_dir there), else in
+    ``args.resume_from_checkpoint``; only when neither names a folder, in
+    ``<output_dir>/checkpoint-<step>`` (another run's file there must not be picked up when the
+    folder resumed from lacks one)."""
+    _, local = _trainer_frame(_TRAIN_FRAMES)
+    folder = None if local is None else local.get("resume_from_checkpoint")
+    if not isinstance(folder, (str, os.PathLike)):
+        folder = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(folder, (str, os.PathLike)):
+        return [Path(folder) / ALLOCATOR_STATE_FILE]
+    return [Path(args.output_dir) / f"checkpoint-{step}" / ALLOCATOR_STATE_FILE]
 
 
 # Trainer methods whose local resume_from_checkpoint names the folder being resumed from

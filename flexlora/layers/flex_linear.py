@@ -42,7 +42,7 @@ class FlexLinear(nn.Module):
         P: [out_features, r_max], lam: [r_max], Q: [r_max, in_features]: the adapter factors
             (trainable; every slot allocated once).
         mask: [r_max] bool buffer, the active slots (pruning and expanding flip it).
-        scaling: s = alpha / r_init, a float fixed for the module's life.
+        scaling: s = alpha / r_init (alpha when r_init = 0), a float fixed for the module's life.
         backend: None (the library's choice: cuBLAS-backed torch path on CUDA and CPU, the
             Triton kernels under TRITON_INTERPRET=1; see
             :func:`flexlora.kernels.flex_linear`), or "triton" / "torch" to force this layer's

@@ -1001,3 +1001,10 @@ def test_sensitivity_fed_in_the_right_order_does_not_warn():
         warnings.simplefilter("error")
         _looped(bank, al, opt, range(1, 11), g)
     assert al.num_events == 5 and al.importance.steps == 10
+
+
+@pytest.mark.parametrize("jump_to, listed", [(8, r"\[2, 4, 6\] in between"), (10, r"\[2, 4, 6\] \.\.\. in between")])
+def test_the_missed_event_list_says_when_there_are_more(jump_to, listed):
+    al = RankAllocator(Bank([6] * 4, r_init=3, seed=3), config(t_warmup=2, delta_t=2, total_steps=30, t_final=2))
+    with pytest.warns(UserWarning, match=listed):
+        al.step(jump_to)

@@ -169,3 +169,80 @@ def test_trainer_without_callback_warns_once(tmp_path):
 def test_callback_rejects_non_allocator():
     with pytest.raises(TypeError, match="RankAllocator"):
         FlexLoRACallback(object())
+
+
+def _wrapped(total_steps=24):
+    model = tiny_llama()
+    cfg = FlexLoRAConfig(
+        r_init=4, r_max=8, alpha=16.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        total_steps=total_steps, t_warmup=2, t_final=2, delta_t=2, b0=2, importance="sensitivity",
+    )
+    flexlora.wrap(model, cfg)
+    return model, RankAllocator(model)
+
+
+def test_load_best_model_at_end_takes_the_allocator_back_too(tmp_path):
+    # The Trainer put the best checkpoint's masks back; the allocator stayed at the last step, and
+    # save_adapter(..., allocator=) then paired the last step's history with the best model's masks.
+    model, allocator = _wrapped()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=1e-2,
+        lr_scheduler_type="constant", report_to="none", use_cpu=True, logging_steps=1000, disable_tqdm=True,
+        seed=0, eval_strategy="steps", eval_steps=6, save_strategy="steps", save_steps=6,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,  # the worst: step 6
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(), eval_dataset=Sequences(n=16),
+                                   callbacks=[FlexLoRACallback(allocator)])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-6")
+    saved = torch.load(f"{best}/flexlora_allocator_state.pt", weights_only=True)
+    state = allocator.state_dict()
+    assert state["last_step"] == saved["last_step"] == 6 and state["num_events"] == saved["num_events"] == 3
+    assert state["history"] == saved["history"] and allocator.importance.steps == 6
+    last = max(r["step"] for r in allocator.history)
+    assert {r["module"]: r["rank"] for r in allocator.history if r["step"] == last} == allocator.ranks()
+    assert allocator.total_rank == sum(allocator.ranks().values())
+
+
+def test_an_allocator_of_another_model_is_refused(tmp_path):
+    # e.g. Trainer(model_init=...): the allocator moved the ranks of a model nobody trained
+    _, allocator = _wrapped()
+    other, _ = _wrapped()
+    trainer = make_trainer(tmp_path, other, [FlexLoRACallback(allocator)], max_steps=24)
+    with pytest.raises(ValueError, match="allocator's FlexLinear modules are not in the model the Trainer trains"):
+        trainer.train()
+
+
+def test_hyperparameter_search_run_folders_get_the_allocator_state(tmp_path):
+    # a trial's checkpoints go to output_dir/run-<trial>/; on_save looked in output_dir and wrote
+    # nothing, silently
+    class TrialTrainer(transformers.Trainer):  # what a search backend's trial makes it return
+        def _get_output_dir(self, trial):
+            return str(tmp_path / "run-0")
+
+    model, allocator = _wrapped()
+    trainer = make_trainer(tmp_path, model, [FlexLoRACallback(allocator)], max_steps=24, save_steps=12)
+    trainer.__class__ = TrialTrainer
+    trainer.train()
+    for step in (12, 24):
+        assert (tmp_path / "run-0" / f"checkpoint-{step}" / "flexlora_allocator_state.pt").is_file()
+
+
+def test_resume_from_a_folder_without_state_does_not_take_another_runs(tmp_path):
+    _run(tmp_path / "mine", 24, save_steps=12)  # mine/checkpoint-12 holds this earlier run's state
+    _run(tmp_path / "theirs", 24, save_steps=12)
+    (tmp_path / "theirs" / "checkpoint-12" / "flexlora_allocator_state.pt").unlink()
+    with pytest.warns(UserWarning, match=r"resumes at step 12 but .*theirs/checkpoint-12/flexlora_allocator_state.pt' does not exist"):
+        _run(tmp_path / "mine", 24, resume=str(tmp_path / "theirs" / "checkpoint-12"))
+
+
+def test_one_allocator_in_two_callbacks_runs_once_per_step(tmp_path):
+    model, allocator = _wrapped()
+    calls = []
+    orig = allocator.add_orthogonal_grad_
+    allocator.add_orthogonal_grad_ = lambda: (calls.append(1), orig())
+    trainer = make_trainer(tmp_path, model, [FlexLoRACallback(allocator), FlexLoRACallback(allocator)], max_steps=24)
+    with pytest.warns(UserWarning, match="two callbacks drive the same RankAllocator"):
+        trainer.train()
+    assert allocator.importance.steps == 24 and len(calls) == 24  # were 48 and 48
