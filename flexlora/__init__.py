@@ -19,6 +19,7 @@ _LAZY = {
     "merge": "flexlora.merging",
     "unmerge": "flexlora.merging",
     "merge_and_unload": "flexlora.merging",
+    "unload": "flexlora.merging",
     "export_peft": "flexlora.export",
 }
 

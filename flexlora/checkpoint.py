@@ -21,6 +21,7 @@ Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the pr
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -91,8 +92,23 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _base_name(model: nn.Module) -> Optional[str]:
+    """The base model's name or path as HF recorded it; a local folder as an absolute path, so
+    that the same folder reached as "m", "./m/" or from another working folder reads the same."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else None
+    if not name:
+        return None
+    name = str(name)
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _same_base(saved: str, here: str) -> bool:
+    """Whether two recorded base names are the same model: equal, or the same existing folder."""
+    if saved == here or os.path.normpath(saved) == os.path.normpath(here):
+        return True
+    try:
+        return os.path.isdir(saved) and os.path.isdir(here) and os.path.samefile(saved, here)
+    except OSError:
+        return False
 
 
 def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.Tensor]:
@@ -412,7 +428,7 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
             ) from e
     try:
         saved_base = meta.get("base_model_name_or_path")
-        if saved_base and _base_name(model) and saved_base != _base_name(model):
+        if saved_base and _base_name(model) and not _same_base(saved_base, _base_name(model)):
             warnings.warn(
                 f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
                 stacklevel=3,  # the caller of load_adapter / load_checkpoint

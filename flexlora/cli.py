@@ -7,8 +7,10 @@ stderr and exits with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import List, Optional
+import warnings
+from typing import List, Optional, Set
 
 from .config import ALLOCATION_MODES, EXPAND_INITS, IMPORTANCE_METRICS, SCHEDULES
 
@@ -38,6 +40,9 @@ def _targets(values: List[str]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flexlora", description="Dynamic-rank LoRA (FlexLoRA) fine-tuning.")
+    from .version import __version__
+
+    p.add_argument("--version", action="version", version=f"flexlora {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     t = sub.add_parser(
         "train",
@@ -107,6 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags the chosen --method does not read: given anyway, they would be silently ignored.
+_UNUSED_BY_METHOD = {
+    "lora": ("r_max", "b0", "delta_t", "t_warmup", "t_final", "schedule", "importance", "allocation_mode",
+             "expand_init", "orth_reg", "r_min"),
+    "adalora": ("b0", "schedule", "importance", "allocation_mode", "expand_init", "r_min"),
+}
+# FlexLoRAConfig fields as the flags that set them, for the library's warnings in a CLI run
+_FIELD_FLAGS = {"r_init": "--r", "total_steps": "--steps", "r_min": "--r-min", "r_max": "--r-max", "b0": "--b0",
+                "t_warmup": "--t-warmup", "t_final": "--t-final", "delta_t": "--delta-t",
+                "allocation_mode": "--allocation-mode", "orth_reg": "--orth-reg"}
+
+
+def _explicit(argv: Optional[List[str]]) -> Set[str]:
+    """The dests of the flags given on the command line (abbreviations and --flag=value too):
+    the same parser with every default suppressed."""
+    p = build_parser()
+    parsers = [p] + [c for a in p._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values()]
+    for parser in parsers:
+        for a in parser._actions:
+            if a.dest not in ("help", "version", "command"):
+                a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv))) - {"command"}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Library warnings in a CLI run: one line ``flexlora: warning: ...`` naming flags, not
+    config fields (and no source line of the library)."""
+    text = " ".join(str(message).split())
+    for field_name, flag in _FIELD_FLAGS.items():
+        text = re.sub(rf"(?<![\w.-]){field_name}(?![\w])", flag, text)
+    sys.stderr.write(f"flexlora: warning: {text}\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``flexlora`` console script; returns 0 or exits with 2 on bad input."""
     parser = build_parser()
@@ -114,6 +152,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    unused = [d for d in _UNUSED_BY_METHOD.get(args.method, ()) if d in _explicit(argv)]
+    if unused:
+        flags = ", ".join("--" + d.replace("_", "-") for d in unused)
+        sys.stderr.write(f"flexlora: warning: {flags} {'has' if len(unused) == 1 else 'have'} no effect with "
+                         f"--method {args.method}\n")
     from .data import InputError
     from .train import TrainOptions, run
 
@@ -137,7 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=args.device, precision=args.precision,
     )
     try:
-        run(opts)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored on exit by catch_warnings
+            run(opts)
     except InputError as e:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         sys.stderr.write(f"flexlora: error: {msg}\n")

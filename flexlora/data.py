@@ -99,6 +99,13 @@ def load_dataset(spec: str, cache: Optional[Path] = None) -> TextDataset:
 
 
 def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
+    """JSON Lines; a ``.json`` file that holds one JSON array of objects is read as that array
+    (each example's line is where its object starts)."""
+    if path.suffix.lower() == ".json":
+        with _open_text(path) as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            return _read_json_array(path, text)
     rows = []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -111,6 +118,42 @@ def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
             rows.append((lineno, _text_field(obj.get("text"), path, lineno), obj.get("label", _MISSING)))
+    return rows
+
+
+def _read_json_array(path: Path, text: str) -> List[Tuple[int, str, object]]:
+    decoder = json.JSONDecoder()
+    rows: List[Tuple[int, str, object]] = []
+
+    def line(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    i = text.index("[") + 1
+    expect_item = True  # right after "[" or ","
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            raise InputError(f"{path}:{line(i)}: invalid JSON (the array is not closed with ']')")
+        if text[i] == "]" and (not rows or not expect_item):
+            break
+        if not expect_item:
+            if text[i] != ",":
+                raise InputError(f"{path}:{line(i)}: invalid JSON (expected ',' or ']' between the array's objects)")
+            i += 1
+            expect_item = True
+            continue
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{line(i)}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
+        rows.append((line(i), _text_field(obj.get("text"), path, line(i)), obj.get("label", _MISSING)))
+        i, expect_item = end, False
+    if text[i + 1:].strip():
+        raise InputError(f"{path}:{line(i + 1 + len(text[i + 1:]) - len(text[i + 1:].lstrip()))}: invalid JSON "
+                         "(text after the array's closing ']')")
     return rows
 
 

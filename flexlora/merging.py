@@ -1,4 +1,4 @@
-"""Fold adapters into the base weights: `merge`, `unmerge`, `merge_and_unload`.
+"""Fold adapters into the base weights: `merge`, `unmerge`, `merge_and_unload`; and `unload` (the base model back).
 
 (The module is `merging`, not `merge`: a submodule named like the function would replace
 `flexlora.merge` by the module as soon as it is imported.)
@@ -52,8 +52,8 @@ def _forget_merge(m: FlexLinear) -> None:
 def _delta_fp32(adapter, device) -> torch.Tensor:
     """ΔW in float32 from :func:`_factors` or :func:`_snapshot`: [out_features, in_features]."""
     P, lam, Q, mask, scaling = (t.to(device) if isinstance(t, torch.Tensor) else t for t in adapter)
-    g = lam.float() * mask.float() * scaling
-    return (P.float() * g) @ Q.float()
+    g = torch.where(mask, lam.float() * scaling, 0.0)  # λ·0 would keep a NaN λ of an inactive slot
+    return torch.where(mask, P.float() * g, 0.0) @ torch.where(mask[:, None], Q.float(), 0.0)
 
 
 def delta_weight_fp32(m: FlexLinear) -> torch.Tensor:
@@ -139,6 +139,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weight (the same Parameter, no copy) and bias; ``model.flexlora_config`` is removed. The base
     weights stay frozen (``requires_grad=False``). Returns the model, modified in place."""
     merge(model)
+    return _to_plain_linears(model)
+
+
+@torch.no_grad()
+def unload(model: nn.Module) -> nn.Module:
+    """The base model back, without the adapters: merged modules are unmerged first, then each
+    FlexLinear is replaced by a plain ``nn.Linear`` holding its base weight and bias (the same
+    Parameters, no copy); ``model.flexlora_config`` is removed. The adapters are dropped (save
+    them first if you need them). Returns the model, modified in place. PEFT's ``unload()``."""
+    unmerge(model)
+    return _to_plain_linears(model)
+
+
+def _to_plain_linears(model: nn.Module) -> nn.Module:
+    """Every FlexLinear of ``model`` replaced by an nn.Linear with its weight and bias, as they are."""
     given, model = model, unwrap_model(model)
     plain = {}  # id(FlexLinear) -> its nn.Linear: one per module, set under each of its names
     for name, m in named_modules_all(model):

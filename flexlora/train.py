@@ -609,6 +609,8 @@ def run(opts: TrainOptions) -> dict:
             )
     if task == "classify" and ds.labels is None:
         raise InputError(f"--task classify needs labels, but {ds.source} has only texts")
+    if task == "causal-lm" and o.head_lr is not None:
+        warnings.warn("--head-lr has no effect on a causal LM (there is no classifier head)", stacklevel=2)
 
     if o.test_size:
         train_ds, test_ds = split(ds, o.test_size, o.seed)
@@ -635,7 +637,7 @@ def run(opts: TrainOptions) -> dict:
         "method": o.method, "model": o.model, "data": o.data, "task": task,
         "train_examples": len(train_ids), "test_examples": len(test_ids), "steps": steps,
         "batch_size": o.batch_size, "lr": o.lr, "max_length": o.max_length, "seed": o.seed,
-        "target_modules": list(targets), "r": o.r, "r_max": o.r_max,
+        "target_modules": list(targets), "r": o.r, "r_max": None if o.method == "lora" else o.r_max,
         "device": str(device), "precision": o.precision,
     }
     if device.type == "cuda":

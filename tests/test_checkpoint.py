@@ -605,3 +605,28 @@ def test_wrapped_models_save_and_load_under_their_own_names(tmp_path, wrapper):
     assert isinstance(out, torch.nn.Module) and out is not fresh
     want, got = adapter_state(model), adapter_state(fresh)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_the_same_base_folder_under_another_spelling_does_not_warn(tmp_path, monkeypatch):
+    # the base name was recorded as typed ("llama") and compared as a string: loading the same
+    # folder by its absolute path, "./llama/" or from another working folder warned "other base model"
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    base_llama().save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained("llama")
+    save_adapter(randomize(wrap(model, adapter_config())), tmp_path / "ad")
+    saved = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())["base_model_name_or_path"]
+    assert saved == str(tmp_path / "llama")  # absolute: the same folder from anywhere
+    (tmp_path / "elsewhere").mkdir()
+    for spelling, cwd in ((str(tmp_path / "llama"), tmp_path), ("./llama/", tmp_path), ("../llama", tmp_path / "elsewhere")):
+        monkeypatch.chdir(cwd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_adapter(AutoModelForCausalLM.from_pretrained(spelling), tmp_path / "ad")
+    other = tmp_path / "other"
+    base_llama().save_pretrained(other)
+    with pytest.warns(UserWarning, match="was saved from base model"):
+        load_adapter(AutoModelForCausalLM.from_pretrained(str(other)), tmp_path / "ad")

@@ -2,6 +2,7 @@
 with a one-line message on stderr and no traceback; a failed run loses nothing saved before."""
 
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -401,3 +402,40 @@ def test_python_dash_m_help_subprocess():
                           env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip().startswith("flexlora 0.")
+
+
+def test_flags_the_method_does_not_read_warn(tiny, tmp_path, capsys):
+    # were accepted silently (and metrics.json recorded r_max for a LoRA run)
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST,
+                 "--method", "lora", "--b0=3", "--importance", "nuclear", "--r-max", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "flexlora: warning: --r-max, --b0, --importance have no effect with --method lora" in err
+    assert json.loads((out / "metrics.json").read_text())["r_max"] is None
+
+
+def test_head_lr_on_a_causal_lm_warns(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["llama"]), "--data", str(tiny["lm"]), "--output-dir", str(out), *FAST,
+                 "--head-lr", "1e-3"]) == 0
+    assert "flexlora: warning: --head-lr has no effect on a causal LM" in capsys.readouterr().err
+
+
+def test_library_warnings_are_one_line_and_name_flags(tiny, tmp_path, capsys):
+    # --r 1 with the default --r-min 1: no module can ever be pruned. The warning came as a raw
+    # "train.py:259: UserWarning: ... r_min=1 ..." with the library's source line echoed
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out),
+                     *[a for a in FAST if a not in ("--r", "2")], "--r", "1"]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if "warning" in l.lower()]
+    assert err and all(l.startswith("flexlora: warning: ") for l in err), err
+    assert any("--r-min" in l for l in err) and not any("UserWarning" in l or "r_min" in l for l in err), err

@@ -397,3 +397,30 @@ def test_local_model_dir_errors(tmp_path, case):
         models.resolve_model(str(target))
     assert {"missing": "does not exist", "file": "not a directory", "no-config": "no config.json",
             "bad-config": "not valid JSON"}[case] in str(e.value)
+
+
+def test_a_json_file_may_hold_one_array_of_objects(tmp_path):
+    # --help names .json files; a JSON array there failed with "invalid JSON" on line 1
+    p = _write(tmp_path, "d.json", '[\n  {"text": "a good film", "label": 1},\n  {"text": "bad", "label": 0}\n]\n')
+    ds = load_dataset(str(p))
+    assert ds.texts == ["a good film", "bad"] and ds.labels == [1, 0]
+    lines = _write(tmp_path, "l.json", '{"text": "x", "label": 1}\n{"text": "y", "label": 0}\n')  # JSON Lines too
+    assert load_dataset(str(lines)).texts == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[\n {"text": "a"},\n 5\n]', r"d\.json:3: expected a JSON object"),
+        ('[\n {"text": "a"}\n {"text": "b"}\n]', r"d\.json:3: invalid JSON \(expected ',' or '\]'"),
+        ('[\n {"text": "a"},\n', r"d\.json:3: invalid JSON \(the array is not closed"),
+        ('[{"text": "a"},]', r"d\.json:1: invalid JSON \(Expecting value"),
+        ('[{"text": "a"}] x', r"d\.json:1: invalid JSON \(text after the array"),
+        ('[\n {"label": 1}\n]', r"d\.json:2: .*text"),
+    ],
+    ids=["not-an-object", "missing-comma", "unclosed", "trailing-comma", "trailing-text", "no-text"],
+)
+def test_a_bad_json_array_names_the_line(tmp_path, body, message):
+    p = _write(tmp_path, "d.json", body)
+    with pytest.raises(InputError, match=message):
+        load_dataset(str(p))

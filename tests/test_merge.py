@@ -282,3 +282,40 @@ def test_merged_state_dict_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="merged FlexLinear") as rec:
         model.state_dict()
     assert rec[0].filename == __file__, rec[0].filename
+
+
+@pytest.mark.parametrize("merged_first", [False, True], ids=["unmerged", "merged"])
+def test_unload_gives_the_base_model_back(merged_first):
+    torch.manual_seed(0)
+    base = llama_model().eval()
+    with torch.no_grad():
+        plain = base(IDS).logits
+    model = trained_llama()  # the same base weights (llama_model is seeded), with adapters
+    weights = {n: m.weight.detach().clone() for n, m in flex_modules(model)}
+    with torch.no_grad():
+        assert not torch.allclose(model(IDS).logits, plain, atol=1e-4)  # the adapters did change the output
+    if merged_first:
+        merge(model)
+    assert flexlora.unload(model) is model
+    assert not any(isinstance(m, FlexLinear) for m in model.modules()) and not hasattr(model, "flexlora_config")
+    for n, w in weights.items():
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and not lin.weight.requires_grad
+        torch.testing.assert_close(lin.weight, w, rtol=1e-6, atol=1e-6)  # merged: subtracted back
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_ignores_non_finite_values_in_inactive_slots():
+    model = trained_llama(mask_kind="random")
+    refs = {n: reference_merged(m) for n, m in flex_modules(model)}  # inactive slots are not read
+    with torch.no_grad():
+        for _, m in flex_modules(model):
+            off = (~m.mask).nonzero().flatten()
+            if len(off):
+                m.lam[off[0]] = float("nan")
+                m.P[:, off[0]] = float("inf")
+    merge(model)
+    for n, m in flex_modules(model):
+        assert torch.isfinite(m.weight).all(), n
+        assert (m.weight.double() - refs[n]).abs().max().item() <= 1e-6 * refs[n].abs().max().item()

@@ -303,7 +303,10 @@ class RankAllocator:
     # ------------------------------------------------------------------ public API
     @property
     def total_rank(self) -> int:
-        """Total active rank over all modules (the global budget; constant in prune_expand mode)."""
+        """Total active rank over all modules (the global budget; constant in prune_expand mode),
+        read from the masks (one host transfer): current also after weights were loaded into the
+        model by load_adapter or load_state_dict without the allocator."""
+        self._total_rank = int(sum(self.ranks().values()))
         return self._total_rank
 
     def ranks(self) -> Dict[str, int]:

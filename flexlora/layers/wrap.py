@@ -149,7 +149,14 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             f"some that exist: {linears[:8]}{' ...' if len(linears) > 8 else ''}" if linears else
             "the model has no nn.Linear submodule (for a bare nn.Linear use FlexLinear.from_linear)"
         )
-        raise ValueError(f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model{skipped}; {exist}")
+        hint = ""
+        if isinstance(config.target_modules, str) and any(n.endswith(config.target_modules) for n in linears):
+            # "q_proj" as a string is one regex over the whole name; as a list it is a suffix
+            hint = (f" (a string is one regex matched against the full module name; for name suffixes pass a "
+                    f"list: target_modules=[{config.target_modules!r}])")
+        raise ValueError(
+            f"wrap: target_modules={config.target_modules!r} matches no nn.Linear of the model{skipped}{hint}; {exist}"
+        )
     save = [(n, m) for n, m in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     if config.modules_to_save and not save:
         names = [n for n, _ in model.named_modules() if n]

@@ -1008,3 +1008,16 @@ def test_the_missed_event_list_says_when_there_are_more(jump_to, listed):
     al = RankAllocator(Bank([6] * 4, r_init=3, seed=3), config(t_warmup=2, delta_t=2, total_steps=30, t_final=2))
     with pytest.warns(UserWarning, match=listed):
         al.step(jump_to)
+
+
+def test_total_rank_follows_masks_loaded_without_the_allocator():
+    # load_adapter without allocator=, or model.load_state_dict: total_rank kept the old sum until
+    # the next event
+    src = Bank([6] * 3, r_init=3, seed=1)
+    with torch.no_grad():
+        src.layers[0].mask[1:] = False  # ranks 1, 3, 3
+    dst = Bank([6] * 3, r_init=3, seed=2)
+    al = RankAllocator(dst, config())
+    assert al.total_rank == 9
+    dst.load_state_dict(src.state_dict())
+    assert al.total_rank == 7 == sum(al.ranks().values())

@@ -352,3 +352,10 @@ def test_a_linear_in_both_target_modules_and_modules_to_save_is_an_error():
     with pytest.raises(ValueError, match="'2' matches both target_modules and modules_to_save"):
         flexlora.wrap(m, flexlora.FlexLoRAConfig(r_init=2, r_max=4, target_modules=["0", "2"], modules_to_save=["2"]))
     assert not flexlora.flex_modules(m)  # refused before anything changed
+
+
+def test_a_string_target_that_only_matches_as_a_suffix_says_to_pass_a_list():
+    # "q_proj" as a string is a full-name regex: the error listed names that visibly held q_proj
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match=r"a string is one regex .* pass a list: target_modules=\['q_proj'\]"):
+        wrap(model, FlexLoRAConfig(target_modules="q_proj"))
