@@ -92,23 +92,25 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _base_name(model: nn.Module) -> Optional[str]:
-    """The base model's name or path as HF recorded it; a local folder as an absolute path, so
-    that the same folder reached as "m", "./m/" or from another working folder reads the same."""
+    """The base model's name or path as HF recorded it (a hub id, or a folder as it was given)."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        return None
-    name = str(name)
-    return os.path.abspath(name) if os.path.isdir(name) else name
+    return str(name) if name else None
 
 
-def _same_base(saved: str, here: str) -> bool:
-    """Whether two recorded base names are the same model: equal, or the same existing folder."""
-    if saved == here or os.path.normpath(saved) == os.path.normpath(here):
+def _base_folder(name: Optional[str]) -> Optional[str]:
+    """The absolute path of a base name that is a local folder here, else None."""
+    return os.path.realpath(name) if name and os.path.isdir(name) else None
+
+
+def _same_base(meta: Dict[str, Any], model: nn.Module) -> bool:
+    """Whether the model is the base the adapter was saved from: the same recorded name (up to
+    "./" and trailing slashes), or the same local folder however it was spelled (absolute,
+    relative, from another working folder: compared by the absolute path recorded at save)."""
+    saved, here = meta.get("base_model_name_or_path"), _base_name(model)
+    if not saved or not here or saved == here or os.path.normpath(saved) == os.path.normpath(here):
         return True
-    try:
-        return os.path.isdir(saved) and os.path.isdir(here) and os.path.samefile(saved, here)
-    except OSError:
-        return False
+    folder = _base_folder(here)
+    return folder is not None and folder in (meta.get("base_model_folder"), _base_folder(saved))
 
 
 def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.Tensor]:
@@ -143,6 +145,7 @@ def _adapter_meta(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "flexlora_version": __version__,
         "base_model_name_or_path": _base_name(model),
+        "base_model_folder": _base_folder(_base_name(model)),
         "model_class": type(model).__name__,
         "config": cfg.to_dict(),
         "r_max": cfg.r_max,
@@ -427,10 +430,10 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
                 f"adapter {str(directory)!r} does not match the model (another base model?): {e}"
             ) from e
     try:
-        saved_base = meta.get("base_model_name_or_path")
-        if saved_base and _base_name(model) and not _same_base(saved_base, _base_name(model)):
+        if not _same_base(meta, model):
             warnings.warn(
-                f"adapter {str(directory)!r} was saved from base model {saved_base!r}, loading into {_base_name(model)!r}",
+                f"adapter {str(directory)!r} was saved from base model {meta.get('base_model_name_or_path')!r}, "
+                f"loading into {_base_name(model)!r}",
                 stacklevel=3,  # the caller of load_adapter / load_checkpoint
             )
         _check_match(model, meta, tensors, directory)

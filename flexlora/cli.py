@@ -7,6 +7,7 @@ stderr and exits with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -136,12 +137,18 @@ def _explicit(argv: Optional[List[str]]) -> Set[str]:
     return set(vars(p.parse_args(argv))) - {"command"}
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Library warnings in a CLI run: one line ``flexlora: warning: ...`` naming flags, not
-    config fields (and no source line of the library)."""
+    """flexlora's own warnings in a CLI run: one line ``flexlora: warning: ...`` naming flags, not
+    config fields (and no source line of the library). Other libraries' warnings print as usual."""
+    if not os.path.abspath(str(filename)).startswith(_PACKAGE_DIR + os.sep):
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
     text = " ".join(str(message).split())
-    for field_name, flag in _FIELD_FLAGS.items():
-        text = re.sub(rf"(?<![\w.-]){field_name}(?![\w])", flag, text)
+    for field_name, flag in _FIELD_FLAGS.items():  # a bare field name: not a path part, key or attribute
+        text = re.sub(rf"(?<![\w.\-/\\'\"]){field_name}(?![\w'\"/])", flag, text)
     sys.stderr.write(f"flexlora: warning: {text}\n")
 
 

@@ -104,7 +104,7 @@ def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
     if path.suffix.lower() == ".json":
         with _open_text(path) as f:
             text = f.read()
-        if text.lstrip().startswith("["):
+        if text.lstrip(" \t\n\r").startswith("["):
             return _read_json_array(path, text)
     rows = []
     with _open_text(path) as f:
@@ -124,14 +124,23 @@ def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
 def _read_json_array(path: Path, text: str) -> List[Tuple[int, str, object]]:
     decoder = json.JSONDecoder()
     rows: List[Tuple[int, str, object]] = []
+    counted = [0, 1]  # (position, its line): lines are counted forward only, O(file size) in all
 
     def line(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        if pos < counted[0]:
+            return text.count("\n", 0, pos) + 1
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
 
-    i = text.index("[") + 1
+    ws = " \t\n\r"  # JSON's whitespace (str.isspace would also take \f, NBSP, ...)
+    start = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", start):
+        raise InputError(f"{path}:{line(start)}: invalid JSON (expected a JSON array or JSON Lines)")
+    i = start + 1
     expect_item = True  # right after "[" or ","
     while True:
-        while i < len(text) and text[i].isspace():
+        while i < len(text) and text[i] in ws:
             i += 1
         if i >= len(text):
             raise InputError(f"{path}:{line(i)}: invalid JSON (the array is not closed with ']')")
@@ -147,12 +156,14 @@ def _read_json_array(path: Path, text: str) -> List[Tuple[int, str, object]]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        at = line(i)
         if not isinstance(obj, dict):
-            raise InputError(f"{path}:{line(i)}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
-        rows.append((line(i), _text_field(obj.get("text"), path, line(i)), obj.get("label", _MISSING)))
+            raise InputError(f"{path}:{at}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
+        rows.append((at, _text_field(obj.get("text"), path, at), obj.get("label", _MISSING)))
         i, expect_item = end, False
-    if text[i + 1:].strip():
-        raise InputError(f"{path}:{line(i + 1 + len(text[i + 1:]) - len(text[i + 1:].lstrip()))}: invalid JSON "
+    rest = text[i + 1:]
+    if rest.strip(ws):
+        raise InputError(f"{path}:{line(i + 1 + len(rest) - len(rest.lstrip(ws)))}: invalid JSON "
                          "(text after the array's closing ']')")
     return rows
 

@@ -618,8 +618,9 @@ def test_the_same_base_folder_under_another_spelling_does_not_warn(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained("llama")
     save_adapter(randomize(wrap(model, adapter_config())), tmp_path / "ad")
-    saved = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())["base_model_name_or_path"]
-    assert saved == str(tmp_path / "llama")  # absolute: the same folder from anywhere
+    meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    assert meta["base_model_name_or_path"] == "llama"  # as HF gave it (portable, as PEFT records it)
+    assert meta["base_model_folder"] == str((tmp_path / "llama").resolve())  # what it pointed to
     (tmp_path / "elsewhere").mkdir()
     for spelling, cwd in ((str(tmp_path / "llama"), tmp_path), ("./llama/", tmp_path), ("../llama", tmp_path / "elsewhere")):
         monkeypatch.chdir(cwd)

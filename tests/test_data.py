@@ -417,10 +417,21 @@ def test_a_json_file_may_hold_one_array_of_objects(tmp_path):
         ('[{"text": "a"},]', r"d\.json:1: invalid JSON \(Expecting value"),
         ('[{"text": "a"}] x', r"d\.json:1: invalid JSON \(text after the array"),
         ('[\n {"label": 1}\n]', r"d\.json:2: .*text"),
+        ('[{"text": "a"}\x0c, {"text": "b"}]', r"d\.json:1: invalid JSON \(expected ','"),  # \f is no JSON space
+        ('[{"text": "a"}]\u00a0', r"d\.json:1: invalid JSON \(text after the array"),
     ],
-    ids=["not-an-object", "missing-comma", "unclosed", "trailing-comma", "trailing-text", "no-text"],
+    ids=["not-an-object", "missing-comma", "unclosed", "trailing-comma", "trailing-text", "no-text", "form-feed",
+         "nbsp-after"],
 )
 def test_a_bad_json_array_names_the_line(tmp_path, body, message):
     p = _write(tmp_path, "d.json", body)
     with pytest.raises(InputError, match=message):
+        load_dataset(str(p))
+
+
+def test_a_long_json_array_names_the_right_line(tmp_path):
+    rows = [f'  {{"text": "t{i}", "label": {i % 2}}},' for i in range(3000)]
+    rows[2500] = '  {"label": 1},'
+    p = _write(tmp_path, "d.json", "[\n" + "\n".join(rows)[:-1] + "\n]\n")
+    with pytest.raises(InputError, match=r"d\.json:2502: "):
         load_dataset(str(p))

@@ -426,7 +426,7 @@ class RankAllocator:
             "num_events": int(self.num_events),
             "stepped": bool(self._stepped),
             "warned": dict(self._warned),
-            "total_rank": int(self._total_rank),
+            "total_rank": self.total_rank,
             "history": [dict(r) for r in self.history],
             "importance": self.importance.state_dict(),
         }
@@ -801,7 +801,7 @@ class RankAllocator:
 
     def __repr__(self) -> str:
         return (
-            f"RankAllocator(modules={len(self.modules)}, total_rank={self._total_rank}, "
+            f"RankAllocator(modules={len(self.modules)}, total_rank={self.total_rank}, "
             f"importance={self.config.importance!r}, schedule={self.config.schedule!r}, "
             f"events={self.num_events}, last_step={self._last_step})"
         )

@@ -59,6 +59,8 @@ class FlexLoRACallback(TrainerCallback):
         self.orthogonal = bool(orthogonal)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # a new run (a resume in the same process, a second train()) starts with no hook done yet
+        self.allocator.__dict__["_callback_marks"] = {}
         self._check_model(kwargs.get("model"))
         if state.global_step > 0:  # resumed from a checkpoint written at global_step
             self._load_state(_resume_candidates(args, state.global_step), state.global_step)
@@ -109,7 +111,11 @@ class FlexLoRACallback(TrainerCallback):
         if getattr(args, "load_best_model_at_end", False) and best and state.global_step > 0:
             path = Path(best) / ALLOCATOR_STATE_FILE
             if path.is_file():
-                self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                # only when the model does hold that checkpoint's ranks: on_train_end also ends a
+                # trial a hyperparameter search pruned, where no best model was loaded
+                if _last_ranks(saved) == self.allocator.ranks():
+                    self.allocator.load_state_dict(saved)
             else:
                 warnings.warn(
                     f"FlexLoRACallback: the Trainer loaded the best model from {best!r}, which holds no "
@@ -164,6 +170,13 @@ class FlexLoRACallback(TrainerCallback):
             )
             return
         self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _last_ranks(state: dict) -> dict:
+    """{module: rank} of the last history step of an allocator state."""
+    rows = state.get("history") or []
+    last = max((r["step"] for r in rows), default=None)
+    return {r["module"]: int(r["rank"]) for r in rows if r["step"] == last}
 
 
 def _should_save(args, state) -> bool:

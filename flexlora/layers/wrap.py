@@ -150,7 +150,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             "the model has no nn.Linear submodule (for a bare nn.Linear use FlexLinear.from_linear)"
         )
         hint = ""
-        if isinstance(config.target_modules, str) and any(n.endswith(config.target_modules) for n in linears):
+        if isinstance(config.target_modules, str) and any(name_matches(n, [config.target_modules]) for n in linears):
             # "q_proj" as a string is one regex over the whole name; as a list it is a suffix
             hint = (f" (a string is one regex matched against the full module name; for name suffixes pass a "
                     f"list: target_modules=[{config.target_modules!r}])")

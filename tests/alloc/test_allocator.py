@@ -1021,3 +1021,5 @@ def test_total_rank_follows_masks_loaded_without_the_allocator():
     assert al.total_rank == 9
     dst.load_state_dict(src.state_dict())
     assert al.total_rank == 7 == sum(al.ranks().values())
+    dst.load_state_dict(Bank([6] * 3, r_init=2, seed=3).state_dict())
+    assert al.state_dict()["total_rank"] == 6 and "total_rank=6" in repr(al)  # not read first

@@ -246,3 +246,45 @@ def test_one_allocator_in_two_callbacks_runs_once_per_step(tmp_path):
     with pytest.warns(UserWarning, match="two callbacks drive the same RankAllocator"):
         trainer.train()
     assert allocator.importance.steps == 24 and len(calls) == 24  # were 48 and 48
+
+
+def test_a_new_run_with_the_same_callback_does_not_skip_hooks(tmp_path):
+    # the hooks' per-step marks outlived the run: the next train() skipped the hooks whose step
+    # equalled an old mark (here the save at step 4: no allocator state in b/checkpoint-4), and
+    # warned of two callbacks
+    model, allocator = _wrapped(total_steps=8)
+    callback = FlexLoRACallback(allocator)
+    make_trainer(tmp_path / "a", model, [callback], max_steps=4, save_steps=4).train()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "b", model, [callback], max_steps=4, save_steps=4).train()
+    assert (tmp_path / "b" / "checkpoint-4" / "flexlora_allocator_state.pt").is_file()
+    assert not [w for w in rec if "two callbacks" in str(w.message)]
+
+
+def test_train_end_leaves_the_allocator_when_the_model_holds_other_ranks(tmp_path):
+    # on_train_end also ends a trial a hyperparameter search pruned: no best model was loaded then
+    from types import SimpleNamespace
+
+    model, allocator = _wrapped()
+    best = tmp_path / "checkpoint-6"
+    best.mkdir()
+    saved = allocator.state_dict()
+    saved["last_step"] = 6
+    saved["history"] = [dict(r, step=6) for r in saved["history"]]
+    saved["history"][0]["rank"] -= 1  # the best checkpoint's ranks differ from the model's
+    torch.save(saved, best / "flexlora_allocator_state.pt")
+    before = allocator.state_dict()
+    FlexLoRACallback(allocator).on_train_end(SimpleNamespace(load_best_model_at_end=True),
+                                             SimpleNamespace(best_model_checkpoint=str(best), global_step=9), None)
+    assert allocator.state_dict() == before
+
+
+def test_cli_warning_format_touches_only_flexloras_own_warnings(capsys):
+    from flexlora import cli
+
+    cli._show_warning("every rank is <= r_min=1 (see runs/b0/x and {'r_max': 8})", UserWarning, cli.__file__, 1)
+    cli._show_warning("r_min of another library", FutureWarning, "/elsewhere/lib.py", 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "flexlora: warning: every rank is <= --r-min=1 (see runs/b0/x and {'r_max': 8})"
+    assert err[1] == "/elsewhere/lib.py:3: FutureWarning: r_min of another library"

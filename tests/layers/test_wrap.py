@@ -359,3 +359,6 @@ def test_a_string_target_that_only_matches_as_a_suffix_says_to_pass_a_list():
     model, _ = tiny_llama()
     with pytest.raises(ValueError, match=r"a string is one regex .* pass a list: target_modules=\['q_proj'\]"):
         wrap(model, FlexLoRAConfig(target_modules="q_proj"))
+    with pytest.raises(ValueError) as info:  # "proj" is no suffix of whole name parts: a list would fail too
+        wrap(model, FlexLoRAConfig(target_modules="proj"))
+    assert "pass a list" not in str(info.value)
