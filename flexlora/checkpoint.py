@@ -21,6 +21,7 @@ Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the pr
 from __future__ import annotations
 
 import json
+import operator
 import os
 import random
 import warnings
@@ -503,12 +504,48 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, here = list(state["cuda"]), torch.cuda.device_count()
+        if len(saved) != here:
+            warnings.warn(
+                f"the checkpoint holds the CUDA RNG states of {len(saved)} devices, this process sees {here}: "
+                f"the first {min(len(saved), here)} are restored, so CUDA random streams may not continue exactly",
+                stacklevel=3,
+            )
+        for i, s in enumerate(saved[:here]):  # set_rng_state_all would fail on a missing device
+            torch.cuda.set_rng_state(s, i)
     if "numpy" in state:
         import numpy as np
 
         name, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _check_training_state(state: Any, directory: Path) -> Dict[str, Any]:
+    """``training_state.pt`` checked before anything is restored (its step, and this rank's RNG
+    states tried on scratch generators): returns this rank's RNG states. A bad file must not
+    fail after the model, optimizer and allocator were overwritten."""
+    where = str(directory / TRAINING_STATE_NAME)
+    if not isinstance(state, dict):
+        raise ValueError(f"{where!r} holds a {type(state).__name__}, expected the dict save_checkpoint writes")
+    missing = [k for k in ("step", "rng") if k not in state]
+    if missing:
+        raise ValueError(f"{where!r} lacks {missing}: was it written by save_checkpoint?")
+    try:
+        operator.index(state["step"])
+    except TypeError:
+        raise ValueError(f"{where!r}: step must be an int, got {state['step']!r}") from None
+    rng = _this_ranks_rng(state, directory)
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(rng["python"])
+        if "numpy" in rng:
+            import numpy as np
+
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    except Exception as e:
+        raise ValueError(f"{where!r} holds RNG states that cannot be restored ({type(e).__name__}: {e})") from None
+    return rng
 
 
 def _process_group():
@@ -611,6 +648,7 @@ def load_checkpoint(
     state = _torch_load(
         directory / TRAINING_STATE_NAME, "training state: was it written by save_checkpoint?", weights_only
     )
+    rng = _check_training_state(state, directory)
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is not None and state.get(key) is None:
             raise ValueError(
@@ -631,6 +669,7 @@ def load_checkpoint(
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(rng)  # checked above; inside the rollback all the same
     except BaseException:
         # what was already loaded goes back: a failed load leaves the objects as they were
         _restore_snapshot(snapshot)
@@ -646,7 +685,6 @@ def load_checkpoint(
             except Exception:
                 pass  # the original error, raised below, is the one that explains
         raise
-    _set_rng_state(_this_ranks_rng(state, directory))
     return int(state["step"])
 
 

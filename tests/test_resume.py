@@ -263,3 +263,55 @@ def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same(straight[0], torch.load(out, weights_only=False))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s.pop("rng"), r"lacks \['rng'\]"),
+        (lambda s: s.pop("step"), r"lacks \['step'\]"),
+        (lambda s: s.update(step="x"), r"step must be an int, got 'x'"),
+        (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), r"RNG states that cannot be restored"),
+        (lambda s: s["rng"].update(python=(3, (1, 2), None)), r"RNG states that cannot be restored"),
+    ],
+    ids=["no-rng", "no-step", "step-str", "torch-rng-size", "python-rng"],
+)
+@pytest.mark.parametrize("plain", [False, True], ids=["wrapped", "plain"])
+def test_a_bad_training_state_is_refused_before_anything_changes(tmp_path, damage, message, plain):
+    # found only after the model, optimizer and allocator were overwritten (a KeyError for a
+    # missing "rng"), and a plain model was left wrapped
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    state = torch.load(tmp_path / "c" / "training_state.pt", weights_only=True)
+    damage(state)
+    torch.save(state, tmp_path / "c" / "training_state.pt")
+    if plain:
+        target = LlamaForCausalLM(LLAMA)
+        target.load_state_dict(BASE_STATE)
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(tmp_path / "c", target)
+        assert not flex_modules(target)
+        return
+    model2, opt2, sched2, alloc2 = build()
+    params = [p for p in model2.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    alloc_before, opt_before = alloc2.state_dict(), opt2.state_dict()
+    rng_before = torch.get_rng_state()
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2, scheduler=sched2)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert alloc2.state_dict() == alloc_before and opt2.state_dict() == opt_before
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_a_training_state_that_is_not_a_dict_is_refused(tmp_path):
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    save_checkpoint(tmp_path / "c", model, step=0)
+    torch.save([1, 2], tmp_path / "c" / "training_state.pt")
+    target = LlamaForCausalLM(LLAMA)
+    with pytest.raises(ValueError, match=r"training_state\.pt' holds a list"):
+        load_checkpoint(tmp_path / "c", target)
+    assert not flex_modules(target)
