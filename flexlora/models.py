@@ -171,6 +171,8 @@ def convert_gguf(gguf_file: Path, out: Path, cache: Path) -> Path:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise InputError(f"could not convert {gguf_file.name} to a HF folder: {last}")
         match_mode(tmp, out)
+        for f in tmp.rglob("*"):  # safetensors writes its files 0600: a shared cache must stay readable
+            match_mode(f, out / f.relative_to(tmp))
         if out.exists() and not (out / "config.json").is_file():
             shutil.rmtree(out)  # a damaged folder (no config.json): a usable one is never removed
         _install(tmp, out)

