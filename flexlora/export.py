@@ -10,9 +10,12 @@ r active slots J (in slot order):
 so B·A = s·P·diag(λ⊙mask)·Q = ΔW. Per-module r and alpha go to ``rank_pattern`` and
 ``alpha_pattern``. PEFT (0.21) looks a module up in those dicts with
 ``re.match(rf"(.*\\.)?({key})$", module_name)``, first matching key wins: a key is a regex matched
-against a dotted suffix. We write each key as the ``re.escape``-d full module name and order keys
-longest first, so ``layers.1.q_proj`` can never match ``layers.11.q_proj`` nor a deeper module
-whose name ends with it. ``target_modules`` is one regex string, the alternation of the escaped
+against a dotted suffix. We write one key per rank value, ``(?<!.)(?:name|name|...)`` over the
+``re.escape``-d full names of the modules at that rank: ``(?<!.)`` holds only at the start of the
+name, so a key matches whole names only (``layers.1.q_proj`` never matches ``layers.11.q_proj``
+nor a deeper module whose name ends with it), and there are at most r_max distinct patterns (one
+per module thrashed Python's 512-entry regex cache past 512 modules: PEFT took 111 s to load
+1 120 modules, 2 s now). ``target_modules`` is one regex string, the alternation of the escaped
 full names of the exported modules: PEFT full-matches a string against each module's name (a list
 entry would also match every module whose name ends with ``.<entry>``, e.g. a skipped ``1.0``
 beside an exported ``0``).
@@ -20,8 +23,9 @@ beside an exported ``0``).
 A module at rank 0 has no LoRA equivalent (PEFT needs r >= 1; its ΔW is 0 anyway): it is left out
 of target_modules, so PEFT keeps it as the plain base layer, and ``export_peft`` warns naming it.
 ``modules_to_save`` modules are exported as PEFT ``modules_to_save`` (keys
-``base_model.model.<name>.<key>``, as PEFT writes them); for sequence classifiers the heads PEFT
-adds by itself ("classifier", "score") are exported too. PEFT loads such a module's full state into
+``base_model.model.<name>.<key>``, as PEFT writes them); for sequence and token classifiers and
+question answering the heads PEFT adds by itself ("classifier", "score"; "qa_outputs") are
+exported too. PEFT loads such a module's full state into
 a plain copy of the base module, so a FlexLinear inside one (or one that is such a head) is written
 there as a plain linear's ``weight`` = cast(W₃₂ + ΔW₃₂) and ``bias``, and is not a LoRA target.
 """
@@ -70,15 +74,22 @@ def _inside(name: str, prefixes) -> bool:
     return any(name == s or name.startswith(s + ".") for s in prefixes)
 
 
+# The heads PEFT's task models add to modules_to_save by themselves (peft_model.py, 0.21)
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
 def _peft_auto_heads(model: nn.Module, task: Optional[str], saved: List[str]) -> List[Tuple[str, nn.Module]]:
-    """PEFT's SEQ_CLS models add "classifier" and "score" to modules_to_save themselves and then
-    expect their weights in the adapter (matching names by plain ``endswith``): export those heads
-    too, so the folder loads without missing keys (they hold the base model's head if untrained)."""
-    if task != "SEQ_CLS":
+    """PEFT's SEQ_CLS and TOKEN_CLS models add "classifier" and "score" to modules_to_save
+    themselves, QUESTION_ANS "qa_outputs", and then expect their weights in the adapter (matching
+    names by plain ``endswith``): export those heads too, so the folder loads without missing keys
+    (they hold the base model's head if untrained)."""
+    heads = _PEFT_TASK_HEADS.get(task)
+    if not heads:
         return []
     out = []
     for name, module in model.named_modules():
-        if not name or not name.endswith(("classifier", "score")):
+        if not name or not name.endswith(heads):
             continue
         if _inside(name, saved + [n for n, _ in out]):
             continue
@@ -213,8 +224,13 @@ def export_peft(
             stacklevel=2,
         )
 
-    names = sorted(rank_pattern, key=lambda n: (-len(n), n))  # longest first: see module docstring
+    names = sorted(rank_pattern, key=lambda n: (-len(n), n))
     default_r = Counter(rank_pattern.values()).most_common(1)[0][0]
+    by_rank: Dict[int, List[str]] = {}
+    for n in names:
+        by_rank.setdefault(rank_pattern[n], []).append(n)
+    # one whole-name key per rank (see the module docstring)
+    patterns = {"(?<!.)(?:" + "|".join(re.escape(n) for n in ns) + ")": r for r, ns in sorted(by_rank.items())}
     config = {
         "peft_type": "LORA",
         "task_type": task,
@@ -224,8 +240,8 @@ def export_peft(
         "r": default_r,
         "lora_alpha": default_r,
         "target_modules": "(?:" + "|".join(re.escape(n) for n in names) + ")",  # full names only
-        "rank_pattern": {re.escape(n): rank_pattern[n] for n in names},
-        "alpha_pattern": {re.escape(n): rank_pattern[n] for n in names},
+        "rank_pattern": dict(patterns),
+        "alpha_pattern": dict(patterns),
         "lora_dropout": float(cfg.dropout),
         "bias": "none",
         "fan_in_fan_out": False,

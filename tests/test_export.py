@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
 
 from flexlora import FlexLoRAConfig, export_peft, flex_modules, wrap
 from _tiny_hf import llama_model
@@ -91,6 +91,10 @@ def test_llama_varied_ranks_reproduces_outputs(tmp_path):
     exported = [n for n, r in ranks.items() if r > 0]
     assert all(re.fullmatch(cfg["target_modules"], n) for n in exported)
     assert not re.fullmatch(cfg["target_modules"], "model.layers.1.self_attn.v_proj")
+    # one rank_pattern key per rank value, not per module: past 512 modules one key each thrashed
+    # Python's regex cache inside PEFT (111 s to load 1 120 modules)
+    assert len(cfg["rank_pattern"]) == len({r for r in ranks.values() if r > 0}) <= 6 < len(exported)
+    assert cfg["alpha_pattern"] == cfg["rank_pattern"]
 
 
 def test_rank0_module_named_like_a_suffix_of_an_exported_one_stays_plain(tmp_path):
@@ -163,6 +167,29 @@ def test_bert_with_modules_to_save(tmp_path, save_head):
     assert (got - want).abs().max().item() <= 1e-5
     # PEFT's SEQ_CLS wrapper trains "classifier" by itself: exported either way, so no missing keys
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.parametrize("cls, head", [(BertForTokenClassification, "classifier"), (BertForQuestionAnswering, "qa_outputs")],
+                         ids=["TOKEN_CLS", "QUESTION_ANS"])
+def test_token_classification_and_qa_heads_are_exported(tmp_path, cls, head):
+    # PEFT's TOKEN_CLS and QUESTION_ANS models add their heads to modules_to_save themselves and
+    # expect their weights: the folder failed with KeyError 'base_model.model.<head>.weight'
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=2)  # QA: start, end
+    base = cls(cfg).eval()
+    model = randomize(wrap(copy.deepcopy(base), flex_config(target_modules=["query", "value"])))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids)
+    export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == [head]
+    pm = load_peft(base, tmp_path)
+    with torch.no_grad():
+        got = pm(ids)
+    for key in ("logits", "start_logits", "end_logits"):
+        if key in want:
+            assert (got[key] - want[key]).abs().max().item() <= 1e-5, key
 
 
 def test_shared_linear_export_warns_that_peft_adapts_one_name(tmp_path):
