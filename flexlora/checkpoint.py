@@ -231,12 +231,39 @@ def _read_meta(directory: Path) -> Dict[str, Any]:
         raise ValueError(f"{str(path)!r} is corrupt (not valid JSON: {e})") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or "config" not in meta:
         raise ValueError(f"{str(path)!r} is corrupt: expected keys 'config' and 'modules'")
+    _check_meta_types(meta, path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} has format_version {meta.get('format_version')}, newer than this flexlora "
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade flexlora"
         )
     return meta
+
+
+# What each module entry of flexlora_config.json holds, and of which type (bool is no int here)
+_MODULE_FIELDS = {"out_features": int, "in_features": int, "r_max": int, "scaling": float}
+
+
+def _check_meta_types(meta: Dict[str, Any], path: Path) -> None:
+    """The fields the loaders read, of the types they expect: a hand-edited or damaged file is a
+    ValueError naming the file and the field, not a TypeError / KeyError from deep inside."""
+    def bad(what: str, expected: str, got: Any) -> ValueError:
+        return ValueError(f"{str(path)!r} is corrupt: {what} must be {expected}, got {got!r}")
+
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("format_version", "an int", version)
+    saved = meta.get("modules_to_save", [])
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise bad("modules_to_save", "a list of module names", saved)
+    for name, info in meta["modules"].items():
+        if not isinstance(info, dict):
+            raise bad(f"modules[{name!r}]", "an object", info)
+        for field_name, kind in _MODULE_FIELDS.items():
+            value = info.get(field_name)
+            ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, int)) and not isinstance(value, bool)
+            if not ok:
+                raise bad(f"modules[{name!r}][{field_name!r}]", "an int" if kind is int else "a number", value)
 
 
 def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
@@ -295,6 +322,13 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
                 raise ValueError(
                     f"{str(directory / WEIGHTS_NAME)!r} is inconsistent: tensor {name}.{key} is {got}, expected {want}"
+                )
+            # a float mask of 0.5 or an integer P would otherwise be cast silently on load
+            kind_ok = t.dtype == torch.bool if key == "mask" else t.is_floating_point()
+            if not kind_ok:
+                raise ValueError(
+                    f"{str(directory / WEIGHTS_NAME)!r} is inconsistent: tensor {name}.{key} has dtype {t.dtype}, "
+                    f"expected {'bool' if key == 'mask' else 'a floating dtype'}"
                 )
     found = {id(lookup[n]) for n in saved}
     for name, m in mods.items():

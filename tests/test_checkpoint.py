@@ -631,3 +631,42 @@ def test_the_same_base_folder_under_another_spelling_does_not_warn(tmp_path, mon
     base_llama().save_pretrained(other)
     with pytest.warns(UserWarning, match="was saved from base model"):
         load_adapter(AutoModelForCausalLM.from_pretrained(str(other)), tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m, n: m.update(format_version="1"), r"format_version must be an int, got '1'"),
+        (lambda m, n: m.update(modules_to_save=None), r"modules_to_save must be a list of module names, got None"),
+        (lambda m, n: m["modules"][n].pop("r_max"), r"\['r_max'\] must be an int, got None"),
+        (lambda m, n: m["modules"][n].update(scaling="2.0"), r"\['scaling'\] must be a number, got '2.0'"),
+        (lambda m, n: m["modules"].update({n: 5}), r"must be an object, got 5"),
+        (lambda m, n: m["modules"][n].update(r_max="6"), r"\['r_max'\] must be an int, got '6'"),
+    ],
+    ids=["version-str", "mts-null", "no-r_max", "scaling-str", "entry-int", "r_max-str"],
+)
+def test_wrong_typed_config_fields_are_named(tmp_path, edit, message):
+    # were TypeError / KeyError from inside the loader, or "saved with r_max=6, the model's has r_max=6"
+    save_adapter(trained_llama(), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    edit(meta, next(iter(meta["modules"])))
+    path.write_text(json.dumps(meta))
+    model = wrap(base_llama(), adapter_config())
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match=r"flexlora_config\.json' is corrupt: .*" + message):
+        load_adapter(model, tmp_path / "a")
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("key, dtype", [("mask", torch.float32), ("P", torch.int32)])
+def test_slot_tensors_of_the_wrong_kind_are_refused(tmp_path, key, dtype):
+    save_adapter(trained_llama(), tmp_path / "a")
+    path = tmp_path / "a" / WEIGHTS_NAME
+    tensors = safetensors.torch.load_file(str(path))
+    name = next(k for k in tensors if k.endswith("." + key))
+    tensors[name] = tensors[name].to(dtype)
+    safetensors.torch.save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=rf"{key} has dtype {dtype}, expected"):
+        load_adapter(wrap(base_llama(), adapter_config()), tmp_path / "a")
