@@ -758,3 +758,16 @@ def _check_optimizer_state(optimizer, saved, directory: Path) -> None:
                 f"parameters in the checkpoint, {len(g['params'])} in the optimizer given "
                 "(build it over the same parameters, in the same order)"
             )
+    # The same counts in another order load, then fail at optimizer.step() (or, where shapes
+    # coincide, swap moments silently): a per-element state tensor must have its parameter's shape.
+    # (Factored state, e.g. Adafactor's row/column statistics, has fewer dims and is not compared.)
+    states = saved.get("state") if isinstance(saved.get("state"), dict) else {}
+    for g, sg in zip(groups, saved_groups):
+        for p, idx in zip(g["params"], sg.get("params", ())):
+            for key, t in (states.get(idx) or {}).items():
+                if torch.is_tensor(t) and 0 < t.dim() == p.dim() and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"checkpoint {str(directory)!r}: the optimizer's {key!r} of parameter {idx} has shape "
+                        f"{tuple(t.shape)}, the optimizer given holds a parameter of shape {tuple(p.shape)} there "
+                        "(build it over the same parameters, in the same order)"
+                    )

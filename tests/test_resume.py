@@ -315,3 +315,19 @@ def test_a_training_state_that_is_not_a_dict_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"training_state\.pt' holds a list"):
         load_checkpoint(tmp_path / "c", target)
     assert not flex_modules(target)
+
+
+def test_an_optimizer_over_the_parameters_in_another_order_is_refused(tmp_path):
+    # same group and parameter counts: it loaded, then failed at opt.step() ("size of tensor a (6)
+    # must match ... (32)"), or swapped moments silently where shapes coincide
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model2, _, _, alloc2 = build()
+    params = [p for p in model2.parameters() if p.requires_grad]
+    reordered = torch.optim.AdamW(params[::-1], lr=2e-2, weight_decay=0.01)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 0 has shape .*same order"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=reordered)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
