@@ -388,7 +388,8 @@ def _wrap_undoable(model: nn.Module, config: FlexLoRAConfig):
     # every name: a Linear registered twice is replaced under both, and put back under both
     linears = {n: m for n, m in named_modules_all(model) if isinstance(m, nn.Linear)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    wrap(model, config)
+    with torch.random.fork_rng(devices=[]):  # P and Q's init draws are overwritten by the load:
+        wrap(model, config)  # they must not move the caller's random stream (a failed load neither)
 
     def undo() -> None:
         for name in [n for n, m in named_modules_all(model) if isinstance(m, FlexLinear)]:
@@ -617,6 +618,14 @@ def save_checkpoint(
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    last = getattr(allocator, "_last_step", None)
+    if isinstance(last, int) and getattr(allocator, "_stepped", False) and last < step:
+        # the resumed run starts at step + 1: allocator.step(step) (an event, maybe) never happens
+        warnings.warn(
+            f"save_checkpoint(step={step}) but the allocator's last step is {last}: call "
+            f"allocator.step({step}, optimizer) before saving, or the resumed run never runs it",
+            stacklevel=2,
+        )
     rank, world = _process_group() if distributed else (0, 1)
     rng = _rng_state()
     per_rank = None
