@@ -231,12 +231,15 @@ def _read_meta(directory: Path) -> Dict[str, Any]:
         raise ValueError(f"{str(path)!r} is corrupt (not valid JSON: {e})") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or "config" not in meta:
         raise ValueError(f"{str(path)!r} is corrupt: expected keys 'config' and 'modules'")
-    _check_meta_types(meta, path)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{str(path)!r} is corrupt: format_version must be an int, got {version!r}")
+    if version > FORMAT_VERSION:  # before the fields: a newer layout says "upgrade", not "corrupt"
         raise ValueError(
-            f"{str(path)!r} has format_version {meta.get('format_version')}, newer than this flexlora "
+            f"{str(path)!r} has format_version {version}, newer than this flexlora "
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade flexlora"
         )
+    _check_meta_types(meta, path)
     return meta
 
 
@@ -250,9 +253,6 @@ def _check_meta_types(meta: Dict[str, Any], path: Path) -> None:
     def bad(what: str, expected: str, got: Any) -> ValueError:
         return ValueError(f"{str(path)!r} is corrupt: {what} must be {expected}, got {got!r}")
 
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise bad("format_version", "an int", version)
     saved = meta.get("modules_to_save", [])
     if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
         raise bad("modules_to_save", "a list of module names", saved)
@@ -578,6 +578,11 @@ def _check_training_state(state: Any, directory: Path) -> Dict[str, Any]:
 
             name, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda" in rng and torch.cuda.is_available():
+            for i, s in enumerate(list(rng["cuda"])[: torch.cuda.device_count()]):
+                want = torch.cuda.get_rng_state(i)
+                if not torch.is_tensor(s) or s.dtype != want.dtype or s.shape != want.shape:
+                    raise ValueError(f"CUDA device {i}'s state is not a {tuple(want.shape)} {want.dtype} tensor")
     except Exception as e:
         raise ValueError(f"{where!r} holds RNG states that cannot be restored ({type(e).__name__}: {e})") from None
     return rng
@@ -706,6 +711,7 @@ def load_checkpoint(
     # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
     opt_before = optimizer.state_dict() if optimizer is not None else None
     sched_before = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
+    rng_before = _rng_state()
     undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
         if optimizer is not None:
@@ -727,6 +733,10 @@ def load_checkpoint(
                 scheduler.load_state_dict(sched_before)
             except Exception:
                 pass  # the original error, raised below, is the one that explains
+        try:
+            _set_rng_state(rng_before)
+        except Exception:
+            pass
         raise
     return int(state["step"])
 
@@ -742,7 +752,7 @@ def _this_ranks_rng(state: Dict[str, Any], directory: Path) -> Dict[str, Any]:
         warnings.warn(
             f"checkpoint {str(directory)!r} holds the RNG states of {len(per_rank)} ranks, this run has {world}: "
             "every rank gets rank 0's, so random streams (dropout) do not continue exactly",
-            stacklevel=3,
+            stacklevel=4,
         )
         return state["rng"]
     return per_rank[rank]
@@ -768,13 +778,17 @@ def _check_optimizer_state(optimizer, saved, directory: Path) -> None:
                 "(build it over the same parameters, in the same order)"
             )
     # The same counts in another order load, then fail at optimizer.step() (or, where shapes
-    # coincide, swap moments silently): a per-element state tensor must have its parameter's shape.
-    # (Factored state, e.g. Adafactor's row/column statistics, has fewer dims and is not compared.)
+    # coincide, swap moments silently): a state tensor must fit its parameter's shape.
+    # (Factored state broadcasts to the parameter: torch's Adafactor row_var [m, 1] and col_var
+    # [1, n], transformers' fewer-dim vectors; LBFGS keeps flat vectors under its first parameter.)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return
     states = saved.get("state") if isinstance(saved.get("state"), dict) else {}
     for g, sg in zip(groups, saved_groups):
         for p, idx in zip(g["params"], sg.get("params", ())):
             for key, t in (states.get(idx) or {}).items():
-                if torch.is_tensor(t) and 0 < t.dim() == p.dim() and tuple(t.shape) != tuple(p.shape):
+                if (torch.is_tensor(t) and 0 < t.dim() == p.dim()
+                        and not all(a == b or a == 1 for a, b in zip(t.shape, p.shape))):
                     raise ValueError(
                         f"checkpoint {str(directory)!r}: the optimizer's {key!r} of parameter {idx} has shape "
                         f"{tuple(t.shape)}, the optimizer given holds a parameter of shape {tuple(p.shape)} there "

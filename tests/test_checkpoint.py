@@ -670,3 +670,13 @@ def test_slot_tensors_of_the_wrong_kind_are_refused(tmp_path, key, dtype):
     safetensors.torch.save_file(tensors, str(path))
     with pytest.raises(ValueError, match=rf"{key} has dtype {dtype}, expected"):
         load_adapter(wrap(base_llama(), adapter_config()), tmp_path / "a")
+
+
+def test_a_newer_format_says_upgrade_even_with_fields_this_version_cannot_read(tmp_path):
+    save_adapter(trained_llama(), tmp_path / "a")
+    path = tmp_path / "a" / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    meta.update(format_version=99, modules_to_save={"layout": "of a later version"})
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 99, newer than this flexlora.*upgrade flexlora"):
+        load_adapter(wrap(base_llama(), adapter_config()), tmp_path / "a")

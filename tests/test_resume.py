@@ -355,3 +355,56 @@ def test_loading_into_a_plain_model_does_not_move_the_random_stream(tmp_path):
     after_load = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(3), after_load)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+                                  lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=2)],
+                         ids=["torch-adafactor", "lbfgs"])
+def test_optimizers_with_factored_or_flat_state_still_resume(tmp_path, make):
+    # the parameter-order check refused torch's Adafactor (row_var [m, 1], col_var [1, n]) and an
+    # LBFGS whose first parameter is 1-D (flat vectors under it)
+    seed_all(0)
+    model, _, _, alloc = build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    params.sort(key=lambda p: p.dim())  # a 1-D parameter (λ) first
+    opt = make(params)
+    ids = torch.randint(0, LLAMA.vocab_size, (2, 6))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    alloc.step(1, opt)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    model2, _, _, alloc2 = build()
+    params2 = sorted([p for p in model2.parameters() if p.requires_grad], key=lambda p: p.dim())
+    opt2 = make(params2)
+    assert load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2) == 1
+
+
+def test_a_late_rng_restore_failure_puts_the_random_streams_back(tmp_path, monkeypatch):
+    # e.g. a CUDA device refusing its state after torch's and python's had been set
+    import flexlora.checkpoint as ck
+
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, 2)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model2, opt2, sched2, alloc2 = build()
+    real, calls = ck._set_rng_state, []
+
+    def failing(state):
+        real(state)
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device refused its RNG state")
+
+    monkeypatch.setattr(ck, "_set_rng_state", failing)
+    seed_all(7)
+    torch_before, py_before = torch.get_rng_state(), random.getstate()
+    with pytest.raises(RuntimeError, match="refused"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2, scheduler=sched2)
+    assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == py_before
