@@ -292,7 +292,6 @@ class RankAllocator:
         self._zero_inactive_slots()
         self._fed_at_event = self.importance.fed
         scores, _, _, ranks = self._score_bank()
-        self._total_rank = int(sum(ranks))
         self.history.extend(make_rows(0, self.names, ranks, scores))
         if not schedule_warned:
             _warn_if_ranks_cannot_move([int(r) for r in ranks], self.r_max, config)
@@ -306,8 +305,7 @@ class RankAllocator:
         """Total active rank over all modules (the global budget; constant in prune_expand mode),
         read from the masks (one host transfer): current also after weights were loaded into the
         model by load_adapter or load_state_dict without the allocator."""
-        self._total_rank = int(sum(self.ranks().values()))
-        return self._total_rank
+        return int(sum(self.ranks().values()))
 
     def ranks(self) -> Dict[str, int]:
         """{module name: active rank} (one host transfer)."""
@@ -476,9 +474,9 @@ class RankAllocator:
         self._stepped = bool(state["stepped"])
         self._warned = dict(state["warned"])
         self.history = [dict(r) for r in state["history"]]
-        # The masks came with the model's state: re-derive the budget from them, and restore the
-        # zero-inactive-slot invariant for them (moments: the next step() re-adopts the optimizer).
-        self._total_rank = int(sum(self.ranks().values()))
+        # The masks came with the model's state (the budget, total_rank, is read from them):
+        # restore the zero-inactive-slot invariant for them (moments: the next step() re-adopts
+        # the optimizer).
         self._zero_inactive_slots()
         self._adopted = weakref.WeakSet()
         if self._stepped or self._warned.get("never_stepped"):
@@ -533,7 +531,6 @@ class RankAllocator:
                 self._expand_slot(self.modules[i], free_slot[i], opt, gen)
                 self.importance.reset_slot(i, free_slot[i])
                 ranks[i] += 1
-        self._total_rank = int(sum(ranks))
         self.num_events += 1
         self.history.extend(make_rows(step, self.names, ranks, scores))
         event = AllocationEvent(
@@ -541,7 +538,7 @@ class RankAllocator:
             budget=budget,
             pruned=[(self.names[i], min_slot[i]) for i in pruned],
             expanded=[(self.names[i], free_slot[i]) for i in expanded],
-            total_rank=self._total_rank,
+            total_rank=int(sum(ranks)),
         )
         self.last_event = event
         return event
