@@ -23,7 +23,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .layers.flex_linear import FlexLinear
+from .layers.flex_linear import FlexLinear, masked_delta
 from .layers.wrap import carry_hooks, check_unsharded, flex_modules, named_modules_all, parameter_owners, tied_names, unwrap_model
 
 _ORIGINAL = "_flexlora_unmerged_weight"
@@ -52,8 +52,7 @@ def _forget_merge(m: FlexLinear) -> None:
 def _delta_fp32(adapter, device) -> torch.Tensor:
     """ΔW in float32 from :func:`_factors` or :func:`_snapshot`: [out_features, in_features]."""
     P, lam, Q, mask, scaling = (t.to(device) if isinstance(t, torch.Tensor) else t for t in adapter)
-    g = torch.where(mask, lam.float() * scaling, 0.0)  # λ·0 would keep a NaN λ of an inactive slot
-    return torch.where(mask, P.float() * g, 0.0) @ torch.where(mask[:, None], Q.float(), 0.0)
+    return masked_delta(P.float(), lam.float(), Q.float(), mask, scaling)
 
 
 def delta_weight_fp32(m: FlexLinear) -> torch.Tensor:

@@ -151,9 +151,7 @@ class FlexLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·P·diag(λ⊙mask)·Q: [out_features, in_features], in the adapter dtype. Inactive
         slots contribute exactly nothing, whatever their P column, λ and Q row hold."""
-        on = self.mask
-        g = torch.where(on, self.lam * self.scaling, 0.0)
-        return torch.where(on, self.P * g, 0.0) @ torch.where(on[:, None], self.Q, 0.0)
+        return masked_delta(self.P, self.lam, self.Q, self.mask, self.scaling)
 
     def extra_repr(self) -> str:
         # a meta tensor has no values: its rank cannot be read (before to_empty / loading)
@@ -175,6 +173,14 @@ def _warn_if_merged_state(module: "FlexLinear", state_dict, prefix, local_metada
             UserWarning,
             stacklevel=_caller_stacklevel(),
         )
+
+
+def masked_delta(P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor, scaling) -> torch.Tensor:
+    """ΔW = s·P·diag(λ⊙mask)·Q: [out, in] from P [out, R], λ [R], Q [R, in], mask [R] bool, in
+    the factors' dtype. An inactive slot contributes exactly nothing, whatever its P column, λ and
+    Q row hold (λ·0 and 0·inf would keep a NaN)."""
+    g = torch.where(mask, lam * scaling, 0.0)
+    return torch.where(mask, P * g, 0.0) @ torch.where(mask[:, None], Q, 0.0)
 
 
 def _caller_stacklevel() -> int:
