@@ -119,10 +119,17 @@ _UNUSED_BY_METHOD = {
              "expand_init", "orth_reg", "r_min"),
     "adalora": ("b0", "schedule", "importance", "allocation_mode", "expand_init", "r_min"),
 }
+_RENAMED_FLAGS = {"r_init": "r", "total_steps": "steps"}  # config fields whose flag has another name
+
+
+def config_flag(field_name: str) -> str:
+    """The flag that sets a FlexLoRAConfig / TrainOptions field: r_min -> --r-min, r_init -> --r."""
+    return "--" + _RENAMED_FLAGS.get(field_name, field_name).replace("_", "-")
+
+
 # FlexLoRAConfig fields as the flags that set them, for the library's warnings in a CLI run
-_FIELD_FLAGS = {"r_init": "--r", "total_steps": "--steps", "r_min": "--r-min", "r_max": "--r-max", "b0": "--b0",
-                "t_warmup": "--t-warmup", "t_final": "--t-final", "delta_t": "--delta-t",
-                "allocation_mode": "--allocation-mode", "orth_reg": "--orth-reg"}
+_FIELD_FLAGS = {f: config_flag(f) for f in ("r_init", "total_steps", "r_min", "r_max", "b0", "t_warmup", "t_final",
+                                            "delta_t", "allocation_mode", "orth_reg")}
 
 
 def _explicit(argv: Optional[List[str]]) -> Set[str]:
@@ -161,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     unused = [d for d in _UNUSED_BY_METHOD.get(args.method, ()) if d in _explicit(argv)]
     if unused:
-        flags = ", ".join("--" + d.replace("_", "-") for d in unused)
+        flags = ", ".join(config_flag(d) for d in unused)
         sys.stderr.write(f"flexlora: warning: {flags} {'has' if len(unused) == 1 else 'have'} no effect with "
                          f"--method {args.method}\n")
     from .data import InputError

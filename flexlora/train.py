@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from ._atomic import atomic_directory, move_into
+from .cli import config_flag
 from .layers.wrap import name_matches
 from .data import InputError, TextDataset, load_dataset, split
 from .models import BUILTIN_MODELS, resolve_model
@@ -283,11 +284,9 @@ def add_adapters(model, opts: TrainOptions, targets: Sequence[str], steps: int, 
 
 def _flag_message(msg: str) -> str:
     """'FlexLoRAConfig.t_warmup must be ...' -> '--t-warmup must be ...'."""
-    names = {"r_init": "r", "total_steps": "steps"}
     if msg.startswith("FlexLoRAConfig."):
         field_name = msg[len("FlexLoRAConfig."):].split(" ", 1)[0]
-        flag = "--" + names.get(field_name, field_name).replace("_", "-")
-        return flag + msg[len("FlexLoRAConfig.") + len(field_name):]
+        return config_flag(field_name) + msg[len("FlexLoRAConfig.") + len(field_name):]
     return msg
 
 
@@ -449,17 +448,17 @@ def check_flags(o: TrainOptions) -> torch.device:
     # at least 1; None = derived (only r, batch_size and max_length are always given)
     for name in ("r", "batch_size", "max_length", "threads", "log_every", "steps", "train_size", "delta_t"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
-            raise InputError(f"{_flag(name)} must be >= 1, got {getattr(o, name)}")
+            raise InputError(f"{config_flag(name)} must be >= 1, got {getattr(o, name)}")
     for name in ("test_size", "b0", "t_warmup", "t_final", "r_min"):  # at least 0
         if getattr(o, name) is not None and getattr(o, name) < 0:
-            raise InputError(f"{_flag(name)} must be >= 0, got {getattr(o, name)}")
+            raise InputError(f"{config_flag(name)} must be >= 0, got {getattr(o, name)}")
     for name in ("lr", "head_lr", "epochs", "alpha"):  # head_lr, epochs, alpha may be None
         v = getattr(o, name)
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise InputError(f"{_flag(name)} must be a finite number > 0, got {v}")
+            raise InputError(f"{config_flag(name)} must be a finite number > 0, got {v}")
     for name in ("weight_decay", "orth_reg"):
         if not (math.isfinite(getattr(o, name)) and getattr(o, name) >= 0):
-            raise InputError(f"{_flag(name)} must be a finite number >= 0, got {getattr(o, name)}")
+            raise InputError(f"{config_flag(name)} must be a finite number >= 0, got {getattr(o, name)}")
     if not 0.0 <= o.warmup_ratio <= 1.0:
         raise InputError(f"--warmup-ratio must be in [0, 1], got {o.warmup_ratio}")
     if not 0.0 <= o.dropout < 1.0:
@@ -498,15 +497,11 @@ def _check_window(steps: int, o: TrainOptions) -> None:
                 "must be >= 2 (give more --steps or --epochs, or a smaller --t-final)"
             )
         return
-    named = " + ".join(f"{_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
+    named = " + ".join(f"{config_flag(n)} ({getattr(o, n)})" for n in ("t_warmup", "t_final") if getattr(o, n) is not None)
     raise InputError(
         f"{named or '--t-warmup + --t-final'}: no steps left for rank allocation (--t-warmup + --t-final "
         f"= {w} + {f} must be < the {steps} training steps)"
     )
-
-
-def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def resolve(opts: TrainOptions, n_examples: int, builtin_data: bool) -> TrainOptions:
