@@ -101,13 +101,13 @@ def load_dataset(spec: str, cache: Optional[Path] = None) -> TextDataset:
 def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
     """JSON Lines; a ``.json`` file that holds one JSON array of objects is read as that array
     (each example's line is where its object starts)."""
-    if path.suffix.lower() == ".json":
-        with _open_text(path) as f:
-            text = f.read()
-        if text.lstrip(" \t\n\r").startswith("["):
-            return _read_json_array(path, text)
     rows = []
-    with _open_text(path) as f:
+    with _open_text(path) as f:  # the file read once, into memory
+        if path.suffix.lower() == ".json":
+            text = f.read()
+            if text.lstrip(_JSON_WS).startswith("["):
+                return _read_json_array(path, text)
+            f.seek(0)
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -121,23 +121,22 @@ def _read_jsonl(path: Path) -> List[Tuple[int, str, object]]:
     return rows
 
 
+_JSON_WS = " \t\n\r"  # JSON's whitespace (str.isspace would also take \f, NBSP, ...)
+
+
 def _read_json_array(path: Path, text: str) -> List[Tuple[int, str, object]]:
+    """The examples of ``text``, a JSON array of objects (its first non-space character is "[")."""
     decoder = json.JSONDecoder()
     rows: List[Tuple[int, str, object]] = []
-    counted = [0, 1]  # (position, its line): lines are counted forward only, O(file size) in all
+    counted = [0, 1]  # (position, its line): positions only move forward, O(file size) in all
 
     def line(pos: int) -> int:
-        if pos < counted[0]:
-            return text.count("\n", 0, pos) + 1
         counted[1] += text.count("\n", counted[0], pos)
         counted[0] = pos
         return counted[1]
 
-    ws = " \t\n\r"  # JSON's whitespace (str.isspace would also take \f, NBSP, ...)
-    start = len(text) - len(text.lstrip(ws))
-    if not text.startswith("[", start):
-        raise InputError(f"{path}:{line(start)}: invalid JSON (expected a JSON array or JSON Lines)")
-    i = start + 1
+    ws = _JSON_WS
+    i = len(text) - len(text.lstrip(ws)) + 1  # past the "["
     expect_item = True  # right after "[" or ","
     while True:
         while i < len(text) and text[i] in ws:
