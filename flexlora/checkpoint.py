@@ -551,8 +551,15 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        np.random.set_state(_numpy_state(state["numpy"]))
+
+
+def _numpy_state(saved) -> tuple:
+    """numpy's RNG state from its saved form (keys as an int64 tensor, for weights_only loads)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = saved
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
 
 
 def _check_training_state(state: Any, directory: Path) -> Dict[str, Any]:
@@ -576,8 +583,7 @@ def _check_training_state(state: Any, directory: Path) -> Dict[str, Any]:
         if "numpy" in rng:
             import numpy as np
 
-            name, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            np.random.RandomState().set_state(_numpy_state(rng["numpy"]))
         if "cuda" in rng and torch.cuda.is_available():
             for i, s in enumerate(list(rng["cuda"])[: torch.cuda.device_count()]):
                 want = torch.cuda.get_rng_state(i)

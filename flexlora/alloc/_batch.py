@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+
 def full_precision(device: torch.device):
     """A context with autocast off on ``device``: the allocator's Grams, spectra and the
     orthogonality penalty measure PᵀP − I and σ² to ~1e-4 and below, which bf16 matmuls (under

@@ -111,7 +111,7 @@ class FlexLoRACallback(TrainerCallback):
         if getattr(args, "load_best_model_at_end", False) and best and state.global_step > 0:
             path = Path(best) / ALLOCATOR_STATE_FILE
             if path.is_file():
-                saved = torch.load(path, map_location="cpu", weights_only=True)
+                saved = _read_state(path)
                 # only when the model does hold that checkpoint's ranks: on_train_end also ends a
                 # trial a hyperparameter search pruned, where no best model was loaded
                 if _last_ranks(saved) == self.allocator.ranks():
@@ -169,7 +169,12 @@ class FlexLoRACallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.allocator.load_state_dict(_read_state(path))
+
+
+def _read_state(path: Path) -> dict:
+    """An allocator state file written by :meth:`FlexLoRACallback.on_save`."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _last_ranks(state: dict) -> dict:
