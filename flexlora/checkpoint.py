@@ -13,7 +13,8 @@ An adapter directory holds
 
 A checkpoint directory holds the same plus ``training_state.pt`` (optimizer, LR scheduler, step,
 RNG states of torch CPU/CUDA, python ``random`` and numpy: of the saving process, or of every
-DDP rank with ``save_checkpoint(..., distributed=True)``).
+DDP rank with ``save_checkpoint(..., distributed=True)``; and the values of every other parameter
+that trains, e.g. a norm unfrozen by hand, which an adapter save does not hold).
 
 Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the previous one intact.
 """
@@ -49,6 +50,7 @@ _OWNED = (WEIGHTS_NAME, CONFIG_NAME, ALLOCATOR_NAME, TRAINING_STATE_NAME)
 _CONFLICTS = (("adapter_config.json", "a PEFT adapter: export_peft or PEFT's save_pretrained"),)
 _SLOT_TENSORS = ("P", "lam", "Q", "mask")
 _SAVE_PREFIX = "modules_to_save."
+_TRAINABLE_KEY = "trainable"  # training_state.pt: {name: value} of _other_trainables
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +92,50 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
             pre = f"{sub_name}." if sub_name else ""
             skip |= {pre + k for k in ("weight", "bias", *_SLOT_TENSORS)}
     return {k: v for k, v in module.state_dict().items() if k not in skip}
+
+
+def _other_trainables(model: nn.Module, saved: List[Tuple[str, nn.Module]], optimizer=None) -> Dict[str, nn.Parameter]:
+    """{name: parameter} of the unwrapped ``model``'s parameters that train (requires_grad, or held
+    by ``optimizer``) but that an adapter save does not hold: neither a FlexLinear's P, λ or Q nor
+    saved with one of the ``saved`` (name, module)s (modules_to_save). Their optimizer state is in
+    a checkpoint either way, so without their values a resume would continue them from the fresh
+    model's."""
+    covered = {id(getattr(m, key)) for _, m in flex_modules(model) for key in ("P", "lam", "Q")}
+    for _, module in saved:
+        state = _module_state(module)
+        covered |= {id(p) for key, p in module.named_parameters() if key in state}
+    held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return {
+        name: p for name, p in model.named_parameters()
+        if (p.requires_grad or id(p) in held) and id(p) not in covered
+    }
+
+
+def _warn_left_out(caller: str, model: nn.Module, saved: List[Tuple[str, nn.Module]]) -> None:
+    """Warn (for the caller of ``caller``) when parameters train that an adapter file written with
+    the ``saved`` modules does not hold: they would be lost with the process."""
+    left_out = list(_other_trainables(model, saved))
+    if left_out:
+        n = len(left_out)
+        warnings.warn(
+            f"{caller}: {n} trainable parameter{'s' if n > 1 else ''} ({_names(left_out)}) "
+            f"{'are' if n > 1 else 'is'} neither adapter slots nor in modules_to_save, so the adapter does "
+            "not hold them: list their modules in FlexLoRAConfig.modules_to_save to save them with it "
+            "(save_checkpoint keeps them for resuming)",
+            stacklevel=3,
+        )
+
+
+def _strays(model: nn.Module, optimizer) -> int:
+    """How many of ``optimizer``'s parameters are not the model's (no name to save them under)."""
+    if optimizer is None:
+        return 0
+    ours = {id(p) for p in model.parameters()}
+    return len({id(p) for g in optimizer.param_groups for p in g["params"]} - ours)
+
+
+def _names(names: List[str], shown: int = 3) -> str:
+    return ", ".join(map(repr, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _base_name(model: nn.Module) -> Optional[str]:
@@ -208,6 +254,8 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
         written; the previous content of ``directory`` survives any failure.
     """
     collected = _collect_adapter(model, allocator)
+    plain = unwrap_model(model)
+    _warn_left_out("save_adapter", plain, _saved_modules(plain, _model_config(plain)))
     with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
         _write_adapter(tmp, collected)
     return Path(directory)
@@ -612,8 +660,10 @@ def save_checkpoint(
     distributed: bool = False,
 ) -> Path:
     """Save everything needed to continue training exactly: the adapter (as :func:`save_adapter`),
-    the allocator, optimizer and LR-scheduler states, ``step`` and the RNG states (torch CPU, CUDA
-    when initialised, python ``random``, numpy). Atomic: a failed save keeps the previous checkpoint.
+    the allocator, optimizer and LR-scheduler states, ``step``, the RNG states (torch CPU, CUDA
+    when initialised, python ``random``, numpy) and the values of the model's other trainable
+    parameters (requires_grad or in the optimizer, neither adapter slots nor modules_to_save: a
+    norm unfrozen by hand). Atomic: a failed save keeps the previous checkpoint.
 
     Args:
         directory: target folder.
@@ -657,6 +707,19 @@ def save_checkpoint(
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
         collected = _collect_adapter(model, allocator)
+        plain = unwrap_model(model)
+        state[_TRAINABLE_KEY] = {
+            name: p.detach().to("cpu")
+            for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
+        }
+        strays = _strays(plain, optimizer)
+        if strays:
+            warnings.warn(
+                f"save_checkpoint: the optimizer holds {strays} parameter{'s that are' if strays > 1 else ' that is'} "
+                "not the model's: the checkpoint has their optimizer state but not their values, so a resume "
+                "continues them from whatever the new process holds",
+                stacklevel=2,
+            )
         with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
             _write_adapter(tmp, collected)
             torch.save(state, tmp / TRAINING_STATE_NAME)
@@ -711,7 +774,9 @@ def load_checkpoint(
             )
     if optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory)
-    snapshot = _adapter_snapshot(model)  # empty for a plain model
+    extras = _check_trainables(state, model, directory)
+    # the adapter part of the snapshot is empty for a plain model
+    snapshot = _adapter_snapshot(model) + [(p, p.detach().clone()) for p, _ in extras]
     alloc_before = allocator.state_dict() if allocator is not None else None
     # Optimizer.load_state_dict puts new state tensors in place and leaves the old ones as they
     # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
@@ -720,6 +785,9 @@ def load_checkpoint(
     rng_before = _rng_state()
     undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
+        with torch.no_grad():
+            for p, value in extras:
+                p.copy_(value)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -745,6 +813,31 @@ def load_checkpoint(
             pass
         raise
     return int(state["step"])
+
+
+def _check_trainables(state: Dict[str, Any], model: nn.Module, directory: Path) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+    """The checkpoint's other trainable parameters (see :func:`_other_trainables`) paired with the
+    model's parameters of the same names, checked before anything is restored. A checkpoint from
+    before they were saved has none."""
+    saved = state.get(_TRAINABLE_KEY, {})
+    where = str(directory / TRAINING_STATE_NAME)
+    if not isinstance(saved, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in saved.items()):
+        raise ValueError(f"{where!r}: {_TRAINABLE_KEY!r} must map parameter names to tensors")
+    params = dict(unwrap_model(model).named_parameters())
+    pairs = []
+    for name, value in saved.items():
+        p = params.get(name)
+        if p is None:
+            raise ValueError(
+                f"{where!r} holds the trained value of {name!r}, which is not a parameter of the model "
+                "(another model? build it as the saving run did)"
+            )
+        if p.shape != value.shape:
+            raise ValueError(
+                f"{where!r}: trained parameter {name!r} has shape {tuple(value.shape)}, the model's is {tuple(p.shape)}"
+            )
+        pairs.append((p, value))
+    return pairs
 
 
 def _this_ranks_rng(state: Dict[str, Any], directory: Path) -> Dict[str, Any]:

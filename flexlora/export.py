@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from .checkpoint import CONFIG_NAME, _SLOT_TENSORS, _own_storage, _base_name, _model_config, _saved_modules
+from .checkpoint import CONFIG_NAME, _SLOT_TENSORS, _base_name, _model_config, _own_storage, _saved_modules, _warn_left_out
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, named_modules_all, unwrap_model
 from .merging import delta_weight_fp32
@@ -217,6 +217,7 @@ def export_peft(
             "calls through the other names run without the adapter in PEFT and outputs differ from FlexLoRA's",
             stacklevel=2,
         )
+    _warn_left_out("export_peft", model, saved)
     if skipped:
         warnings.warn(
             f"export_peft: {len(skipped)} module(s) at rank 0 have no PEFT LoRA equivalent and are left "

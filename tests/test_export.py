@@ -330,3 +330,18 @@ def test_task_type_given_as_peft_enum_loads(tmp_path):
     export_peft(model, tmp_path, task_type=peft.TaskType.CAUSAL_LM)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     load_peft(base, tmp_path)
+
+
+def test_a_hand_unfrozen_parameter_that_is_not_exported_warns(tmp_path):
+    # a norm unfrozen outside modules_to_save trains, but the PEFT folder does not hold it
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+    model = randomize(wrap(BertForSequenceClassification(cfg), flex_config(target_modules=["query", "value"])))
+    model.classifier.requires_grad_(True)  # PEFT's SEQ_CLS exports it by itself: not left out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(model, tmp_path / "a")
+    model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"export_peft: 1 trainable parameter \('bert\.embeddings\.LayerNorm\.weight'\) is neither"):
+        export_peft(model, tmp_path / "b")
