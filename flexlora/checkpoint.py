@@ -658,6 +658,7 @@ def save_checkpoint(
     step: int = 0,
     *,
     distributed: bool = False,
+    scaler=None,
 ) -> Path:
     """Save everything needed to continue training exactly: the adapter (as :func:`save_adapter`),
     the allocator, optimizer and LR-scheduler states, ``step``, the RNG states (torch CPU, CUDA
@@ -676,6 +677,8 @@ def save_checkpoint(
             rank returns once the checkpoint is written, or raises if writing failed; then
             :func:`load_checkpoint` on every rank restores each rank's own random streams
             (dropout masks differ per rank). Without a process group it is the same as False.
+        scaler: optional ``torch.amp.GradScaler`` (fp16 training): its scale and growth tracker,
+            so a resumed run skips and grows at the same steps.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
@@ -702,6 +705,7 @@ def save_checkpoint(
             "rng": rng,
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
             "flexlora_version": __version__,
         }
         if per_rank is not None:
@@ -748,13 +752,16 @@ def load_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler=None,
     weights_only: bool = True,
+    *,
+    scaler=None,
 ) -> int:
     """Restore a :func:`save_checkpoint` directory into freshly built objects and return ``step``.
 
     Build ``model`` (wrapped or not), ``allocator``, ``optimizer`` (over the same parameters, in the
     same order) and ``scheduler`` exactly as for a new run, then call this; training continues with
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
-    streams (dropout masks, data shuffling through python/numpy/torch RNGs). Everything is read and
+    streams (dropout masks, data shuffling through python/numpy/torch RNGs), and with ``scaler=``
+    (a ``torch.amp.GradScaler``) the same loss scale. Everything is read and
     checked before anything is modified (and should loading the optimizer or scheduler state fail
     anyway, what was already restored is put back and a plain model is handed back plain). ``weights_only`` goes to ``torch.load`` of the ``.pt``
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
@@ -766,7 +773,7 @@ def load_checkpoint(
         directory / TRAINING_STATE_NAME, "training state: was it written by save_checkpoint?", weights_only
     )
     rng = _check_training_state(state, directory)
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None and state.get(key) is None:
             raise ValueError(
                 f"checkpoint {str(directory)!r} holds no {key} state, but load_checkpoint was given {key}=...: "
@@ -774,6 +781,8 @@ def load_checkpoint(
             )
     if optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory)
+    if scaler is not None:
+        _check_scaler_state(scaler, state["scaler"], directory)
     extras = _check_trainables(state, model, directory)
     # the adapter part of the snapshot is empty for a plain model
     snapshot = _adapter_snapshot(model) + [(p, p.detach().clone()) for p, _ in extras]
@@ -782,6 +791,7 @@ def load_checkpoint(
     # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
     opt_before = optimizer.state_dict() if optimizer is not None else None
     sched_before = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
+    scaler_before = scaler.state_dict() if scaler is not None else None
     rng_before = _rng_state()
     undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
@@ -792,6 +802,8 @@ def load_checkpoint(
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:  # {}: a disabled scaler saved it, nothing to restore
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(rng)  # checked above; inside the rollback all the same
     except BaseException:
         # what was already loaded goes back: a failed load leaves the objects as they were
@@ -807,12 +819,27 @@ def load_checkpoint(
                 scheduler.load_state_dict(sched_before)
             except Exception:
                 pass  # the original error, raised below, is the one that explains
+        if scaler_before:  # a disabled scaler has no state to put back
+            scaler.load_state_dict(scaler_before)
         try:
             _set_rng_state(rng_before)
         except Exception:
             pass
         raise
     return int(state["step"])
+
+
+def _check_scaler_state(scaler, saved: Any, directory: Path) -> None:
+    """A GradScaler's saved state, checked before anything is restored: an enabled scaler cannot
+    take the empty state of a disabled one (GradScaler.load_state_dict raises, after the rest)."""
+    where = str(directory / TRAINING_STATE_NAME)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where!r}: the scaler state is a {type(saved).__name__}, expected a dict")
+    if not saved and scaler.state_dict():
+        raise ValueError(
+            f"{where!r}: the scaler state is empty (saved from a disabled GradScaler), and scaler= is enabled; "
+            "pass scaler=None or a disabled GradScaler"
+        )
 
 
 def _check_trainables(state: Dict[str, Any], model: nn.Module, directory: Path) -> List[Tuple[nn.Parameter, torch.Tensor]]:

@@ -403,3 +403,75 @@ def test_a_late_rng_restore_failure_puts_the_random_streams_back(tmp_path, monke
     with pytest.raises(RuntimeError, match="refused"):
         load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2, scheduler=sched2)
     assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == py_before
+
+
+def _scaled_run(directory, steps, scaler_kw=None):
+    """A short run with a GradScaler (growth every 2 steps), saved after ``steps`` steps."""
+    seed_all(0)
+    model, opt, sched, alloc = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2, **(scaler_kw or {}))
+    for step in range(1, steps + 1):
+        ids = torch.randint(0, LLAMA.vocab_size, (2, 6))
+        scaler.scale(model(input_ids=ids, labels=ids).loss + alloc.orthogonal_loss()).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        alloc.step(step, opt)
+        opt.zero_grad()
+    save_checkpoint(directory, model, allocator=alloc, optimizer=opt, scheduler=sched, step=steps, scaler=scaler)
+    return scaler
+
+
+def test_a_grad_scaler_resumes_with_its_scale_and_growth_tracker(tmp_path):
+    # fp16 training: without its state a resumed GradScaler starts again from init_scale (65536 by
+    # default) and an empty growth tracker, so the scale, hence which steps are skipped, differ
+    saved = _scaled_run(tmp_path / "c", 3)
+    assert saved.state_dict()["_growth_tracker"] == 1 and saved.get_scale() == 2.0**9
+    model, opt, sched, alloc = build()
+    fresh = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, scaler=fresh)
+    assert fresh.state_dict() == saved.state_dict()
+    # a checkpoint without a scaler state, given a scaler: refused before anything changes
+    save_checkpoint(tmp_path / "none", model, allocator=alloc, optimizer=opt, scheduler=sched, step=3)
+    model2 = build()[0]
+    lam = [m.lam.detach().clone() for _, m in flex_modules(model2)]
+    other = torch.amp.GradScaler("cpu", init_scale=4.0)
+    with pytest.raises(ValueError, match=r"none.*holds no scaler state.*scaler=None"):
+        load_checkpoint(tmp_path / "none", model2, scaler=other)
+    assert other.get_scale() == 4.0
+    assert all(torch.equal(a, m.lam) for a, (_, m) in zip(lam, flex_modules(model2)))
+
+
+def test_a_disabled_scaler_state_is_refused_by_an_enabled_scaler_before_anything_changes(tmp_path):
+    _scaled_run(tmp_path / "c", 1, scaler_kw=dict(enabled=False))
+    model, opt, sched, alloc = build()
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    enabled = torch.amp.GradScaler("cpu", init_scale=4.0)
+    with pytest.raises(ValueError, match=r"scaler state is empty \(saved from a disabled GradScaler\)"):
+        load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, scaler=enabled)
+    assert all(torch.equal(a, p) for a, p in zip(before, [p for p in model.parameters() if p.requires_grad]))
+    assert enabled.get_scale() == 4.0
+    # a disabled scaler takes it (there is nothing to restore)
+    load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched,
+                    scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_a_late_failure_puts_the_scaler_back(tmp_path, monkeypatch):
+    import flexlora.checkpoint as ck
+
+    _scaled_run(tmp_path / "c", 3)
+    model, opt, sched, alloc = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=7)
+    before = scaler.state_dict()
+    real, calls = ck._set_rng_state, []
+
+    def failing(state):  # the last restore step fails, after the scaler was loaded
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device refused its RNG state")
+        real(state)
+
+    monkeypatch.setattr(ck, "_set_rng_state", failing)
+    with pytest.raises(RuntimeError, match="refused"):
+        load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, scaler=scaler)
+    assert scaler.state_dict() == before
