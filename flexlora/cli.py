@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter/, metrics.json, train_log.csv, rank_history.csv, rank_heatmap.png")
     g.add_argument("--log-every", type=int, default=None, help="print the mean loss every N steps (default steps/10)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="save a checkpoint into OUTPUT_DIR/checkpoint every N steps (flexlora.save_checkpoint: "
+                        "adapter, allocator, optimizer, LR schedule, RNG states, the log so far), removed when the "
+                        "run finishes; 0 = never (default: 0, or with --resume the saved run's)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in OUTPUT_DIR/checkpoint exactly (give the flags it was "
+                        "started with)")
     return p
 
 
@@ -191,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         schedule=args.schedule, importance=args.importance, allocation_mode=args.allocation_mode,
         expand_init=args.expand_init, orth_reg=args.orth_reg, r_min=args.r_min, log_every=args.log_every,
         progress=not args.no_progress, cache_dir=args.cache_dir, threads=args.threads,
-        device=args.device, precision=args.precision,
+        device=args.device, precision=args.precision, save_every=args.save_every, resume=args.resume,
     )
     try:
         with warnings.catch_warnings():

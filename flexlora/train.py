@@ -15,6 +15,7 @@ gradient clipping, ``optimizer.step()``, LR schedule, then ``allocator.step(step
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from ._atomic import atomic_directory, move_into
+from .checkpoint import TRAINING_STATE_NAME
 from .cli import config_flag
 from .layers.wrap import name_matches
 from .data import InputError, TextDataset, load_dataset, split
@@ -46,6 +48,12 @@ ADAPTER_DIR = "adapter"
 # The hidden folder inside --output-dir that a save fills before renaming the outputs in.
 STAGE_PREFIX = ".flexlora-save-"
 OUTPUT_FILES = ("rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors", "metrics.json")
+# --save-every writes flexlora.save_checkpoint here; --resume continues from it; a finished run removes it
+CHECKPOINT_DIR = "checkpoint"
+# options a --resume may change: where and how the run reports, not what it computes (--data's
+# path may change too: the training split's digest is compared instead)
+_RESUME_FREE = ("output_dir", "progress", "log_every", "threads", "cache_dir", "device", "save_every", "resume",
+                "data")
 TASKS = ("auto", "classify", "causal-lm")
 
 # --target-modules defaults by model_type (the paper adapts q, k, v, up, down on LLaMA).
@@ -101,6 +109,8 @@ class TrainOptions:
     threads: Optional[int] = None
     device: str = "auto"
     precision: str = "fp32"
+    save_every: Optional[int] = None  # None: 0 (never), or on --resume the saved run's
+    resume: bool = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,12 +355,16 @@ def collate(ids: Sequence[List[int]], pad_id: int, labels=None, causal=False) ->
     return batch
 
 
-def batch_stream(ids, labels, batch_size: int, pad_id: int, causal: bool, seed: int) -> Iterator[dict]:
-    """Endless seeded epochs of shuffled batches (the last, smaller batch of an epoch is kept)."""
+def batch_stream(ids, labels, batch_size: int, pad_id: int, causal: bool, seed: int, skip: int = 0) -> Iterator[dict]:
+    """Endless seeded epochs of shuffled batches (the last, smaller batch of an epoch is kept);
+    the first ``skip`` batches are passed over without being built (a resumed run)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(ids), generator=g).tolist()
         for i in range(0, len(order), batch_size):
+            if skip:
+                skip -= 1
+                continue
             idx = order[i: i + batch_size]
             yield collate([ids[j] for j in idx], pad_id, None if labels is None else [labels[j] for j in idx], causal)
 
@@ -449,7 +463,7 @@ def check_flags(o: TrainOptions) -> torch.device:
     for name in ("r", "batch_size", "max_length", "threads", "log_every", "steps", "train_size", "delta_t"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
             raise InputError(f"{config_flag(name)} must be >= 1, got {getattr(o, name)}")
-    for name in ("test_size", "b0", "t_warmup", "t_final", "r_min"):  # at least 0
+    for name in ("test_size", "b0", "t_warmup", "t_final", "r_min", "save_every"):  # at least 0
         if getattr(o, name) is not None and getattr(o, name) < 0:
             raise InputError(f"{config_flag(name)} must be >= 0, got {getattr(o, name)}")
     for name in ("lr", "head_lr", "epochs", "alpha"):  # head_lr, epochs, alpha may be None
@@ -465,6 +479,10 @@ def check_flags(o: TrainOptions) -> torch.device:
         raise InputError(f"--dropout must be in [0, 1), got {o.dropout}")
     if o.steps is not None and o.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
+    if o.method != "flexlora":
+        for flag, given in (("--save-every", bool(o.save_every)), ("--resume", o.resume)):
+            if given:  # PEFT's models would need their own state (AdaLoRA's sensitivity EMAs)
+                raise InputError(f"{flag} is for --method flexlora (checkpoints are flexlora.save_checkpoint)")
     if o.steps is not None and o.method != "lora":  # with --epochs: once the data is read
         _check_window(o.steps, o)
     if o.method != "lora":  # LoRA has one rank: --r-max and --r-min do not apply
@@ -563,8 +581,9 @@ def prepare_output_dir(path: str) -> Path:
                     break
     except OSError as e:
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
-    if (out / ADAPTER_DIR).exists() and not (out / ADAPTER_DIR).is_dir():
-        raise InputError(f"--output-dir: {out / ADAPTER_DIR} exists and is not a folder (the adapter is saved there)")
+    for name, what in ((ADAPTER_DIR, "the adapter is saved there"), (CHECKPOINT_DIR, "--save-every saves there")):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise InputError(f"--output-dir: {out / name} exists and is not a folder ({what})")
     for name in OUTPUT_FILES:
         if (out / name).is_dir():
             raise InputError(f"--output-dir: {out / name} is a folder (the run writes a file of that name)")
@@ -585,6 +604,8 @@ def run(opts: TrainOptions) -> dict:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
     out = prepare_output_dir(opts.output_dir)
+    ckpt = out / CHECKPOINT_DIR
+    saved = _unfinished_run(ckpt, opts.resume)
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
 
     model_dir = resolve_model(opts.model, cache)
@@ -672,57 +693,84 @@ def run(opts: TrainOptions) -> dict:
     metrics["rank_budget"] = o.r * n_mod
     metrics["trainable_params"] = sum(p.numel() for p in trainable)
 
+    # --- checkpoints: the loop's record travels with the LR scheduler's state ------------------
+    train_labels = None if causal else list(train_ds.labels)
+    save_every = o.save_every if o.save_every is not None else (saved["save_every"] if saved else 0)
+    record = {"options": _resume_key(o), "data": _data_digest(train_ids, train_labels), "save_every": save_every,
+              "log_rows": [], "losses": [], "tokens_total": 0, "train_time": 0.0, "ema": None}
+    loop_state = _LoopState(scheduler, record)
+    start = 0
+    if saved is not None:
+        import flexlora
+
+        _check_resume(saved, record, ckpt)
+        try:
+            start = flexlora.load_checkpoint(ckpt, model, allocator, optimizer, loop_state)
+        except (ValueError, FileNotFoundError) as e:
+            raise InputError(f"--resume: {_first_line(e)}") from None
+        metrics["resumed_from_step"] = start
+
     # --- training ------------------------------------------------------------------------------
     log_every = o.log_every or max(1, steps // 10)
-    stream = batch_stream(train_ids, None if causal else train_ds.labels, o.batch_size, pad_id, causal, o.seed)
-    log_rows = []
-    losses = []
-    tokens_total, train_time = 0, 0.0
-    ema = None
+    stream = batch_stream(train_ids, train_labels, o.batch_size, pad_id, causal, o.seed, skip=start)
+    log_rows, losses = record["log_rows"], record["losses"]
+    tokens_total, train_time, ema = record["tokens_total"], record["train_time"], record["ema"]
     model.train()
-    bar = tqdm(total=steps, desc=f"{o.method} {o.model}", disable=not o.progress, dynamic_ncols=True,
+    bar = tqdm(total=steps, initial=start, desc=f"{o.method} {o.model}", disable=not o.progress, dynamic_ncols=True,
                file=sys.stderr)
-    for step in range(1, steps + 1):
-        batch = to_device(next(stream), device)
-        t_step = time.perf_counter()
-        with autocast(device, o.precision):
-            loss = model(**batch).loss
-        # the orthogonality penalty in fp32, outside autocast: PᵀP and QQᵀ are what it measures
-        total = loss + allocator.orthogonal_loss() if allocator is not None else loss
-        total.backward()
-        if o.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
-        optimizer.step()
-        lr_used = optimizer.param_groups[0]["lr"]  # the log shows the lr of this step, not the next
-        scheduler.step()
-        if allocator is not None:
-            try:
-                allocator.step(step, optimizer)
-            except FloatingPointError as e:  # NaN scores: the run diverged
+    last_saved = start or None
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = to_device(next(stream), device)
+            t_step = time.perf_counter()
+            with autocast(device, o.precision):
+                loss = model(**batch).loss
+            # the orthogonality penalty in fp32, outside autocast: PᵀP and QQᵀ are what it measures
+            total = loss + allocator.orthogonal_loss() if allocator is not None else loss
+            total.backward()
+            if o.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+            optimizer.step()
+            lr_used = optimizer.param_groups[0]["lr"]  # the log shows the lr of this step, not the next
+            scheduler.step()
+            if allocator is not None:
+                try:
+                    allocator.step(step, optimizer)
+                except FloatingPointError as e:  # NaN scores: the run diverged
+                    bar.close()
+                    raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr") from None
+            elif adalora is not None:
+                adalora.base_model.update_and_allocate(step)
+            optimizer.zero_grad(set_to_none=True)
+            lv = loss.item()  # waits for the GPU's step to end, so dt below is its real duration
+            dt = time.perf_counter() - t_step
+            ntok = int(batch["attention_mask"].sum())
+            tokens_total += ntok
+            train_time += dt
+            if not math.isfinite(lv):
                 bar.close()
-                raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr") from None
-        elif adalora is not None:
-            adalora.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        lv = loss.item()  # waits for the GPU's step to end, so dt below is its real duration
-        dt = time.perf_counter() - t_step
-        ntok = int(batch["attention_mask"].sum())
-        tokens_total += ntok
-        train_time += dt
-        if not math.isfinite(lv):
-            bar.close()
-            raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr")
-        losses.append(lv)
-        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-        rank = current_rank(model, o.method, o, n_mod, step)
-        log_rows.append({"step": step, "loss": round(lv, 6), "lr": lr_used,
-                         "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
-        bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
-        bar.update(1)
-        if step % log_every == 0 or step == steps:
-            window = losses[-log_every:]
-            bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
-                      f"{tokens_total / train_time:.0f} tok/s")
+                raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr")
+            losses.append(lv)
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+            rank = current_rank(model, o.method, o, n_mod, step)
+            log_rows.append({"step": step, "loss": round(lv, 6), "lr": lr_used,
+                             "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
+            bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
+            bar.update(1)
+            if step % log_every == 0 or step == steps:
+                window = losses[-log_every:]
+                bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
+                          f"{tokens_total / train_time:.0f} tok/s")
+            if save_every and step % save_every == 0 and step < steps:
+                record.update(tokens_total=tokens_total, train_time=train_time, ema=ema)
+                if _save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step):
+                    last_saved = step
+    except KeyboardInterrupt:
+        bar.close()
+        if last_saved is not None:
+            print(f"flexlora: the checkpoint of step {last_saved} is in {ckpt}: run the same command with "
+                  "--resume to continue from it", file=sys.stderr)
+        raise
     bar.close()
     metrics["train_seconds"] = round(train_time, 2)
     metrics["tokens_per_s"] = round(tokens_total / max(train_time, 1e-9), 1)
@@ -742,8 +790,111 @@ def run(opts: TrainOptions) -> dict:
             metrics["test_loss_after"] = lm_loss(model, test_ids, pad_id, precision=o.precision)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
     save_outputs(out, model, allocator, o, task, log_rows, metrics, ds)
+    if ckpt.is_dir():  # the run is finished: its outputs hold everything the checkpoint did
+        shutil.rmtree(ckpt, ignore_errors=True)
     print_summary(metrics, out)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# --save-every / --resume
+
+
+class _LoopState:
+    """The LR scheduler and the loop's record (log rows, losses, token and time counts, the
+    options and a digest of the data), given to save_checkpoint / load_checkpoint as their
+    scheduler: the record is then written in the same atomic save as the adapter, allocator,
+    optimizer and RNG states, and restored only once their checks have passed."""
+
+    def __init__(self, scheduler, record: dict):
+        self.scheduler, self.record = scheduler, record
+
+    def state_dict(self) -> dict:
+        return {"lr_scheduler": self.scheduler.state_dict(), "run": dict(self.record)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.record.clear()
+        self.record.update(state["run"])
+
+
+def _resume_key(o: TrainOptions) -> dict:
+    """The resolved options a resumed run must share with the run that saved the checkpoint."""
+    return {k: v for k, v in asdict(o).items() if k not in _RESUME_FREE}
+
+
+def _data_digest(train_ids, labels) -> str:
+    """SHA-256 of the tokenized training split (and labels): other data, another split or another
+    tokenizer give another digest."""
+    return hashlib.sha256(json.dumps([train_ids, labels]).encode()).hexdigest()
+
+
+def _read_saved_run(ckpt: Path) -> Optional[dict]:
+    """{step, options, save_every, ...} of the `flexlora train` checkpoint in ckpt, or None when
+    it is not one (read without restoring anything)."""
+    try:
+        state = torch.load(ckpt / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+        return {"step": int(state["step"]), **state["scheduler"]["run"]}
+    except Exception:
+        return None
+
+
+def _unfinished_run(ckpt: Path, resume: bool) -> Optional[dict]:
+    """With --resume, the saved run in ckpt (an InputError if there is none); without, an
+    InputError if ckpt holds one: a fresh run would overwrite it at its first save, and a later
+    --resume would continue the old run over the new run's outputs."""
+    if resume:
+        if not (ckpt / TRAINING_STATE_NAME).is_file():
+            raise InputError(f"--resume: no checkpoint in {ckpt} (a run writes one with --save-every N)")
+        saved = _read_saved_run(ckpt)
+        if saved is None:
+            raise InputError(f"--resume: {ckpt / TRAINING_STATE_NAME} is not a readable checkpoint of flexlora train")
+        return saved
+    if ckpt.exists():
+        saved = _read_saved_run(ckpt)
+        where = f" (step {saved['step']} of {saved['options'].get('steps')})" if saved else ""
+        raise InputError(
+            f"--output-dir: {ckpt} holds the checkpoint of an unfinished run{where}: add --resume to continue "
+            "it, or delete that folder (or choose another --output-dir) to start over"
+        )
+    return None
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "(default)" if value is None else str(value)
+
+
+def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
+    """The resumed run must compute what the saved one did: the same resolved options and data."""
+    for name, was in saved.get("options", {}).items():
+        now = record["options"].get(name)
+        if now != was:
+            flag = config_flag(name)
+            raise InputError(
+                f"--resume: the checkpoint in {ckpt} was saved by a run with {flag} {_shown(was)}, this run has "
+                f"{flag} {_shown(now)}; give the flags of the run that saved it"
+            )
+    if saved.get("data") != record["data"]:
+        raise InputError(
+            f"--resume: the training data differ from those of the run that saved the checkpoint in {ckpt} "
+            "(other --data contents, split or tokenizer)"
+        )
+
+
+def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopState, step: int) -> bool:
+    """flexlora.save_checkpoint; a failed write warns and the run goes on (the last checkpoint
+    written stays whole: saves are atomic). Returns whether it was written."""
+    import flexlora
+
+    try:
+        flexlora.save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step=step)
+        return True
+    except OSError as e:
+        warnings.warn(f"--save-every: the checkpoint of step {step} could not be written to {ckpt} ({e}); training "
+                      "goes on, the last checkpoint written (if any) is kept", stacklevel=2)
+        return False
 
 
 def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:

@@ -1,0 +1,178 @@
+"""`flexlora train --save-every N` / `--resume`: a run cut off after a checkpoint continues to the
+same adapter, ranks, log and metrics as the run that was never cut off; a resume with other flags
+or data, a resume without a checkpoint and a fresh run over an unfinished one are refused with
+exit code 2 and a one-line message."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
+from flexlora.cli import main
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_cli")
+    rows = sentiment_rows(96)
+    return {
+        "bert": tiny_bert(root / "bert"),
+        "llama": tiny_llama(root / "llama"),
+        "data": write_jsonl(root / "d.jsonl", rows),
+        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
+        "lm2": write_jsonl(root / "lm2.jsonl", [{"text": r["text"] + " indeed"} for r in rows]),
+    }
+
+
+def argv(tiny, out, *extra, model="llama", data="lm"):
+    # dropout draws from torch's RNG every step; events every 2 steps move ranks across the cut
+    return ["train", "--model", str(tiny[model]), "--data", str(tiny[data]), "--output-dir", str(out),
+            "--steps", str(STEPS), "--batch-size", "8", "--threads", "1", "--no-progress", "--r", "2",
+            "--dropout", "0.1", "--delta-t", "2", "--t-warmup", "1", "--t-final", "2", "--b0", "2", *extra]
+
+
+def outputs(out):
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    with open(out / "train_log.csv") as f:
+        log = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv.DictReader(f)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    return adapter, log, metrics, (out / "rank_history.csv").read_text()
+
+
+class Cut(Exception):
+    pass
+
+
+def cut_at(monkeypatch, step):
+    """Make the run fail inside allocator.step(step): after its checkpoints of earlier steps."""
+    import flexlora
+
+    real = flexlora.RankAllocator.step
+
+    def step_or_cut(self, s, *a, **k):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(self, s, *a, **k)
+
+    monkeypatch.setattr(flexlora.RankAllocator, "step", step_or_cut)
+
+
+@pytest.mark.parametrize("model, data", [("llama", "lm"), ("bert", "data")], ids=["causal-lm", "classify"])
+def test_a_run_cut_off_and_resumed_ends_as_the_run_never_cut(tiny, tmp_path, capsys, monkeypatch, model, data):
+    assert main(argv(tiny, tmp_path / "straight", model=model, data=data)) == 0
+    want = outputs(tmp_path / "straight")
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        cut_at(m, 7)
+        with pytest.raises(SystemExit) as e:
+            main(argv(tiny, out, "--save-every", "3", model=model, data=data))
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "the checkpoint of step 6 is in" in err and "--resume" in err
+    assert (out / "checkpoint").is_dir() and not (out / "adapter").exists()
+
+    assert main(argv(tiny, out, "--resume", model=model, data=data)) == 0
+    adapter, log, metrics, history = outputs(out)
+    assert not (out / "checkpoint").exists(), "a finished run keeps no checkpoint"
+    assert metrics["resumed_from_step"] == 6
+    # fp32 tolerance, not bits: MKL's GEMMs may round differently for buffers at other addresses
+    # (a classifier head's weight differed by one ulp after the first resumed step)
+    assert [(r["step"], r["lr"], r["total_rank"]) for r in log] == [(r["step"], r["lr"], r["total_rank"]) for r in want[1]]
+    assert [float(r["loss"]) for r in log] == pytest.approx([float(r["loss"]) for r in want[1]], rel=1e-5, abs=2e-6)
+    assert history == want[3], "the rank history differs"
+    assert adapter.keys() == want[0].keys()
+    for key, t in want[0].items():
+        err = ((adapter[key].double() - t.double()).abs().max() / t.double().abs().max().clamp_min(1e-12)).item()
+        assert err <= 1e-5, f"{key}: relative difference {err:.3g}"
+    for key in ("loss_first", "loss_last", "total_rank_final", "test_loss_after", "test_accuracy_after",
+                "test_accuracy_head_only", "test_loss_before"):
+        assert metrics.get(key) == pytest.approx(want[2].get(key), abs=1e-4), key
+
+
+def run_bad(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    return e.value.code, lines
+
+
+@pytest.fixture
+def unfinished(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        cut_at(m, 5)
+        with pytest.raises(SystemExit):
+            main(argv(tiny, out, "--save-every", "2"))
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lr", "0.02"], r"--lr 0\.005.*this run has --lr 0\.02"),
+    (["--r", "3"], r"--r 2.*this run has --r 3"),
+    (["--seed", "1"], r"--seed 0.*this run has --seed 1"),
+    (["--data", "lm2"], r"training data differ"),
+], ids=["lr", "r", "seed", "data"])
+def test_a_resume_with_other_flags_or_data_is_refused(tiny, unfinished, capsys, change, message):
+    import re
+
+    args = argv(tiny, unfinished, "--resume")
+    if change[0] == "--data":
+        args[args.index("--data") + 1] = str(tiny["lm2"])
+    else:
+        args += change
+    before = sorted(p.name for p in (unfinished / "checkpoint").iterdir())
+    code, lines = run_bad(capsys, args)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("flexlora: error: --resume:")
+    assert re.search(message, lines[0]), lines[0]
+    assert sorted(p.name for p in (unfinished / "checkpoint").iterdir()) == before
+
+
+def test_a_fresh_run_over_an_unfinished_one_is_refused(tiny, unfinished, capsys):
+    code, lines = run_bad(capsys, argv(tiny, unfinished))
+    assert code == 2 and len(lines) == 1
+    assert "holds the checkpoint of an unfinished run (step 4 of 10)" in lines[0] and "--resume" in lines[0]
+    assert (unfinished / "checkpoint").is_dir()
+
+
+def test_resume_keeps_saving_every_n_steps_unless_told_otherwise(tiny, unfinished, capsys, monkeypatch):
+    saved = []
+    import flexlora
+
+    real = flexlora.save_checkpoint
+    monkeypatch.setattr(flexlora, "save_checkpoint", lambda *a, **k: saved.append(k["step"]) or real(*a, **k))
+    assert main(argv(tiny, unfinished, "--resume")) == 0
+    assert saved == [6, 8]  # the saved run's --save-every 2; never the last step
+
+
+def test_resume_without_a_checkpoint_and_other_methods_are_refused(tiny, tmp_path, capsys):
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "empty", "--resume"))
+    assert code == 2 and len(lines) == 1 and "--resume: no checkpoint in" in lines[0] and "--save-every" in lines[0]
+    for flag in (["--save-every", "2"], ["--resume"]):
+        code, lines = run_bad(capsys, argv(tiny, tmp_path / "lora", "--method", "lora", *flag))
+        assert code == 2 and f"flexlora: error: {flag[0]} is for --method flexlora" in lines[-1], lines
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "neg", "--save-every", "-1"))
+    assert code == 2 and "--save-every must be >= 0, got -1" in lines[0]
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "checkpoint").write_text("x")
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "file", "--save-every", "2"))
+    assert code == 2 and "is not a folder" in lines[0]
+
+
+def test_a_failed_checkpoint_write_warns_and_training_goes_on(tiny, tmp_path, capsys, monkeypatch):
+    import flexlora
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(flexlora, "save_checkpoint", full_disk)
+    assert main(argv(tiny, tmp_path / "out", "--save-every", "4")) == 0
+    err = capsys.readouterr().err
+    assert err.count("flexlora: warning: --save-every: the checkpoint of step") == 2, err
+    assert "No space left on device" in err and (tmp_path / "out" / "adapter").is_dir()
