@@ -94,36 +94,45 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if k not in skip}
 
 
-def _other_trainables(model: nn.Module, saved: List[Tuple[str, nn.Module]], optimizer=None) -> Dict[str, nn.Parameter]:
-    """{name: parameter} of the unwrapped ``model``'s parameters that train (requires_grad, or held
-    by ``optimizer``) but that an adapter save does not hold: neither a FlexLinear's P, λ or Q nor
-    saved with one of the ``saved`` (name, module)s (modules_to_save). Their optimizer state is in
-    a checkpoint either way, so without their values a resume would continue them from the fresh
-    model's."""
+def _other_trainables(
+    model: nn.Module, saved: List[Tuple[str, nn.Module]], optimizer=None, whole_saved: bool = False
+) -> Dict[str, nn.Parameter]:
+    """{name: parameter} of the unwrapped ``model``'s parameters that train (requires_grad, or
+    with state in ``optimizer``: frozen after training a while) but that an adapter save does not
+    hold: neither a FlexLinear's P, λ or Q nor saved with one of the ``saved`` (name, module)s
+    (modules_to_save; ``whole_saved``: with the base weights of FlexLinears inside them, as
+    export_peft writes them merged). Their optimizer state is in a checkpoint either way, so
+    without their values a resume would continue them from the fresh model's. A frozen
+    parameter the optimizer merely lists (``AdamW(model.parameters())``) never changes: not one."""
     covered = {id(getattr(m, key)) for _, m in flex_modules(model) for key in ("P", "lam", "Q")}
     for _, module in saved:
-        state = _module_state(module)
-        covered |= {id(p) for key, p in module.named_parameters() if key in state}
-    held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+        state = None if whole_saved else _module_state(module)
+        covered |= {id(p) for key, p in module.named_parameters() if state is None or key in state}
+    stated = set() if optimizer is None else {id(p) for p, st in optimizer.state.items() if st}
     return {
         name: p for name, p in model.named_parameters()
-        if (p.requires_grad or id(p) in held) and id(p) not in covered
+        if (p.requires_grad or id(p) in stated) and id(p) not in covered
     }
 
 
-def _warn_left_out(caller: str, model: nn.Module, saved: List[Tuple[str, nn.Module]]) -> None:
+def _warn_left_out(caller: str, model: nn.Module, saved: List[Tuple[str, nn.Module]], whole_saved: bool = False) -> None:
     """Warn (for the caller of ``caller``) when parameters train that an adapter file written with
     the ``saved`` modules does not hold: they would be lost with the process."""
-    left_out = list(_other_trainables(model, saved))
-    if left_out:
-        n = len(left_out)
-        warnings.warn(
-            f"{caller}: {n} trainable parameter{'s' if n > 1 else ''} ({_names(left_out)}) "
-            f"{'are' if n > 1 else 'is'} neither adapter slots nor in modules_to_save, so the adapter does "
-            "not hold them: list their modules in FlexLoRAConfig.modules_to_save to save them with it "
-            "(save_checkpoint keeps them for resuming)",
-            stacklevel=3,
-        )
+    left_out = list(_other_trainables(model, saved, whole_saved=whole_saved))
+    base = {f"{n}.{k}" for n, _ in flex_modules(model) for k in ("weight", "bias")}
+    for names, advice in (
+        ([n for n in left_out if n in base], "base weights of adapted modules, which an adapter never holds (its "
+         "ΔW is P·diag(λ)·Q alone): save the base model's state_dict for them"),
+        ([n for n in left_out if n not in base], "neither adapter slots nor in modules_to_save, so the adapter "
+         "does not hold them: list their modules in FlexLoRAConfig.modules_to_save to save them with it"),
+    ):
+        if names:
+            n = len(names)
+            warnings.warn(
+                f"{caller}: {n} trainable parameter{'s' if n > 1 else ''} ({_names(names)}) "
+                f"{'are' if n > 1 else 'is'} {advice} (save_checkpoint keeps them for resuming)",
+                stacklevel=3,
+            )
 
 
 def _strays(model: nn.Module, optimizer) -> int:
@@ -784,8 +793,7 @@ def load_checkpoint(
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
     extras = _check_trainables(state, model, directory)
-    # the adapter part of the snapshot is empty for a plain model
-    snapshot = _adapter_snapshot(model) + [(p, p.detach().clone()) for p, _ in extras]
+    snapshot = _adapter_snapshot(model)  # empty for a plain model
     alloc_before = allocator.state_dict() if allocator is not None else None
     # Optimizer.load_state_dict puts new state tensors in place and leaves the old ones as they
     # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
@@ -795,16 +803,18 @@ def load_checkpoint(
     rng_before = _rng_state()
     undo_wrap = _load_adapter(model, directory, allocator, weights_only)
     try:
-        with torch.no_grad():
-            for p, value in extras:
-                p.copy_(value)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:  # {}: a disabled scaler saved it, nothing to restore
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(rng)  # checked above; inside the rollback all the same
+        _set_rng_state(rng)
+        # last, once nothing after them can fail (names and shapes are checked): no spare copy of
+        # them (an unfrozen embedding may be GBs) is held for a rollback
+        with torch.no_grad():
+            for p, value in extras:
+                p.copy_(value)  # checked above; inside the rollback all the same
     except BaseException:
         # what was already loaded goes back: a failed load leaves the objects as they were
         _restore_snapshot(snapshot)

@@ -217,7 +217,7 @@ def export_peft(
             "calls through the other names run without the adapter in PEFT and outputs differ from FlexLoRA's",
             stacklevel=2,
         )
-    _warn_left_out("export_peft", model, saved)
+    _warn_left_out("export_peft", model, saved, whole_saved=True)
     if skipped:
         warnings.warn(
             f"export_peft: {len(skipped)} module(s) at rank 0 have no PEFT LoRA equivalent and are left "

@@ -345,3 +345,20 @@ def test_a_hand_unfrozen_parameter_that_is_not_exported_warns(tmp_path):
     model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
     with pytest.warns(UserWarning, match=r"export_peft: 1 trainable parameter \('bert\.embeddings\.LayerNorm\.weight'\) is neither"):
         export_peft(model, tmp_path / "b")
+
+
+def test_a_trained_bias_of_an_adapted_head_that_is_exported_merged_does_not_warn(tmp_path):
+    # the SEQ_CLS head is itself adapted; PEFT's auto modules_to_save writes it merged, bias included
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                     num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+    model = randomize(wrap(BertForSequenceClassification(cfg),
+                           flex_config(target_modules=["query", "value", "classifier"])))
+    model.classifier.bias.requires_grad_(True)
+    with torch.no_grad():
+        model.classifier.bias.fill_(7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(model, tmp_path)
+    saved = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.model.classifier.bias"], torch.full((3,), 7.0))

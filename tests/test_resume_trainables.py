@@ -170,3 +170,60 @@ def test_an_optimizer_parameter_outside_the_model_warns(tmp_path):
     opt.add_param_group({"params": [stray]})
     with pytest.warns(UserWarning, match=r"optimizer holds 1 parameter that is not the model's"):
         save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=0)
+
+
+def test_an_optimizer_over_every_parameter_saves_only_those_that_train(tmp_path):
+    # AdamW(model.parameters()) holds the frozen base too: it never updates them (no gradient, no
+    # state), so the checkpoint must not carry the whole base model
+    torch.manual_seed(0)
+    model, _, alloc = build(extra=EXTRA[:1])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    train(model, opt, alloc, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    state = torch.load(tmp_path / "c" / "training_state.pt", weights_only=True)
+    assert set(state["trainable"]) == {EXTRA[0]}
+    # a parameter frozen after it trained keeps optimizer state: its value is saved too
+    model.model.norm.weight.requires_grad_(False)
+    save_checkpoint(tmp_path / "d", model, allocator=alloc, optimizer=opt, step=1)
+    assert set(torch.load(tmp_path / "d" / "training_state.pt", weights_only=True)["trainable"]) == {EXTRA[0]}
+
+
+def test_load_checkpoint_does_not_copy_the_extra_parameters_for_a_rollback(tmp_path, monkeypatch):
+    # a large unfrozen embedding: the load must not hold a spare copy of it (it restores these
+    # values last, once nothing after them can fail)
+    torch.manual_seed(0)
+    model, opt, alloc = build()
+    train(model, opt, alloc, 0, 1)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    model2, opt2, alloc2 = build()
+    ptrs = {p.data_ptr() for n, p in model2.named_parameters() if n in EXTRA}
+    cloned = []
+    real = torch.Tensor.clone
+
+    def clone(t, *a, **k):
+        if t.data_ptr() in ptrs:
+            cloned.append(tuple(t.shape))
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=opt2)
+    monkeypatch.undo()
+    assert not cloned, f"copies of the extra parameters: {cloned}"
+    for name in EXTRA:
+        assert torch.equal(dict(model2.named_parameters())[name], dict(model.named_parameters())[name])
+
+
+def test_a_trained_base_weight_of_an_adapted_module_gets_advice_that_works(tmp_path):
+    # modules_to_save cannot hold an adapted module's own weight (wrap refuses a module that is
+    # both a target and saved): the warning must not send the user there
+    torch.manual_seed(0)
+    model, _, _ = build(extra=())
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight.requires_grad_(True)
+    with pytest.warns(UserWarning) as caught:
+        save_adapter(model, tmp_path / "a")
+    text = " ".join(str(w.message) for w in caught)
+    assert "'model.layers.0.self_attn.q_proj.weight'" in text
+    assert "base weight" in text and "modules_to_save" not in text, text
