@@ -1,5 +1,7 @@
 """merge / unmerge / merge_and_unload against a float64 reference W + s·P·diag(λ⊙mask)·Q."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -319,3 +321,32 @@ def test_merge_ignores_non_finite_values_in_inactive_slots():
     for n, m in flex_modules(model):
         assert torch.isfinite(m.weight).all(), n
         assert (m.weight.double() - refs[n]).abs().max().item() <= 1e-6 * refs[n].abs().max().item()
+
+
+def test_two_parameters_over_the_same_memory_are_tied_too():
+    # nn.Parameter(a.weight.detach()) (or a tied state loaded with assign=True) is a second
+    # Parameter object over the same memory: merging b must not change a
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    b.weight = nn.Parameter(a.weight.detach())
+    model = nn.ModuleDict({"a": a, "b": b})
+    with pytest.warns(UserWarning, match=r"'b' is tied to \['a\.weight'\]"):
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["b"]))
+    with torch.no_grad():
+        model["b"].lam.fill_(1.0)
+    before = a.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'b'.*shared with \['a\.weight'\]"):
+        merge(model)
+    assert torch.equal(a.weight, before)
+    # distinct memory (a clone) is not tied: no warning, and merge changes b only
+    c, d = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    d.weight = nn.Parameter(c.weight.detach().clone())
+    model = nn.ModuleDict({"c": c, "d": d})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["d"]))
+    with torch.no_grad():
+        model["d"].lam.fill_(1.0)
+    before = c.weight.detach().clone()
+    merge(model)
+    assert torch.equal(c.weight, before) and not torch.equal(model["d"].weight, before)

@@ -22,6 +22,22 @@ from ..config import is_finite_number, is_int
 from ..kernels.flex_linear import flex_linear
 
 
+def own_forward(linear: nn.Linear) -> bool:
+    """Whether ``linear`` is an nn.Linear subclass with a forward of its own (quantized layers:
+    bitsandbytes' Linear4bit, transformers' FP8Linear, ...), which FlexLinear, computing
+    x·Wᵀ + b from the weight, would silently skip."""
+    return type(linear).forward is not nn.Linear.forward
+
+
+def own_forward_message(name: str, linear: nn.Linear) -> str:
+    cls = type(linear)
+    return (
+        f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own forward (a quantized or "
+        "otherwise customised layer): FlexLinear computes x·Wᵀ + b from the weight and would skip that forward, "
+        "so flexlora adapts plain nn.Linear layers only (load the model unquantized)"
+    )
+
+
 class FlexLinear(nn.Module):
     """``y = x Wᵀ + b + s·((dropout(x) Qᵀ) ⊙ (λ⊙mask)) Pᵀ``.
 
@@ -82,6 +98,8 @@ class FlexLinear(nn.Module):
         and its training/eval mode is kept."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FlexLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        if own_forward(linear):
+            raise ValueError(f"FlexLinear.from_linear: {own_forward_message('linear', linear)}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_adapter(linear.weight, linear.bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FlexLoRAConfig
-from .flex_linear import FlexLinear
+from .flex_linear import FlexLinear, own_forward, own_forward_message
 
 
 def name_matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
@@ -57,20 +57,35 @@ def named_modules_all(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return out
 
 
-def parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[int, str]]]:
-    """id(parameter) -> [(id(owning module), qualified parameter name)] over every name a module or
-    parameter is registered under (tied weights appear under each owner)."""
-    owners: Dict[int, List[Tuple[int, str]]] = {}
+def memory_key(p: torch.Tensor) -> tuple:
+    """What identifies a parameter's memory: two Parameter objects over the same storage, offset,
+    shape and strides (``nn.Parameter(other.weight.detach())``, a tied state dict loaded with
+    ``assign=True``) are as tied as one Parameter held twice. Tensors without storage (meta): the
+    object itself."""
+    try:
+        ptr = p.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        ptr = 0
+    if ptr == 0:
+        return ("object", id(p))
+    return (str(p.device), ptr, p.storage_offset(), tuple(p.shape), tuple(p.stride()))
+
+
+def parameter_owners(model: nn.Module) -> Dict[tuple, List[Tuple[int, str]]]:
+    """memory_key(parameter) -> [(id(owning module), qualified parameter name)] over every name a
+    module or parameter is registered under (tied weights appear under each owner)."""
+    owners: Dict[tuple, List[Tuple[int, str]]] = {}
     for name, mod in named_modules_all(model):
         for pname, p in mod._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
+                owners.setdefault(memory_key(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
     return owners
 
 
-def tied_names(owners: Dict[int, List[Tuple[int, str]]], module: nn.Module, param) -> List[str]:
-    """Names under which modules other than ``module`` hold ``param`` (empty when it is not tied)."""
-    return sorted({n for mid, n in owners.get(id(param), []) if mid != id(module)})
+def tied_names(owners: Dict[tuple, List[Tuple[int, str]]], module: nn.Module, param) -> List[str]:
+    """Names under which modules other than ``module`` hold ``param``'s memory (empty when it is
+    not tied)."""
+    return sorted({n for mid, n in owners.get(memory_key(param), []) if mid != id(module)})
 
 
 def _warn_unmatched_targets(model: nn.Module, config: FlexLoRAConfig, linear_names: List[str]) -> None:
@@ -114,6 +129,16 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     config.validate()  # fields may have been changed since construction
     if any(isinstance(m, FlexLinear) for m in model.modules()):
         raise ValueError("wrap: the model already holds FlexLinear modules (wrapped twice?)")
+    peft_layer = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if peft_layer is not None:
+        # target patterns would reach PEFT's base_layer and its lora_A / lora_B Linears: an
+        # adapter inside an adapter, with PEFT's own weights frozen
+        cls = type(peft_layer[1])
+        raise ValueError(
+            f"wrap: the model holds PEFT adapter layers (first: {peft_layer[0] or 'the model itself'!r}, a "
+            f"{cls.__module__}.{cls.__qualname__}); fold or drop them before wrapping with flexlora: "
+            "peft_model.merge_and_unload() or unload()"
+        )
 
     # Every name of every Linear: named_modules() would report a module registered twice only
     # under its first name, so a target given by its second name would match nothing.
@@ -181,6 +206,10 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
                 f"wrap: {save_name!r} matches both target_modules and modules_to_save; a Linear is either "
                 "adapted (target_modules) or trained in full (modules_to_save), not both"
             )
+    custom = [(names[0], linear) for names, linear in targets if own_forward(linear)]
+    if custom:
+        more = f" ({len(custom)} such targets: {[n for n, _ in custom[:4]]}{' ...' if len(custom) > 4 else ''})"
+        raise ValueError(f"wrap: {own_forward_message(repr(custom[0][0]), custom[0][1])}{more if len(custom) > 1 else ''}")
     for names, linear in targets:
         if isinstance(linear.weight, nn.parameter.UninitializedParameter):
             raise ValueError(
@@ -226,21 +255,21 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             model.set_submodule(name, flex)
     # A tied base weight may sit in a modules_to_save module outside its FlexLinear (an input
     # embedding tied to an adapted lm_head): it stays frozen, as every base weight does.
-    base_of: Dict[int, str] = {}
+    base_of: Dict[tuple, str] = {}
     for flex_name, m in flex_modules(model):
         for p in (m.weight, m.bias):
             if p is not None:
-                base_of.setdefault(id(p), flex_name)
+                base_of.setdefault(memory_key(p), flex_name)
     for save_name, m in save:
-        inside = {id(sub.weight) for sub in m.modules() if isinstance(sub, FlexLinear)}
-        inside |= {id(sub.bias) for sub in m.modules() if isinstance(sub, FlexLinear) and sub.bias is not None}
+        inside = {memory_key(sub.weight) for sub in m.modules() if isinstance(sub, FlexLinear)}
+        inside |= {memory_key(sub.bias) for sub in m.modules() if isinstance(sub, FlexLinear) and sub.bias is not None}
         for pname, p in m.named_parameters():
-            if id(p) not in base_of:
+            if memory_key(p) not in base_of:
                 p.requires_grad_(True)
-            elif id(p) not in inside:
+            elif memory_key(p) not in inside:
                 warnings.warn(
                     f"wrap: modules_to_save parameter '{save_name}.{pname}' stays frozen: it is the base "
-                    f"weight of the FlexLinear {base_of[id(p)]!r} (tied weights); untie them before "
+                    f"weight of the FlexLinear {base_of[memory_key(p)]!r} (tied weights); untie them before "
                     "wrapping to train it",
                     UserWarning,
                     stacklevel=2,

@@ -362,3 +362,44 @@ def test_a_string_target_that_only_matches_as_a_suffix_says_to_pass_a_list():
     with pytest.raises(ValueError) as info:  # "proj" is no suffix of whole name parts: a list would fail too
         wrap(model, FlexLoRAConfig(target_modules="proj"))
     assert "pass a list" not in str(info.value)
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own, as quantized layers have."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused_before_anything_changes():
+    # FlexLinear computes x·Wᵀ + b from the weight: the subclass's forward (a dequantization, a
+    # scale) would be dropped silently (the output moved by 1.25 at λ = 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 3))
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'1' is a .*ScaledLinear, an nn\.Linear subclass with its own forward"):
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0", "1"]))
+    assert type(model[0]) is nn.Linear and type(model[1]) is ScaledLinear
+    assert [p.requires_grad for p in model.parameters()] == flags and not hasattr(model, "flexlora_config")
+    with pytest.raises(ValueError, match=r"ScaledLinear, an nn\.Linear subclass with its own forward"):
+        FlexLinear.from_linear(ScaledLinear(4, 3), r_max=2, r_init=1, alpha=1.0)
+    # a subclass that keeps nn.Linear's forward computes what FlexLinear computes: adapted
+    model = nn.Sequential(PlainSubclass(4, 3))
+    x = torch.randn(2, 4)
+    want = model(x)
+    wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    assert isinstance(model[0], FlexLinear) and torch.allclose(model(x), want, atol=1e-6)
+
+
+def test_a_model_holding_peft_layers_is_refused():
+    import peft  # a test extra (setup.py extras_require["test"])
+
+    model, _ = tiny_llama()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*merge_and_unload\(\) or unload\(\)"):
+        wrap(pm, FlexLoRAConfig(r_init=1, r_max=2, target_modules=".*q_proj.*"))
+    assert not flex_modules(pm)
