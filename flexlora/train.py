@@ -606,6 +606,8 @@ def run(opts: TrainOptions) -> dict:
     out = prepare_output_dir(opts.output_dir)
     ckpt = out / CHECKPOINT_DIR
     saved = _unfinished_run(ckpt, opts.resume)
+    if saved is not None:  # the flags as given, before anything loads
+        _check_same("", saved.get("flags", {}), _resume_key(opts), ckpt)
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
 
     model_dir = resolve_model(opts.model, cache)
@@ -636,6 +638,12 @@ def run(opts: TrainOptions) -> dict:
         train_ds = train_ds.subset(range(min(o.train_size, len(train_ds))))
     steps = resolve_schedule(o, len(train_ds))
     targets = o.target_modules or list(_DEFAULT_TARGETS.get(model_type_of(model_dir), ("q_proj", "v_proj")))
+    # what a --resume must share with the run that saved the checkpoint (b0 is filled in below
+    # from the model's modules: the same model and flags give the same b0)
+    record = {"flags": _resume_key(opts), "options": _resume_key(o), "steps": steps,
+              "data": _data_digest(train_ds.texts, train_ds.labels)}
+    if saved is not None:
+        _check_resume(saved, record, ckpt)
 
     torch.manual_seed(o.seed)
     model, tok = load_model(model_dir, task, ds.num_labels)
@@ -696,19 +704,20 @@ def run(opts: TrainOptions) -> dict:
     # --- checkpoints: the loop's record travels with the LR scheduler's state ------------------
     train_labels = None if causal else list(train_ds.labels)
     save_every = o.save_every if o.save_every is not None else (saved["save_every"] if saved else 0)
-    record = {"options": _resume_key(o), "data": _data_digest(train_ids, train_labels), "save_every": save_every,
-              "log_rows": [], "losses": [], "tokens_total": 0, "train_time": 0.0, "ema": None}
+    record.update(save_every=save_every, log_rows=[], losses=[], tokens_total=0, train_time=0.0, ema=None,
+                  elapsed=0.0)
     loop_state = _LoopState(scheduler, record)
     start = 0
     if saved is not None:
         import flexlora
 
-        _check_resume(saved, record, ckpt)
         try:
             start = flexlora.load_checkpoint(ckpt, model, allocator, optimizer, loop_state)
         except (ValueError, FileNotFoundError) as e:
             raise InputError(f"--resume: {_first_line(e)}") from None
+        record["save_every"] = save_every  # this run's, for the checkpoints it writes
         metrics["resumed_from_step"] = start
+    earlier = record["elapsed"]  # wall seconds of the runs before this one, up to the checkpoint
 
     # --- training ------------------------------------------------------------------------------
     log_every = o.log_every or max(1, steps // 10)
@@ -738,7 +747,8 @@ def run(opts: TrainOptions) -> dict:
                     allocator.step(step, optimizer)
                 except FloatingPointError as e:  # NaN scores: the run diverged
                     bar.close()
-                    raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr") from None
+                    raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr"
+                                     f"{_restart_hint(ckpt)}") from None
             elif adalora is not None:
                 adalora.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
@@ -749,7 +759,7 @@ def run(opts: TrainOptions) -> dict:
             train_time += dt
             if not math.isfinite(lv):
                 bar.close()
-                raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr")
+                raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr{_restart_hint(ckpt)}")
             losses.append(lv)
             ema = lv if ema is None else 0.9 * ema + 0.1 * lv
             rank = current_rank(model, o.method, o, n_mod, step)
@@ -762,7 +772,8 @@ def run(opts: TrainOptions) -> dict:
                 bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
                           f"{tokens_total / train_time:.0f} tok/s")
             if save_every and step % save_every == 0 and step < steps:
-                record.update(tokens_total=tokens_total, train_time=train_time, ema=ema)
+                record.update(tokens_total=tokens_total, train_time=train_time, ema=ema,
+                              elapsed=earlier + time.perf_counter() - t_start)
                 if _save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step):
                     last_saved = step
     except KeyboardInterrupt:
@@ -788,7 +799,7 @@ def run(opts: TrainOptions) -> dict:
             metrics["test_accuracy_after"] = accuracy(model, test_ids, test_ds.labels, pad_id, precision=o.precision)
         else:
             metrics["test_loss_after"] = lm_loss(model, test_ids, pad_id, precision=o.precision)
-    metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["total_seconds"] = round(earlier + time.perf_counter() - t_start, 2)
     save_outputs(out, model, allocator, o, task, log_rows, metrics, ds)
     if ckpt.is_dir():  # the run is finished: its outputs hold everything the checkpoint did
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -823,10 +834,10 @@ def _resume_key(o: TrainOptions) -> dict:
     return {k: v for k, v in asdict(o).items() if k not in _RESUME_FREE}
 
 
-def _data_digest(train_ids, labels) -> str:
-    """SHA-256 of the tokenized training split (and labels): other data, another split or another
-    tokenizer give another digest."""
-    return hashlib.sha256(json.dumps([train_ids, labels]).encode()).hexdigest()
+def _data_digest(texts, labels) -> str:
+    """SHA-256 of the training split's texts and labels: other data or another split give another
+    digest."""
+    return hashlib.sha256(json.dumps([list(texts), None if labels is None else list(labels)]).encode()).hexdigest()
 
 
 def _read_saved_run(ckpt: Path) -> Optional[dict]:
@@ -852,12 +863,24 @@ def _unfinished_run(ckpt: Path, resume: bool) -> Optional[dict]:
         return saved
     if ckpt.exists():
         saved = _read_saved_run(ckpt)
-        where = f" (step {saved['step']} of {saved['options'].get('steps')})" if saved else ""
+        if saved is None:  # empty, or written by a script of the user's
+            raise InputError(
+                f"--output-dir: {ckpt} exists but holds no checkpoint of flexlora train (--save-every writes "
+                "there): move or delete it, or choose another --output-dir"
+            )
         raise InputError(
-            f"--output-dir: {ckpt} holds the checkpoint of an unfinished run{where}: add --resume to continue "
-            "it, or delete that folder (or choose another --output-dir) to start over"
+            f"--output-dir: {ckpt} holds the checkpoint of an unfinished run (step {saved['step']} of "
+            f"{saved.get('steps')}): add --resume to continue it, or delete that folder (or choose another "
+            "--output-dir) to start over"
         )
     return None
+
+
+def _restart_hint(ckpt: Path) -> str:
+    """For a run that failed for good (it diverged): its checkpoint would only fail again."""
+    if not ckpt.is_dir():
+        return ""
+    return f" (delete {ckpt} first, or choose another --output-dir: resuming it would diverge again)"
 
 
 def _shown(value) -> str:
@@ -866,21 +889,27 @@ def _shown(value) -> str:
     return "(default)" if value is None else str(value)
 
 
-def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
-    """The resumed run must compute what the saved one did: the same resolved options and data."""
-    for name, was in saved.get("options", {}).items():
-        now = record["options"].get(name)
-        if now != was:
+def _check_same(what: str, saved: dict, now: dict, ckpt: Path) -> None:
+    """InputError naming the first option whose value differs from the saved run's."""
+    for name, was in saved.items():
+        if now.get(name) != was:
             flag = config_flag(name)
             raise InputError(
-                f"--resume: the checkpoint in {ckpt} was saved by a run with {flag} {_shown(was)}, this run has "
-                f"{flag} {_shown(now)}; give the flags of the run that saved it"
+                f"--resume: the checkpoint in {ckpt} was saved by a run with {what}{flag} {_shown(was)}, this run "
+                f"has {flag} {_shown(now.get(name))}; give the flags of the run that saved it"
             )
+
+
+def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
+    """The resumed run must compute what the saved one did: the same flags (checked first, on
+    their own), the same training data, the same derived settings (a default derived from the
+    data, such as --test-size, differs only when the data do, so the data are compared first)."""
     if saved.get("data") != record["data"]:
         raise InputError(
             f"--resume: the training data differ from those of the run that saved the checkpoint in {ckpt} "
-            "(other --data contents, split or tokenizer)"
+            "(other --data contents or another split)"
         )
+    _check_same("(derived) ", saved.get("options", {}), record["options"], ckpt)
 
 
 def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopState, step: int) -> bool:
@@ -891,7 +920,7 @@ def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopS
     try:
         flexlora.save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step=step)
         return True
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save says RuntimeError
         warnings.warn(f"--save-every: the checkpoint of step {step} could not be written to {ckpt} ({e}); training "
                       "goes on, the last checkpoint written (if any) is kept", stacklevel=2)
         return False

@@ -26,6 +26,8 @@ def tiny(tmp_path_factory):
         "data": write_jsonl(root / "d.jsonl", rows),
         "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
         "lm2": write_jsonl(root / "lm2.jsonl", [{"text": r["text"] + " indeed"} for r in rows]),
+        # more rows: the derived --test-size differs too, but the data are what changed
+        "lm_more": write_jsonl(root / "lm_more.jsonl", [{"text": r["text"]} for r in rows + rows[:8]]),
     }
 
 
@@ -165,14 +167,94 @@ def test_resume_without_a_checkpoint_and_other_methods_are_refused(tiny, tmp_pat
     assert code == 2 and "is not a folder" in lines[0]
 
 
-def test_a_failed_checkpoint_write_warns_and_training_goes_on(tiny, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file"),
+    "safetensors",
+], ids=["OSError", "torch.save", "safetensors"])
+def test_a_failed_checkpoint_write_warns_and_training_goes_on(tiny, tmp_path, capsys, monkeypatch, error):
+    # a real full disk reaches us as torch.save's RuntimeError or safetensors' SafetensorError
     import flexlora
 
+    if error == "safetensors":
+        from safetensors import SafetensorError
+
+        error = SafetensorError("Error while serializing: IoError(Os { code: 27, message: \"File too large\" })")
+
     def full_disk(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise error
 
     monkeypatch.setattr(flexlora, "save_checkpoint", full_disk)
     assert main(argv(tiny, tmp_path / "out", "--save-every", "4")) == 0
     err = capsys.readouterr().err
     assert err.count("flexlora: warning: --save-every: the checkpoint of step") == 2, err
-    assert "No space left on device" in err and (tmp_path / "out" / "adapter").is_dir()
+    assert str(error)[:20] in err and (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_the_flags_are_compared_before_the_model_loads(tiny, unfinished, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the flags were compared")
+
+    monkeypatch.setattr("flexlora.train.load_model", no_model)
+    code, lines = run_bad(capsys, argv(tiny, unfinished, "--resume", "--lr", "0.02"))
+    assert code == 2 and "--lr 0.005" in lines[0]
+
+
+def test_other_data_are_named_as_such_even_when_a_derived_default_changes_with_them(tiny, unfinished, capsys):
+    args = argv(tiny, unfinished, "--resume")
+    args[args.index("--data") + 1] = str(tiny["lm_more"])
+    code, lines = run_bad(capsys, args)
+    assert code == 2 and "training data differ" in lines[0], lines
+
+
+def test_an_epochs_run_names_its_step_count_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = [a for a in argv(tiny, out, "--save-every", "3") if a not in ("--steps", str(STEPS))] + ["--epochs", "1"]
+    with monkeypatch.context() as m:
+        cut_at(m, 7)
+        with pytest.raises(SystemExit):
+            main(args)
+    capsys.readouterr()
+    code, lines = run_bad(capsys, args)
+    assert code == 2 and "(step 6 of 11)" in lines[0], lines  # 87 training texts / batch 8
+    assert main(args + ["--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 11 and metrics["resumed_from_step"] == 6
+    # wall time of every process: never less than the training time summed over them
+    assert metrics["total_seconds"] >= metrics["train_seconds"]
+
+
+def test_a_changed_save_every_holds_for_the_next_resume_too(tiny, unfinished, capsys, monkeypatch):
+    import flexlora
+
+    with monkeypatch.context() as m:  # resumed from step 4 with --save-every 3: saves 6, cut at 7
+        cut_at(m, 7)
+        with pytest.raises(SystemExit):
+            main(argv(tiny, unfinished, "--resume", "--save-every", "3"))
+    capsys.readouterr()
+    saved = []
+    real = flexlora.save_checkpoint
+    monkeypatch.setattr(flexlora, "save_checkpoint", lambda *a, **k: saved.append(k["step"]) or real(*a, **k))
+    assert main(argv(tiny, unfinished, "--resume")) == 0
+    assert saved == [9], saved  # every 3 from step 6, not the first run's every 2
+
+
+def test_a_folder_named_checkpoint_that_is_no_checkpoint_is_named_as_such(tiny, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "run"))
+    assert code == 2 and "holds no checkpoint of flexlora train" in lines[0] and "--resume" not in lines[0]
+
+
+def test_a_run_that_diverges_says_its_checkpoint_must_go(tiny, unfinished, capsys, monkeypatch):
+    import flexlora
+
+    real = flexlora.RankAllocator.step
+
+    def diverge(self, s, *a, **k):
+        if s == 5:
+            raise FloatingPointError("importance scores are NaN")
+        return real(self, s, *a, **k)
+
+    monkeypatch.setattr(flexlora.RankAllocator, "step", diverge)
+    code, lines = run_bad(capsys, argv(tiny, unfinished, "--resume"))
+    assert code == 2 and "diverged at step 5" in lines[0] and f"delete {unfinished / 'checkpoint'} first" in lines[0]
