@@ -362,3 +362,25 @@ def test_a_trained_bias_of_an_adapted_head_that_is_exported_merged_does_not_warn
         export_peft(model, tmp_path)
     saved = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors"))
     assert torch.equal(saved["base_model.model.classifier.bias"], torch.full((3,), 7.0))
+
+
+def test_a_module_name_that_is_a_dotted_suffix_of_another_keeps_its_own_rank(tmp_path):
+    # "0" is also the tail of "1.0": a rank_pattern key that PEFT could match as a suffix would
+    # give "1.0" the rank of "0" (PEFT then failed: size mismatch [3, 8] vs [2, 8])
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8))).eval()
+    model = wrap(copy.deepcopy(base), flex_config(target_modules=["0"], r_init=2, r_max=4))
+    with torch.no_grad():
+        for name, m in flex_modules(model):
+            m.P.normal_(std=0.3)
+            m.Q.normal_(std=0.3)
+            m.lam.normal_()
+            m.mask.copy_(torch.tensor([True, True, False, False] if name == "0" else [True, True, True, False]))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+    info = export_peft(model, tmp_path, task_type=None)
+    assert info["rank_pattern"] == {"0": 2, "1.0": 3}
+    pm = load_peft(base, tmp_path)
+    with torch.no_grad():
+        assert (pm(x) - want).abs().max().item() <= 1e-5

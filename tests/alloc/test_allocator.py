@@ -1023,3 +1023,75 @@ def test_total_rank_follows_masks_loaded_without_the_allocator():
     assert al.total_rank == 7 == sum(al.ranks().values())
     dst.load_state_dict(Bank([6] * 3, r_init=2, seed=3).state_dict())
     assert al.state_dict()["total_rank"] == 6 and "total_rank=6" in repr(al)  # not read first
+
+
+def test_new_directions_are_drawn_in_module_order_not_score_order():
+    # two modules expand, the higher-scoring one later in module order: each module's draws must
+    # not depend on how the scores ranked it (the draws run in module order)
+    bank = Bank([6] * 4, r_init=3)
+    script(bank, [{0: 2.0, 1: 1.0}, {0: 1.0, 1: 1.0}, {0: 5.0, 1: 0.1}, {0: 3.0, 1: 0.05, 2: 1.0}])
+    ref = [entropy64(s) for s in ([2.0, 1.0], [1.0, 1.0], [5.0, 0.1], [3.0, 0.05, 1.0])]
+    assert ref[1] > ref[0] > ref[3] > ref[2]
+    ev = RankAllocator(bank, config())._event(10, 2)
+    assert ev.expanded == [("layers.1", 2), ("layers.0", 2)]  # score order: layers.1 first
+    g = torch.Generator().manual_seed(event_seed(0, 10))
+    for i in (0, 1):  # drawn in module order: P column, then Q row, of layers.0, then layers.1
+        assert torch.equal(bank.layers[i].P[:, 2], torch.randn(7, generator=g) * 0.02), i
+        assert torch.equal(bank.layers[i].Q[2], torch.randn(5, generator=g) * 0.02), i
+
+
+def test_an_expanded_slot_starts_from_fresh_moments_whatever_it_held():
+    # inactive slots hold zero moments in normal runs, so a missing reset on expansion showed only
+    # after an outside change: poison them, then every opened slot must start from zero
+    bank, al, opt = _trained_bank()
+    with torch.no_grad():
+        for m in bank.layers:
+            off = ~m.mask
+            for p, sel in ((m.P, (slice(None), off)), (m.lam, off), (m.Q, off)):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    opt.state[p][key][sel] = 1.0
+    ev = al._event(10, 2)
+    assert ev.expanded
+    for name, j in ev.expanded:
+        m = bank.layers[int(name.split(".")[1])]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not opt.state[m.P][key][:, j].any() and opt.state[m.lam][key][j] == 0
+            assert not opt.state[m.Q][key][j].any(), (name, j, key)
+
+
+def test_first_sight_of_an_optimizer_zeroes_inactive_slots_and_their_moments():
+    # slots trained while active, then switched off by hand: the allocator's first step with the
+    # optimizer must zero their values and moments (weight decay would move them otherwise)
+    bank = Bank([6] * 3, r_init=6, seed=1)
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        (bank(torch.randn(8, 5, generator=g)) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for m in bank.layers:
+            m.mask[3:] = False
+    assert opt.state[bank.layers[0].lam]["exp_avg_sq"][3:].abs().min() > 0  # they did hold state
+    al = RankAllocator(bank, config(t_warmup=50))
+    al.step(1, opt)  # no event: only the first sight
+    for m in bank.layers:
+        assert not m.P[:, 3:].any() and not m.lam[3:].any() and not m.Q[3:].any()
+        for p, sel in ((m.P, (slice(None), slice(3, None))), (m.lam, slice(3, None)), (m.Q, slice(3, None))):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert not opt.state[p][key][sel].any(), key
+        assert m.lam[:3].abs().min() > 0  # active slots untouched
+
+
+def test_loading_a_state_zeroes_the_inactive_slots_again():
+    bank = Bank([6] * 3, r_init=3, seed=2)
+    al = RankAllocator(bank, config())
+    with torch.no_grad():  # poisoned inactive slots, e.g. from a state dict written by hand
+        for m in bank.layers:
+            m.P[:, 4] = 3.0
+            m.lam[5] = float("nan")
+            m.Q[3] = -1.0
+    al.load_state_dict(al.state_dict())
+    for m in bank.layers:
+        assert not m.P[:, 3:].any() and not m.lam[3:].isnan().any() and not m.lam[3:].any()
+        assert not m.Q[3:].any()

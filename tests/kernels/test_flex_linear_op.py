@@ -852,3 +852,24 @@ def test_float64_input_is_left_alone_by_autocast():
         y_lin = torch.nn.functional.linear(args["x"], args["weight"])
     assert y.dtype == y_lin.dtype == torch.float64  # autocast does not touch float64 (was bf16)
     assert rel_err(y, formula(**inp)) < 1e-13
+
+
+def test_torch_dlam_of_fp16_compute_is_summed_beyond_fp16_range():
+    # dλ_j = s·Σ_m u[m, j]·dv[m, j] over M = 4096 positive fp16 products of ~100 each: the sum
+    # (~4e5) is past fp16's 65504, so a dλ summed and returned in the compute dtype is inf; summed
+    # in fp32 and stored in λ's fp32 it is the float64 value up to the rounding of u and dv
+    g = torch.Generator().manual_seed(0)
+    M, K, N, R = 4096, 16, 8, 4
+    x = (torch.rand(M, K, generator=g) + 0.5).to(torch.float16).requires_grad_()
+    w = torch.rand(N, K, generator=g).to(torch.float16)
+    P = (torch.rand(N, R, generator=g) + 0.5).requires_grad_()
+    Q = (torch.rand(R, K, generator=g) + 0.5).requires_grad_()
+    lam = (torch.rand(R, generator=g) + 0.5).requires_grad_()
+    mask = torch.ones(R, dtype=torch.bool)
+    dy = (torch.rand(M, N, generator=g) + 0.5).to(torch.float16)
+    flex_linear(x, w, None, P, lam, Q, mask, 0.5, backend="torch").backward(dy)
+    u64 = x.detach().double() @ Q.detach().double().t()
+    dv64 = dy.double() @ P.detach().double()
+    want = 0.5 * (u64 * dv64).sum(0)
+    assert want.min() > 2 * 65504 and lam.grad.dtype == torch.float32
+    assert rel_err(lam.grad.double(), want) <= 1e-2
