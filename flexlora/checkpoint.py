@@ -120,17 +120,23 @@ def _warn_left_out(caller: str, model: nn.Module, saved: List[Tuple[str, nn.Modu
     the ``saved`` modules does not hold: they would be lost with the process."""
     left_out = list(_other_trainables(model, saved, whole_saved=whole_saved))
     base = {f"{n}.{k}" for n, _ in flex_modules(model) for k in ("weight", "bias")}
-    for names, advice in (
-        ([n for n in left_out if n in base], "base weights of adapted modules, which an adapter never holds (its "
-         "ΔW is P·diag(λ)·Q alone): save the base model's state_dict for them"),
-        ([n for n in left_out if n not in base], "neither adapter slots nor in modules_to_save, so the adapter "
-         "does not hold them: list their modules in FlexLoRAConfig.modules_to_save to save them with it"),
+    for names, plural, singular in (
+        ([n for n in left_out if n in base],
+         "are base weights of adapted modules, which an adapter never holds (its ΔW is P·diag(λ)·Q alone): save "
+         "the base model's state_dict for them (save_checkpoint keeps them for resuming)",
+         "is the base weight of an adapted module, which an adapter never holds (its ΔW is P·diag(λ)·Q alone): "
+         "save the base model's state_dict for it (save_checkpoint keeps it for resuming)"),
+        ([n for n in left_out if n not in base],
+         "are neither adapter slots nor in modules_to_save, so the adapter does not hold them: list their modules "
+         "in FlexLoRAConfig.modules_to_save to save them with it (save_checkpoint keeps them for resuming)",
+         "is neither an adapter slot nor in modules_to_save, so the adapter does not hold it: list its module in "
+         "FlexLoRAConfig.modules_to_save to save it with it (save_checkpoint keeps it for resuming)"),
     ):
         if names:
             n = len(names)
             warnings.warn(
                 f"{caller}: {n} trainable parameter{'s' if n > 1 else ''} ({_names(names)}) "
-                f"{'are' if n > 1 else 'is'} {advice} (save_checkpoint keeps them for resuming)",
+                f"{plural if n > 1 else singular}",
                 stacklevel=3,
             )
 
@@ -788,11 +794,17 @@ def load_checkpoint(
                 f"checkpoint {str(directory)!r} holds no {key} state, but load_checkpoint was given {key}=...: "
                 f"pass {key}=None, or save with save_checkpoint(..., {key}=...)"
             )
+    extras = _check_trainables(state, model, directory)
     if optimizer is not None:
-        _check_optimizer_state(optimizer, state["optimizer"], directory)
+        _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, state, extras))
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
-    extras = _check_trainables(state, model, directory)
+    elif optimizer is not None and state.get("scaler"):  # resuming training, the loss scale left behind
+        warnings.warn(
+            f"checkpoint {str(directory)!r} holds a GradScaler state, but load_checkpoint was given no scaler=: "
+            "pass scaler= to restore its loss scale (a fresh GradScaler starts again from its init_scale)",
+            stacklevel=2,
+        )
     snapshot = _adapter_snapshot(model)  # empty for a plain model
     alloc_before = allocator.state_dict() if allocator is not None else None
     # Optimizer.load_state_dict puts new state tensors in place and leaves the old ones as they
@@ -894,9 +906,19 @@ def _this_ranks_rng(state: Dict[str, Any], directory: Path) -> Dict[str, Any]:
     return per_rank[rank]
 
 
-def _check_optimizer_state(optimizer, saved, directory: Path) -> None:
+def _missing_from(optimizer, state: Dict[str, Any], extras) -> str:
+    """A hint for a parameter-count mismatch: the checkpoint's trained non-adapter parameters that
+    the optimizer given does not hold (the saving run's optimizer did, most likely)."""
+    held = {id(p) for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
+    names = [n for n, (p, _) in zip(state.get(_TRAINABLE_KEY, {}), extras) if id(p) not in held]
+    if not names:
+        return ""
+    return f"; the checkpoint holds trained values of {_names(names)}, which the optimizer given does not hold"
+
+
+def _check_optimizer_state(optimizer, saved, directory: Path, hint: str = "") -> None:
     """The checks torch's Optimizer.load_state_dict makes (group count, parameters per group),
-    made before anything is loaded."""
+    made before anything is loaded; ``hint`` is added to a count mismatch's message."""
     groups = getattr(optimizer, "param_groups", None)
     saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if groups is None or not isinstance(saved_groups, list):
@@ -904,14 +926,14 @@ def _check_optimizer_state(optimizer, saved, directory: Path) -> None:
     if len(saved_groups) != len(groups):
         raise ValueError(
             f"checkpoint {str(directory)!r}: the optimizer state has {len(saved_groups)} parameter groups, "
-            f"the optimizer given has {len(groups)} (build it over the same parameters, in the same order)"
+            f"the optimizer given has {len(groups)} (build it over the same parameters, in the same order{hint})"
         )
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
         if len(g["params"]) != len(sg.get("params", ())):
             raise ValueError(
                 f"checkpoint {str(directory)!r}: optimizer parameter group {i} holds {len(sg.get('params', ()))} "
                 f"parameters in the checkpoint, {len(g['params'])} in the optimizer given "
-                "(build it over the same parameters, in the same order)"
+                f"(build it over the same parameters, in the same order{hint})"
             )
     # The same counts in another order load, then fail at optimizer.step() (or, where shapes
     # coincide, swap moments silently): a state tensor must fit its parameter's shape.

@@ -1,15 +1,19 @@
 """``flexlora`` command line: ``flexlora train [flags]`` (also ``python -m flexlora train``).
 
 Bad input (model, data, flags, output directory) prints one line ``flexlora: error: ...`` on
-stderr and exits with code 2, without a traceback.
+stderr and exits with code 2, without a traceback. Ctrl-C exits with 130, SIGTERM with 143, both
+after naming the run's checkpoint when it has one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from typing import List, Optional, Set
 
@@ -111,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=None, help="print the mean loss every N steps (default steps/10)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--save-every", type=int, default=None, metavar="N",
-                   help="save a checkpoint into OUTPUT_DIR/checkpoint every N steps (flexlora.save_checkpoint: "
+                   help="--method flexlora: save a checkpoint into OUTPUT_DIR/checkpoint every N steps "
+                        "(flexlora.save_checkpoint: "
                         "adapter, allocator, optimizer, LR schedule, RNG states, the log so far), removed when the "
                         "run finishes; 0 = never (default: 0, or with --resume the saved run's)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the unfinished run in OUTPUT_DIR/checkpoint exactly (give the flags it was "
-                        "started with)")
+                   help="--method flexlora: continue the unfinished run in OUTPUT_DIR/checkpoint exactly (give "
+                        "the flags it was started with)")
     return p
 
 
@@ -201,17 +206,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=args.device, precision=args.precision, save_every=args.save_every, resume=args.resume,
     )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             warnings.showwarning = _show_warning  # restored on exit by catch_warnings
             run(opts)
     except InputError as e:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         sys.stderr.write(f"flexlora: error: {msg}\n")
         sys.exit(2)
+    except Terminated:
+        sys.stderr.write("flexlora: terminated (SIGTERM)\n")
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.stderr.write("flexlora: interrupted\n")
         sys.exit(130)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``) raised in the main thread: the run stops as on
+    Ctrl-C, so it says where its checkpoint is, instead of dying silently."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ gradient clipping, ``optimizer.step()``, LR schedule, then ``allocator.step(step
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -50,6 +51,8 @@ STAGE_PREFIX = ".flexlora-save-"
 OUTPUT_FILES = ("rank_history.csv", "rank_heatmap.png", "train_log.csv", "classifier_head.safetensors", "metrics.json")
 # --save-every writes flexlora.save_checkpoint here; --resume continues from it; a finished run removes it
 CHECKPOINT_DIR = "checkpoint"
+# held (flock) by the run writing into --output-dir: a second run there at the same time is refused
+LOCK_NAME = ".flexlora-run.lock"
 # options a --resume may change: where and how the run reports, not what it computes (--data's
 # path may change too: the training split's digest is compared instead)
 _RESUME_FREE = ("output_dir", "progress", "log_every", "threads", "cache_dir", "device", "save_every", "resume",
@@ -597,17 +600,26 @@ def prepare_output_dir(path: str) -> Path:
 
 def run(opts: TrainOptions) -> dict:
     """Train as ``opts`` says, write the outputs into ``opts.output_dir`` and return the metrics."""
-    from tqdm.auto import tqdm
-
     device = check_flags(opts)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     t_start = time.perf_counter()
     out = prepare_output_dir(opts.output_dir)
     ckpt = out / CHECKPOINT_DIR
-    saved = _unfinished_run(ckpt, opts.resume)
-    if saved is not None:  # the flags as given, before anything loads
-        _check_same("", saved.get("flags", {}), _resume_key(opts), ckpt)
+    with _output_lock(out):
+        try:
+            return _train(opts, device, out, ckpt, t_start)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one), in any phase
+            _point_to_checkpoint(ckpt)
+            raise
+
+
+def _train(opts: TrainOptions, device: torch.device, out: Path, ckpt: Path, t_start: float) -> dict:
+    from tqdm.auto import tqdm
+
+    saved = _unfinished_run(ckpt, opts.resume, opts.method)
+    if saved is not None:  # the flags given on both command lines, before anything loads
+        _check_same("", saved.get("flags", {}), _resume_key(opts), ckpt, given_only=True)
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else None
 
     model_dir = resolve_model(opts.model, cache)
@@ -727,61 +739,52 @@ def run(opts: TrainOptions) -> dict:
     model.train()
     bar = tqdm(total=steps, initial=start, desc=f"{o.method} {o.model}", disable=not o.progress, dynamic_ncols=True,
                file=sys.stderr)
-    last_saved = start or None
-    try:
-        for step in range(start + 1, steps + 1):
-            batch = to_device(next(stream), device)
-            t_step = time.perf_counter()
-            with autocast(device, o.precision):
-                loss = model(**batch).loss
-            # the orthogonality penalty in fp32, outside autocast: PᵀP and QQᵀ are what it measures
-            total = loss + allocator.orthogonal_loss() if allocator is not None else loss
-            total.backward()
-            if o.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
-            optimizer.step()
-            lr_used = optimizer.param_groups[0]["lr"]  # the log shows the lr of this step, not the next
-            scheduler.step()
-            if allocator is not None:
-                try:
-                    allocator.step(step, optimizer)
-                except FloatingPointError as e:  # NaN scores: the run diverged
-                    bar.close()
-                    raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr"
-                                     f"{_restart_hint(ckpt)}") from None
-            elif adalora is not None:
-                adalora.base_model.update_and_allocate(step)
-            optimizer.zero_grad(set_to_none=True)
-            lv = loss.item()  # waits for the GPU's step to end, so dt below is its real duration
-            dt = time.perf_counter() - t_step
-            ntok = int(batch["attention_mask"].sum())
-            tokens_total += ntok
-            train_time += dt
-            if not math.isfinite(lv):
+    for step in range(start + 1, steps + 1):
+        batch = to_device(next(stream), device)
+        t_step = time.perf_counter()
+        with autocast(device, o.precision):
+            loss = model(**batch).loss
+        # the orthogonality penalty in fp32, outside autocast: PᵀP and QQᵀ are what it measures
+        total = loss + allocator.orthogonal_loss() if allocator is not None else loss
+        total.backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+        optimizer.step()
+        lr_used = optimizer.param_groups[0]["lr"]  # the log shows the lr of this step, not the next
+        scheduler.step()
+        if allocator is not None:
+            try:
+                allocator.step(step, optimizer)
+            except FloatingPointError as e:  # NaN scores: the run diverged
                 bar.close()
-                raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr{_restart_hint(ckpt)}")
-            losses.append(lv)
-            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-            rank = current_rank(model, o.method, o, n_mod, step)
-            log_rows.append({"step": step, "loss": round(lv, 6), "lr": lr_used,
-                             "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
-            bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
-            bar.update(1)
-            if step % log_every == 0 or step == steps:
-                window = losses[-log_every:]
-                bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
-                          f"{tokens_total / train_time:.0f} tok/s")
-            if save_every and step % save_every == 0 and step < steps:
-                record.update(tokens_total=tokens_total, train_time=train_time, ema=ema,
-                              elapsed=earlier + time.perf_counter() - t_start)
-                if _save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step):
-                    last_saved = step
-    except KeyboardInterrupt:
-        bar.close()
-        if last_saved is not None:
-            print(f"flexlora: the checkpoint of step {last_saved} is in {ckpt}: run the same command with "
-                  "--resume to continue from it", file=sys.stderr)
-        raise
+                raise InputError(f"training diverged at step {step} ({_first_line(e)}); try a smaller --lr"
+                                 f"{_restart_hint(ckpt)}") from None
+        elif adalora is not None:
+            adalora.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        lv = loss.item()  # waits for the GPU's step to end, so dt below is its real duration
+        dt = time.perf_counter() - t_step
+        ntok = int(batch["attention_mask"].sum())
+        tokens_total += ntok
+        train_time += dt
+        if not math.isfinite(lv):
+            bar.close()
+            raise InputError(f"the loss became {lv} at step {step}; try a smaller --lr{_restart_hint(ckpt)}")
+        losses.append(lv)
+        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        rank = current_rank(model, o.method, o, n_mod, step)
+        log_rows.append({"step": step, "loss": round(lv, 6), "lr": lr_used,
+                         "total_rank": rank, "tokens_per_s": round(ntok / dt, 1)})
+        bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tokens_total / train_time:.0f}", rank=rank, refresh=False)
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            window = losses[-log_every:]
+            bar.write(f"step {step:>5}/{steps}  loss {sum(window) / len(window):.4f}  total rank {rank}  "
+                      f"{tokens_total / train_time:.0f} tok/s")
+        if save_every and step % save_every == 0 and step < steps:
+            record.update(tokens_total=tokens_total, train_time=train_time, ema=ema,
+                          elapsed=earlier + time.perf_counter() - t_start)
+            _save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step)
     bar.close()
     metrics["train_seconds"] = round(train_time, 2)
     metrics["tokens_per_s"] = round(tokens_total / max(train_time, 1e-9), 1)
@@ -850,12 +853,66 @@ def _read_saved_run(ckpt: Path) -> Optional[dict]:
         return None
 
 
-def _unfinished_run(ckpt: Path, resume: bool) -> Optional[dict]:
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """Hold an exclusive lock on ``out`` while a run writes into it: two runs into one folder at
+    once would replace each other's checkpoints (and one's finish would delete the other's). The
+    lock is an flock on a hidden file, released by the OS however the process ends; the file,
+    and any folders made for it, are removed at the end (a run that fails early leaves no folder
+    behind). Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)  # prepare_output_dir proved it can be made
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            raise InputError(
+                f"--output-dir: another flexlora train{f' (pid {holder})' if holder.isdigit() else ''} is "
+                f"writing into {out}; wait for it to end, or choose another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            for folder in made:  # deepest first; only folders left empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+
+
+def _point_to_checkpoint(ckpt: Path) -> None:
+    """After an interrupt: say which step the checkpoint on disk holds (if there is one)."""
+    saved = _read_saved_run(ckpt)
+    if saved is not None:
+        print(f"flexlora: the checkpoint of step {saved['step']} is in {ckpt}: run the same command with "
+              "--resume to continue from it", file=sys.stderr)
+
+
+def _unfinished_run(ckpt: Path, resume: bool, method: str = "flexlora") -> Optional[dict]:
     """With --resume, the saved run in ckpt (an InputError if there is none); without, an
     InputError if ckpt holds one: a fresh run would overwrite it at its first save, and a later
     --resume would continue the old run over the new run's outputs."""
     if resume:
         if not (ckpt / TRAINING_STATE_NAME).is_file():
+            if (ckpt.parent / "metrics.json").is_file():
+                raise InputError(
+                    f"--resume: no checkpoint in {ckpt}: the run in {ckpt.parent} has finished (its metrics.json "
+                    "is there; a finished run removes its checkpoint)"
+                )
             raise InputError(f"--resume: no checkpoint in {ckpt} (a run writes one with --save-every N)")
         saved = _read_saved_run(ckpt)
         if saved is None:
@@ -868,10 +925,15 @@ def _unfinished_run(ckpt: Path, resume: bool) -> Optional[dict]:
                 f"--output-dir: {ckpt} exists but holds no checkpoint of flexlora train (--save-every writes "
                 "there): move or delete it, or choose another --output-dir"
             )
+        where = f"(step {saved['step']} of {saved.get('steps')})"
+        if method != "flexlora":  # --resume is for FlexLoRA runs
+            raise InputError(
+                f"--output-dir: {ckpt} holds the checkpoint of an unfinished FlexLoRA run {where}: delete that "
+                "folder or choose another --output-dir"
+            )
         raise InputError(
-            f"--output-dir: {ckpt} holds the checkpoint of an unfinished run (step {saved['step']} of "
-            f"{saved.get('steps')}): add --resume to continue it, or delete that folder (or choose another "
-            "--output-dir) to start over"
+            f"--output-dir: {ckpt} holds the checkpoint of an unfinished run {where}: add --resume to continue "
+            "it, or delete that folder (or choose another --output-dir) to start over"
         )
     return None
 
@@ -889,9 +951,13 @@ def _shown(value) -> str:
     return "(default)" if value is None else str(value)
 
 
-def _check_same(what: str, saved: dict, now: dict, ckpt: Path) -> None:
-    """InputError naming the first option whose value differs from the saved run's."""
+def _check_same(what: str, saved: dict, now: dict, ckpt: Path, given_only: bool = False) -> None:
+    """InputError naming the first option whose value differs from the saved run's; given_only:
+    only options set on both command lines (one left to its default is compared once derived:
+    --r-max 16 given against a saved default that came out as 16 is the same run)."""
     for name, was in saved.items():
+        if given_only and (was is None or now.get(name) is None):
+            continue
         if now.get(name) != was:
             flag = config_flag(name)
             raise InputError(
@@ -909,7 +975,14 @@ def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
             f"--resume: the training data differ from those of the run that saved the checkpoint in {ckpt} "
             "(other --data contents or another split)"
         )
-    _check_same("(derived) ", saved.get("options", {}), record["options"], ckpt)
+    # --steps or --epochs: what counts is the number of steps they come to
+    options = {k: v for k, v in saved.get("options", {}).items() if k not in ("steps", "epochs")}
+    _check_same("(derived) ", options, record["options"], ckpt)
+    if saved.get("steps") != record["steps"]:
+        raise InputError(
+            f"--resume: the checkpoint in {ckpt} was saved by a run of {saved.get('steps')} steps, this run has "
+            f"{record['steps']} (--steps / --epochs); give the flags of the run that saved it"
+        )
 
 
 def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopState, step: int) -> bool:

@@ -6,6 +6,7 @@ schedule, and a RankAllocator whose prune/expand events fall both before and aft
 """
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -475,3 +476,13 @@ def test_a_late_failure_puts_the_scaler_back(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="refused"):
         load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched, scaler=scaler)
     assert scaler.state_dict() == before
+
+
+def test_resuming_training_without_the_saved_scaler_warns(tmp_path):
+    _scaled_run(tmp_path / "c", 3)
+    model, opt, sched, alloc = build()
+    with pytest.warns(UserWarning, match=r"holds a GradScaler state, but load_checkpoint was given no scaler="):
+        load_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, scheduler=sched)
+    with warnings.catch_warnings():  # without an optimizer (inference) it is nobody's concern
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "c", build()[0])

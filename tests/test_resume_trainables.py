@@ -227,3 +227,23 @@ def test_a_trained_base_weight_of_an_adapted_module_gets_advice_that_works(tmp_p
     text = " ".join(str(w.message) for w in caught)
     assert "'model.layers.0.self_attn.q_proj.weight'" in text
     assert "base weight" in text and "modules_to_save" not in text, text
+
+
+def test_an_optimizer_without_a_trained_parameter_is_told_which(tmp_path):
+    torch.manual_seed(0)
+    model, opt, alloc = build()
+    train(model, opt, alloc, 0, 1)
+    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    model2, _, alloc2 = build()
+    narrow = torch.optim.AdamW([p for n, p in model2.named_parameters() if p.requires_grad and n != EXTRA[1]])
+    with pytest.raises(ValueError, match=r"holds trained values of 'model\.layers\.0\.mlp\.gate_proj\.weight', which "
+                                         r"the optimizer given does not hold"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=narrow)
+
+
+def test_the_warning_about_one_parameter_speaks_of_one(tmp_path):
+    torch.manual_seed(0)
+    model, _, _ = build(extra=EXTRA[:1])
+    with pytest.warns(UserWarning, match=r"1 trainable parameter \('model\.norm\.weight'\) is neither an adapter slot "
+                                         r"nor in modules_to_save, so the adapter does not hold it: list its module"):
+        save_adapter(model, tmp_path / "a")

@@ -258,3 +258,86 @@ def test_a_run_that_diverges_says_its_checkpoint_must_go(tiny, unfinished, capsy
     monkeypatch.setattr(flexlora.RankAllocator, "step", diverge)
     code, lines = run_bad(capsys, argv(tiny, unfinished, "--resume"))
     assert code == 2 and "diverged at step 5" in lines[0] and f"delete {unfinished / 'checkpoint'} first" in lines[0]
+
+
+def test_a_second_run_into_the_same_folder_at_once_is_refused(tiny, tmp_path, capsys):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".flexlora-run.lock", os.O_RDWR | os.O_CREAT)
+    try:  # another process's run holds the lock (flock: per open file, so this process counts too)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242")
+        code, lines = run_bad(capsys, argv(tiny, out, "--save-every", "3"))
+    finally:
+        os.close(fd)
+    assert code == 2 and "another flexlora train (pid 4242) is writing into" in lines[0], lines
+    assert main(argv(tiny, out, "--save-every", "3")) == 0  # released: the next run goes ahead
+    assert not (out / ".flexlora-run.lock").exists(), "the lock file is removed at the end"
+    # a run that fails before saving leaves no folder it made behind, lock file included
+    code, _ = run_bad(capsys, argv(tiny, tmp_path / "new" / "deep", "--lr", "-1"))
+    assert code == 2 and not (tmp_path / "new").exists()
+    code, _ = run_bad(capsys, argv(tiny, tmp_path / "new2" / "deep", "--target-modules", "nothing_here"))
+    assert code == 2 and not (tmp_path / "new2").exists()
+
+
+def test_an_interrupt_after_the_loop_still_names_the_checkpoint(tiny, unfinished, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("flexlora.train.lm_loss", interrupted)  # the final evaluation (and the first)
+    with pytest.raises(SystemExit) as e:
+        main(argv(tiny, unfinished, "--resume"))
+    assert e.value.code == 130
+    assert "the checkpoint of step 4 is in" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_run_like_ctrl_c_and_names_the_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import flexlora
+
+    real = flexlora.RankAllocator.step
+
+    def preempted(self, s, *a, **k):
+        if s == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption
+        return real(self, s, *a, **k)
+
+    monkeypatch.setattr(flexlora.RankAllocator, "step", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main(argv(tiny, tmp_path / "run", "--save-every", "3"))
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert "flexlora: terminated (SIGTERM)" in err and "the checkpoint of step 6 is in" in err
+
+
+def test_a_default_given_explicitly_or_the_same_step_count_resumes(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        cut_at(m, 5)
+        with pytest.raises(SystemExit):
+            main(argv(tiny, out, "--save-every", "2"))
+    capsys.readouterr()
+    # --r-max 4 is what the saved run's default (2r) came to: the same run
+    code, lines = run_bad(capsys, argv(tiny, out, "--resume", "--r-max", "6"))
+    assert code == 2 and "(derived) --r-max 4, this run has --r-max 6" in lines[0], lines
+    steps_as_epochs = [a for a in argv(tiny, out, "--resume", "--r-max", "4") if a not in ("--steps", str(STEPS))]
+    code, lines = run_bad(capsys, steps_as_epochs + ["--epochs", "2"])  # 2 epochs of 11 steps = 22
+    assert code == 2 and "a run of 10 steps, this run has 22 (--steps / --epochs)" in lines[0], lines
+    assert main(argv(tiny, out, "--resume", "--r-max", "4")) == 0
+
+
+def test_resume_after_the_run_finished_says_so(tiny, tmp_path, capsys):
+    assert main(argv(tiny, tmp_path / "run", "--save-every", "3")) == 0
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "run", "--resume"))
+    assert code == 2 and "has finished (its metrics.json is there" in lines[0], lines
+
+
+def test_a_peft_run_over_a_flexlora_checkpoint_is_not_told_to_resume(tiny, unfinished, capsys):
+    code, lines = run_bad(capsys, argv(tiny, unfinished, "--method", "lora"))
+    assert code == 2 and "unfinished FlexLoRA run (step 4 of 10)" in lines[-1] and "--resume" not in lines[-1]
