@@ -861,37 +861,59 @@ def _output_lock(out: Path):
     and any folders made for it, are removed at the end (a run that fails early leaves no folder
     behind). Without fcntl (Windows) there is no lock."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (Windows has none: no lock there)
     except ImportError:
         yield
         return
     made = [p for p in [out, *out.parents] if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)  # prepare_output_dir proved it can be made
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
     try:
+        fd = _locked(path, out)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # unlinked while held: see _locked
+                os.unlink(path)
+            os.close(fd)
+        for folder in made:  # deepest first; only folders left empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+def _locked(path: Path, out: Path) -> int:
+    """An fd of ``path`` holding its flock: InputError if another run holds it. A run that ends
+    unlinks the file while holding it, so an flock won on a file that is no longer at ``path``
+    (opened just before that unlink) does not count: open again."""
+    import fcntl
+
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"--output-dir: cannot open the lock file {path} ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
             raise InputError(
                 f"--output-dir: another flexlora train{f' (pid {holder})' if holder.isdigit() else ''} is "
                 f"writing into {out}; wait for it to end, or choose another --output-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            for folder in made:  # deepest first; only folders left empty
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
-    finally:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
+    raise InputError(f"--output-dir: cannot lock {path}: it keeps being replaced (another run starting and ending?)")
 
 
 def _point_to_checkpoint(ckpt: Path) -> None:

@@ -350,3 +350,24 @@ def test_two_parameters_over_the_same_memory_are_tied_too():
     before = c.weight.detach().clone()
     merge(model)
     assert torch.equal(c.weight, before) and not torch.equal(model["d"].weight, before)
+
+
+def test_a_weight_over_part_of_another_or_its_transpose_is_tied_too():
+    # overlapping memory, not only the same view: merging into it would change the other module
+    for make in (lambda w: w.detach().t(), lambda w: w.detach()[:2]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+        w = make(model[0].weight)
+        model[1] = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        model[1].weight = nn.Parameter(w)
+        with pytest.warns(UserWarning, match=r"'1' is tied to \['0\.weight'\]"):
+            wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["1"]))
+        with pytest.raises(ValueError, match=r"'1'.*shared with \['0\.weight'\]"):
+            merge(model)
+    # row blocks of one fused buffer do not overlap: not tied
+    fused = torch.randn(8, 4)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model[0].weight, model[1].weight = nn.Parameter(fused[:4]), nn.Parameter(fused[4:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["1"]))

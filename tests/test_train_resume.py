@@ -341,3 +341,38 @@ def test_resume_after_the_run_finished_says_so(tiny, tmp_path, capsys):
 def test_a_peft_run_over_a_flexlora_checkpoint_is_not_told_to_resume(tiny, unfinished, capsys):
     code, lines = run_bad(capsys, argv(tiny, unfinished, "--method", "lora"))
     assert code == 2 and "unfinished FlexLoRA run (step 4 of 10)" in lines[-1] and "--resume" not in lines[-1]
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_one_line_error(tiny, tmp_path, capsys):
+    (tmp_path / "run" / ".flexlora-run.lock").mkdir(parents=True)
+    code, lines = run_bad(capsys, argv(tiny, tmp_path / "run"))
+    assert code == 2 and len(lines) == 1 and "cannot open the lock file" in lines[0], lines
+
+
+def test_a_lock_file_unlinked_by_the_run_ending_is_not_taken_for_a_lock(tmp_path, monkeypatch):
+    # run B opened the lock file, run A then ended (unlinking it): B's flock on the orphaned
+    # file must not count, or B and a run C that creates a new file both "hold" the lock
+    import fcntl
+    import os
+
+    from flexlora.data import InputError
+    from flexlora.train import _output_lock
+
+    out = tmp_path / "run"
+    real_flock = fcntl.flock
+    state = {"done": False}
+
+    def flock_after_unlink(fd, op):
+        if not state["done"]:  # A ends between B's open and B's flock
+            state["done"] = True
+            os.unlink(out / ".flexlora-run.lock")
+            c = os.open(out / ".flexlora-run.lock", os.O_RDWR | os.O_CREAT)  # run C starts and locks
+            real_flock(c, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            state["c"] = c
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_unlink)
+    with pytest.raises(InputError, match="another flexlora train"):
+        with _output_lock(out):
+            pass
+    os.close(state["c"])

@@ -23,18 +23,42 @@ from ..kernels.flex_linear import flex_linear
 
 
 def own_forward(linear: nn.Linear) -> bool:
-    """Whether ``linear`` is an nn.Linear subclass with a forward of its own (quantized layers:
-    bitsandbytes' Linear4bit, transformers' FP8Linear, ...), which FlexLinear, computing
-    x·Wᵀ + b from the weight, would silently skip."""
-    return type(linear).forward is not nn.Linear.forward
+    """Whether ``linear`` is an nn.Linear subclass whose forward computes something other than
+    x·Wᵀ + b (quantized layers: bitsandbytes' Linear4bit, transformers' FP8Linear, ...), which
+    FlexLinear, computing x·Wᵀ + b from the weight, would silently skip.
+
+    A subclass that overrides forward with the same math (transformers' FalconLinear) is found
+    out by running its forward once on a small random input against F.linear (its forward hooks
+    bypassed, torch's random stream untouched). On the meta device nothing can be computed: it
+    counts as plain."""
+    if type(linear).forward is nn.Linear.forward:
+        return False
+    w, b = linear.weight, linear.bias
+    if not w.dtype.is_floating_point or w.dim() != 2:  # a packed / quantized weight
+        return True
+    if w.device.type == "meta":
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, linear.in_features, generator=gen).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[] if w.device.type == "cpu" else [w.device]):
+            got = type(linear).forward(linear, x)
+            want = F.linear(x, w, b)
+    except Exception:  # a forward that cannot take a plain input is not x·Wᵀ + b
+        return True
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return True
+    eps = torch.finfo(w.dtype).eps
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return not torch.allclose(got.float(), want.float(), rtol=64 * eps, atol=64 * eps * max(scale, 1e-30))
 
 
 def own_forward_message(name: str, linear: nn.Linear) -> str:
     cls = type(linear)
     return (
-        f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own forward (a quantized or "
-        "otherwise customised layer): FlexLinear computes x·Wᵀ + b from the weight and would skip that forward, "
-        "so flexlora adapts plain nn.Linear layers only (load the model unquantized)"
+        f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass whose forward computes something "
+        "other than x·Wᵀ + b (a quantized or otherwise customised layer): FlexLinear computes x·Wᵀ + b from the "
+        "weight and would skip that forward, so flexlora cannot adapt it (load a quantized model unquantized)"
     )
 
 

@@ -68,7 +68,16 @@ def memory_key(p: torch.Tensor) -> tuple:
         ptr = 0
     if ptr == 0:
         return ("object", id(p))
-    return (str(p.device), ptr, p.storage_offset(), tuple(p.shape), tuple(p.stride()))
+    return (str(p.device), ptr, p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.element_size())
+
+
+def _span(key: tuple) -> Tuple[int, int]:
+    """[first byte, past the last byte) of the memory a memory_key's tensor reaches."""
+    _, _, offset, shape, stride, size = key
+    if 0 in shape:
+        return 0, 0
+    last = sum((n - 1) * s for n, s in zip(shape, stride))
+    return offset * size, (offset + last + 1) * size
 
 
 def parameter_owners(model: nn.Module) -> Dict[tuple, List[Tuple[int, str]]]:
@@ -83,9 +92,17 @@ def parameter_owners(model: nn.Module) -> Dict[tuple, List[Tuple[int, str]]]:
 
 
 def tied_names(owners: Dict[tuple, List[Tuple[int, str]]], module: nn.Module, param) -> List[str]:
-    """Names under which modules other than ``module`` hold ``param``'s memory (empty when it is
-    not tied)."""
-    return sorted({n for mid, n in owners.get(memory_key(param), []) if mid != id(module)})
+    """Names under which modules other than ``module`` hold memory that ``param``'s overlaps: the
+    same tensor, or a view over part of it or across it (a transpose, a slice); empty when it is
+    not tied. Disjoint views of one buffer (row blocks of a fused weight) are not tied. Overlap is
+    judged by byte ranges, so interleaved strided views (alternate columns) count as tied."""
+    key = memory_key(param)
+    keys = [key]
+    if key[0] != "object":
+        lo, hi = _span(key)
+        keys += [k for k in owners if k != key and k[0] != "object" and k[:2] == key[:2]
+                 and lo < _span(k)[1] and _span(k)[0] < hi]
+    return sorted({n for k in keys for mid, n in owners.get(k, []) if mid != id(module)})
 
 
 def _warn_unmatched_targets(model: nn.Module, config: FlexLoRAConfig, linear_names: List[str]) -> None:
@@ -135,7 +152,7 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
         # adapter inside an adapter, with PEFT's own weights frozen
         cls = type(peft_layer[1])
         raise ValueError(
-            f"wrap: the model holds PEFT adapter layers (first: {peft_layer[0] or 'the model itself'!r}, a "
+            f"wrap: the model holds PEFT adapter layers (first: {repr(peft_layer[0]) if peft_layer[0] else 'the model itself'}, a "
             f"{cls.__module__}.{cls.__qualname__}); fold or drop them before wrapping with flexlora: "
             "peft_model.merge_and_unload() or unload()"
         )

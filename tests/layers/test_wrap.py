@@ -381,11 +381,11 @@ def test_a_linear_subclass_with_its_own_forward_is_refused_before_anything_chang
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 3))
     flags = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"'1' is a .*ScaledLinear, an nn\.Linear subclass with its own forward"):
+    with pytest.raises(ValueError, match=r"'1' is a .*ScaledLinear, an nn\.Linear subclass whose forward computes something other"):
         wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0", "1"]))
     assert type(model[0]) is nn.Linear and type(model[1]) is ScaledLinear
     assert [p.requires_grad for p in model.parameters()] == flags and not hasattr(model, "flexlora_config")
-    with pytest.raises(ValueError, match=r"ScaledLinear, an nn\.Linear subclass with its own forward"):
+    with pytest.raises(ValueError, match=r"ScaledLinear, an nn\.Linear subclass whose forward computes something other"):
         FlexLinear.from_linear(ScaledLinear(4, 3), r_max=2, r_init=1, alpha=1.0)
     # a subclass that keeps nn.Linear's forward computes what FlexLinear computes: adapted
     model = nn.Sequential(PlainSubclass(4, 3))
@@ -403,3 +403,32 @@ def test_a_model_holding_peft_layers_is_refused():
     with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*merge_and_unload\(\) or unload\(\)"):
         wrap(pm, FlexLoRAConfig(r_init=1, r_max=2, target_modules=".*q_proj.*"))
     assert not flex_modules(pm)
+
+
+class MatmulLinear(nn.Linear):
+    """A subclass whose forward is x·Wᵀ + b written out (as transformers' FalconLinear)."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+def test_a_subclass_whose_forward_is_the_plain_linear_is_adapted():
+    # Falcon's every Linear is such a FalconLinear: refusing it refused the whole model family
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(4, 3), MatmulLinear(3, 2, bias=False))
+    x = torch.randn(5, 4)
+    want = model(x)
+    wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0", "1"]))
+    assert all(isinstance(m, FlexLinear) for m in model) and torch.allclose(model(x), want, atol=1e-6)
+    falcon = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        want = falcon(ids).logits
+    wrap(falcon, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["query_key_value", "dense"]))
+    assert len(flex_modules(falcon)) == 4
+    with torch.no_grad():
+        assert torch.equal(falcon(ids).logits, want)  # λ = 0: the output does not move
