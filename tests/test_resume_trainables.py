@@ -43,6 +43,15 @@ def train(model, opt, alloc, start, stop):
         opt.zero_grad()
 
 
+def saved_run(directory, steps, optimizer=True):
+    """Seeded 0, built, trained ``steps`` steps and saved (with the optimizer unless told not)."""
+    torch.manual_seed(0)
+    model, opt, alloc = build()
+    train(model, opt, alloc, 0, steps)
+    save_checkpoint(directory, model, allocator=alloc, optimizer=opt if optimizer else None, step=steps)
+    return model, opt, alloc
+
+
 def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -74,10 +83,7 @@ def test_hand_unfrozen_parameters_resume_exactly(tmp_path):
 
 
 def test_a_plain_model_gets_them_too(tmp_path):
-    torch.manual_seed(0)
-    model, opt, alloc = build()
-    train(model, opt, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, step=2)
+    model, opt, alloc = saved_run(tmp_path / "c", 2, optimizer=False)
     plain = LlamaForCausalLM(LLAMA)
     plain.load_state_dict(BASE_STATE)
     load_checkpoint(tmp_path / "c", plain)
@@ -113,10 +119,7 @@ def test_a_checkpoint_whose_extra_parameter_has_another_shape_is_refused_first(t
 
 
 def test_a_late_failure_puts_the_extra_parameters_back(tmp_path):
-    torch.manual_seed(0)
-    model, opt, alloc = build()
-    train(model, opt, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=2)
+    model, opt, alloc = saved_run(tmp_path / "c", 2)
     model2, opt2, alloc2 = build()
     before = {n: p.detach().clone() for n, p in model2.named_parameters()}
 
@@ -133,10 +136,7 @@ def test_a_late_failure_puts_the_extra_parameters_back(tmp_path):
 
 
 def test_a_checkpoint_of_an_older_version_without_them_still_loads(tmp_path):
-    torch.manual_seed(0)
-    model, opt, alloc = build()
-    train(model, opt, alloc, 0, 2)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=2)
+    model, opt, alloc = saved_run(tmp_path / "c", 2)
     path = tmp_path / "c" / "training_state.pt"
     state = torch.load(path, weights_only=True)
     assert set(state["trainable"]) == set(EXTRA)
@@ -193,10 +193,7 @@ def test_an_optimizer_over_every_parameter_saves_only_those_that_train(tmp_path)
 def test_load_checkpoint_does_not_copy_the_extra_parameters_for_a_rollback(tmp_path, monkeypatch):
     # a large unfrozen embedding: the load must not hold a spare copy of it (it restores these
     # values last, once nothing after them can fail)
-    torch.manual_seed(0)
-    model, opt, alloc = build()
-    train(model, opt, alloc, 0, 1)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    model, opt, alloc = saved_run(tmp_path / "c", 1)
     model2, opt2, alloc2 = build()
     ptrs = {p.data_ptr() for n, p in model2.named_parameters() if n in EXTRA}
     cloned = []
@@ -230,10 +227,7 @@ def test_a_trained_base_weight_of_an_adapted_module_gets_advice_that_works(tmp_p
 
 
 def test_an_optimizer_without_a_trained_parameter_is_told_which(tmp_path):
-    torch.manual_seed(0)
-    model, opt, alloc = build()
-    train(model, opt, alloc, 0, 1)
-    save_checkpoint(tmp_path / "c", model, allocator=alloc, optimizer=opt, step=1)
+    model, opt, alloc = saved_run(tmp_path / "c", 1)
     model2, _, alloc2 = build()
     narrow = torch.optim.AdamW([p for n, p in model2.named_parameters() if p.requires_grad and n != EXTRA[1]])
     with pytest.raises(ValueError, match=r"holds trained values of 'model\.layers\.0\.mlp\.gate_proj\.weight', which "
