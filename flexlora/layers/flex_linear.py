@@ -9,6 +9,7 @@ authors' code keep it fixed too).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -41,7 +42,8 @@ def own_forward(linear: nn.Linear) -> bool:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, linear.in_features, generator=gen).to(device=w.device, dtype=w.dtype)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[] if w.device.type == "cpu" else [w.device]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[] if w.device.type == "cpu" else [w.device]), \
+                _buffers_kept(linear):
             got = type(linear).forward(linear, x)
             want = F.linear(x, w, b)
     except Exception:  # a forward that cannot take a plain input is not x·Wᵀ + b
@@ -51,6 +53,23 @@ def own_forward(linear: nn.Linear) -> bool:
     eps = torch.finfo(w.dtype).eps
     scale = float(want.abs().max()) if want.numel() else 0.0
     return not torch.allclose(got.float(), want.float(), rtol=64 * eps, atol=64 * eps * max(scale, 1e-30))
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Put every buffer of ``module`` back as it was after the block: a probing forward must not
+    leave a trace (a QAT Linear's observers record the min / max of what they see)."""
+    saved = [(owner, name, t, t.detach().clone()) for owner in module.modules()
+             for name, t in owner._buffers.items() if t is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, t, copy in saved:
+                if owner._buffers.get(name) is t and t.shape == copy.shape:
+                    t.copy_(copy)
+                else:  # replaced or resized by the forward
+                    owner._buffers[name] = copy
 
 
 def own_forward_message(name: str, linear: nn.Linear) -> str:

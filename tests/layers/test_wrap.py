@@ -432,3 +432,22 @@ def test_a_subclass_whose_forward_is_the_plain_linear_is_adapted():
     assert len(flex_modules(falcon)) == 4
     with torch.no_grad():
         assert torch.equal(falcon(ids).logits, want)  # λ = 0: the output does not move
+
+
+def test_the_forward_probe_leaves_no_trace_in_the_refused_module():
+    # a QAT Linear fake-quantizes its weight (refused), and its observers record what they see:
+    # wrap's one probing forward must not leave its random input in them
+    import torch.ao.nn.qat as qat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(qat.Linear(4, 3, qconfig=get_default_qat_qconfig("fbgemm")))
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="whose forward computes something other"):
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    after = dict(model.named_buffers())
+    assert after.keys() == buffers.keys()
+    for n, b in buffers.items():
+        assert after[n].shape == b.shape and torch.equal(after[n], b), n
+    assert torch.equal(torch.get_rng_state(), rng)
