@@ -706,6 +706,14 @@ def save_checkpoint(
             stacklevel=2,
         )
     rank, world = _process_group() if distributed else (0, 1)
+    if callable(getattr(optimizer, "consolidate_state_dict", None)):  # torch's ZeroRedundancyOptimizer
+        if distributed and dist.is_available() and dist.is_initialized():
+            optimizer.consolidate_state_dict(to=0)  # a collective: every rank is in this call
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "save_checkpoint: the optimizer is a ZeroRedundancyOptimizer, whose state is sharded over the "
+                "ranks: call save_checkpoint(..., distributed=True) on every rank (it gathers the state on rank 0)"
+            )
     rng = _rng_state()
     per_rank = None
     if world > 1:
@@ -809,7 +817,7 @@ def load_checkpoint(
     alloc_before = allocator.state_dict() if allocator is not None else None
     # Optimizer.load_state_dict puts new state tensors in place and leaves the old ones as they
     # are, so the state_dict() references are a full snapshot (schedulers hold plain values)
-    opt_before = optimizer.state_dict() if optimizer is not None else None
+    opt_holder, opt_before = _optimizer_snapshot(optimizer)
     sched_before = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
     scaler_before = scaler.state_dict() if scaler is not None else None
     rng_before = _rng_state()
@@ -832,8 +840,8 @@ def load_checkpoint(
         _restore_snapshot(snapshot)
         if allocator is not None:
             allocator.load_state_dict(alloc_before)
-        if optimizer is not None:
-            optimizer.load_state_dict(opt_before)
+        if opt_holder is not None:
+            opt_holder.load_state_dict(opt_before)
         if undo_wrap is not None:  # a plain model given: hand it back plain
             undo_wrap()
         if sched_before is not None:
@@ -904,6 +912,18 @@ def _this_ranks_rng(state: Dict[str, Any], directory: Path) -> Dict[str, Any]:
         )
         return state["rng"]
     return per_rank[rank]
+
+
+def _optimizer_snapshot(optimizer):
+    """(the optimizer whose state_dict() snapshots this rank's state, that snapshot) for a
+    rollback, or (None, None). A ZeroRedundancyOptimizer's own state_dict() needs a collective
+    consolidation first; its local optimizer holds all of this rank's state."""
+    if optimizer is None:
+        return None, None
+    holder = optimizer
+    if callable(getattr(optimizer, "consolidate_state_dict", None)) and hasattr(optimizer, "optim"):
+        holder = optimizer.optim
+    return holder, holder.state_dict()
 
 
 def _missing_from(optimizer, state: Dict[str, Any], extras) -> str:
