@@ -871,8 +871,9 @@ def _output_lock(out: Path):
     fd = None
     try:
         fd = _locked(path, out)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        with contextlib.suppress(OSError):  # read-only: another user's file, the pid stays unsaid
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         if fd is not None:
@@ -890,16 +891,26 @@ def _locked(path: Path, out: Path) -> int:
     """An fd of ``path`` holding its flock: InputError if another run holds it. A run that ends
     unlinks the file while holding it, so an flock won on a file that is no longer at ``path``
     (opened just before that unlink) does not count: open again."""
+    import errno
     import fcntl
 
     for _ in range(8):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            try:  # another user's file (a killed run's): flock works on a read-only descriptor too
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise InputError(f"--output-dir: cannot open the lock file {path} ({e.strerror or e})") from None
         except OSError as e:
             raise InputError(f"--output-dir: cannot open the lock file {path} ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no locks on this filesystem (NFS, Lustre)
+                warnings.warn(f"--output-dir: {out} cannot be locked ({e.strerror or e}); a second run into it at "
+                              "the same time would not be noticed", stacklevel=2)
+                return fd
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             raise InputError(

@@ -371,3 +371,19 @@ def test_a_lock_file_unlinked_by_the_run_ending_is_not_taken_for_a_lock(tmp_path
         with _output_lock(out):
             pass
     os.close(state["c"])
+
+
+def test_a_filesystem_without_locks_runs_with_a_warning(tiny, tmp_path, capsys, monkeypatch):
+    # NFS without lockd (ENOLCK), Lustre mounted noflock (ENOSYS): every run was refused as if
+    # another one held the folder
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert main(argv(tiny, tmp_path / "run")) == 0
+    err = capsys.readouterr().err
+    assert "flexlora: warning: --output-dir:" in err and "cannot be locked (No locks available)" in err
+    assert not (tmp_path / "run" / ".flexlora-run.lock").exists()

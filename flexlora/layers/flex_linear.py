@@ -29,30 +29,52 @@ def own_forward(linear: nn.Linear) -> bool:
     FlexLinear, computing x·Wᵀ + b from the weight, would silently skip.
 
     A subclass that overrides forward with the same math (transformers' FalconLinear) is found
-    out by running its forward once on a small random input against F.linear (its forward hooks
-    bypassed, torch's random stream untouched). On the meta device nothing can be computed: it
-    counts as plain."""
+    out by running its forward once against F.linear (its forward hooks bypassed, torch's random
+    stream and the module's buffers untouched): on one-hot rows and a zero row, where both give
+    a weight column plus the bias with at most one rounding, the two must agree exactly (a scale
+    of 1.01 or a dropped bias shows in bf16 too); on random rows, to a few ulps (a forward that
+    is not linear). A weight that is not a 2-D float tensor of 2 bytes or more (packed, int8,
+    float8) is quantized; on the meta device nothing can be checked, so an overridden forward
+    counts as custom there."""
     if type(linear).forward is nn.Linear.forward:
         return False
     w, b = linear.weight, linear.bias
-    if not w.dtype.is_floating_point or w.dim() != 2:  # a packed / quantized weight
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        return False  # a lazy Linear: wrap asks for one forward pass first
+    if not w.dtype.is_floating_point or w.element_size() < 2 or w.dim() != 2 or w.device.type == "meta":
         return True
-    if w.device.type == "meta":
-        return False
+    k = linear.in_features
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, linear.in_features, generator=gen).to(device=w.device, dtype=w.dtype)
+    exact = torch.cat([torch.eye(k)[:16], torch.zeros(1, k)])
+    x = torch.cat([exact, torch.randn(3, k, generator=gen)]).to(device=w.device, dtype=w.dtype)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[] if w.device.type == "cpu" else [w.device]), \
-                _buffers_kept(linear):
+        with torch.no_grad(), _rng_kept(w.device), _buffers_kept(linear):
             got = type(linear).forward(linear, x)
             want = F.linear(x, w, b)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            return True
+        n = exact.shape[0]
+        if not torch.equal(got[:n], want[:n]):
+            return True
+        eps = torch.finfo(w.dtype).eps
+        scale = max(float(want[n:].abs().max().float()) if want[n:].numel() else 0.0, 1e-30)
+        return not torch.allclose(got[n:].float(), want[n:].float(), rtol=4 * eps, atol=4 * eps * scale)
     except Exception:  # a forward that cannot take a plain input is not x·Wᵀ + b
         return True
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return True
-    eps = torch.finfo(w.dtype).eps
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return not torch.allclose(got.float(), want.float(), rtol=64 * eps, atol=64 * eps * max(scale, 1e-30))
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """torch's random streams (CPU, and the device's) as they were after the block."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu":
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+        else:
+            try:
+                stack.enter_context(torch.random.fork_rng(devices=[device], device_type=device.type))
+            except Exception:  # a backend fork_rng does not know: its stream may move
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+        yield
 
 
 @contextlib.contextmanager
@@ -78,6 +100,8 @@ def own_forward_message(name: str, linear: nn.Linear) -> str:
         f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass whose forward computes something "
         "other than x·Wᵀ + b (a quantized or otherwise customised layer): FlexLinear computes x·Wᵀ + b from the "
         "weight and would skip that forward, so flexlora cannot adapt it (load a quantized model unquantized)"
+        + (" -- on the meta device its forward cannot be checked: wrap once the weights are materialized"
+           if linear.weight.device.type == "meta" else "")
     )
 
 

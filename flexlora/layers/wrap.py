@@ -80,28 +80,40 @@ def _span(key: tuple) -> Tuple[int, int]:
     return offset * size, (offset + last + 1) * size
 
 
-def parameter_owners(model: nn.Module) -> Dict[tuple, List[Tuple[int, str]]]:
+class ParameterOwners(dict):
+    """memory_key -> [(id(owning module), qualified parameter name)], plus ``by_storage``: the
+    keys of each (device, storage), so an overlap search looks at one storage's keys only."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_storage: Dict[tuple, List[tuple]] = {}
+
+
+def parameter_owners(model: nn.Module) -> ParameterOwners:
     """memory_key(parameter) -> [(id(owning module), qualified parameter name)] over every name a
     module or parameter is registered under (tied weights appear under each owner)."""
-    owners: Dict[tuple, List[Tuple[int, str]]] = {}
+    owners = ParameterOwners()
     for name, mod in named_modules_all(model):
         for pname, p in mod._parameters.items():
             if p is not None:
-                owners.setdefault(memory_key(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
+                key = memory_key(p)
+                if key not in owners and key[0] != "object":
+                    owners.by_storage.setdefault(key[:2], []).append(key)
+                owners.setdefault(key, []).append((id(mod), f"{name}.{pname}" if name else pname))
     return owners
 
 
-def tied_names(owners: Dict[tuple, List[Tuple[int, str]]], module: nn.Module, param) -> List[str]:
+def tied_names(owners: ParameterOwners, module: nn.Module, param) -> List[str]:
     """Names under which modules other than ``module`` hold memory that ``param``'s overlaps: the
     same tensor, or a view over part of it or across it (a transpose, a slice); empty when it is
-    not tied. Disjoint views of one buffer (row blocks of a fused weight) are not tied. Overlap is
-    judged by byte ranges, so interleaved strided views (alternate columns) count as tied."""
+    not tied. Row blocks of one fused buffer do not overlap: not tied. Overlap is judged by byte
+    ranges, so views that interleave without sharing an element (column blocks, alternate
+    columns) count as tied too: merge refuses them, to be safe."""
     key = memory_key(param)
     keys = [key]
     if key[0] != "object":
         lo, hi = _span(key)
-        keys += [k for k in owners if k != key and k[0] != "object" and k[:2] == key[:2]
-                 and lo < _span(k)[1] and _span(k)[0] < hi]
+        keys += [k for k in owners.by_storage.get(key[:2], ()) if k != key and lo < _span(k)[1] and _span(k)[0] < hi]
     return sorted({n for k in keys for mid, n in owners.get(k, []) if mid != id(module)})
 
 

@@ -451,3 +451,49 @@ def test_the_forward_probe_leaves_no_trace_in_the_refused_module():
     for n, b in buffers.items():
         assert after[n].shape == b.shape and torch.equal(after[n], b), n
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class NoBiasLinear(nn.Linear):
+    """Drops its bias: differs from x·Wᵀ + b by b only."""
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class NearlyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_the_forward_probe_tells_the_same_math_from_a_near_miss_in_every_dtype(dtype):
+    # a tolerance of 64 ulps let ×1.01 (and ×1.45 in bf16) and a dropped bias through in bf16
+    torch.manual_seed(0)
+    for cls in (MatmulLinear, NoBiasLinear, NearlyLinear):
+        model = nn.Sequential(cls(16, 8).to(dtype))
+        if cls is MatmulLinear:
+            wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+            assert isinstance(model[0], FlexLinear)
+        else:
+            with pytest.raises(ValueError, match=f"{cls.__name__}, an nn.Linear subclass whose forward"):
+                wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+
+
+def test_float8_meta_and_lazy_subclasses_get_clear_answers():
+    # float8 weights are quantized: refused without running them (max() on float8 crashed wrap)
+    fp8 = nn.Sequential(MatmulLinear(8, 4))
+    fp8[0].weight = nn.Parameter(fp8[0].weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match="MatmulLinear, an nn.Linear subclass whose forward"):
+        wrap(fp8, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    # on meta nothing can be checked: an overridden forward is refused, saying why
+    with torch.device("meta"):
+        meta = nn.Sequential(MatmulLinear(8, 4))
+    with pytest.raises(ValueError, match="on the meta device its forward cannot be checked"):
+        wrap(meta, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+
+    class LazySub(nn.LazyLinear):
+        def forward(self, x):
+            return super().forward(x)
+
+    with pytest.raises(ValueError, match="lazy Linear whose weight is not materialized"):
+        wrap(nn.Sequential(LazySub(4)), FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
