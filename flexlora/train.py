@@ -897,19 +897,27 @@ def _locked(path: Path, out: Path) -> int:
     for _ in range(8):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
+        except PermissionError as denied:
             try:  # another user's file (a killed run's): flock works on a read-only descriptor too
                 fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise InputError(f"--output-dir: cannot open the lock file {path} ({e.strerror or e})") from None
+            except OSError:
+                raise InputError(
+                    f"--output-dir: cannot open the lock file {path} ({denied.strerror or denied})"
+                ) from None
         except OSError as e:
             raise InputError(f"--output-dir: cannot open the lock file {path} ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no locks on this filesystem (NFS, Lustre)
-                warnings.warn(f"--output-dir: {out} cannot be locked ({e.strerror or e}); a second run into it at "
-                              "the same time would not be noticed", stacklevel=2)
+                try:
+                    warnings.warn(f"--output-dir: {out} cannot be locked ({e.strerror or e}); a second run into it "
+                                  "at the same time would not be noticed", stacklevel=2)
+                except BaseException:  # warnings turned into errors: the run ends here, its lock file too
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    raise
                 return fd
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)

@@ -387,3 +387,26 @@ def test_a_filesystem_without_locks_runs_with_a_warning(tiny, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "flexlora: warning: --output-dir:" in err and "cannot be locked (No locks available)" in err
     assert not (tmp_path / "run" / ".flexlora-run.lock").exists()
+
+
+def test_a_filesystem_without_locks_leaks_nothing_when_its_warning_is_an_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import os
+    import warnings
+
+    from flexlora.train import _output_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = len(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            with pytest.raises(UserWarning, match="cannot be locked"):
+                with _output_lock(tmp_path / "run"):
+                    pass
+    assert len(os.listdir("/proc/self/fd")) == before, "file descriptors leaked"
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -497,3 +498,31 @@ def test_float8_meta_and_lazy_subclasses_get_clear_answers():
 
     with pytest.raises(ValueError, match="lazy Linear whose weight is not materialized"):
         wrap(nn.Sequential(LazySub(4)), FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+
+
+class LateColumnsScaled(nn.Linear):
+    """Scales the input features from 16 on: beyond the first 16 one-hot columns."""
+
+    def forward(self, x):
+        scale = torch.ones(self.in_features, dtype=x.dtype)
+        scale[16:] = 1.05
+        return F.linear(x * scale, self.weight, self.bias)
+
+
+def test_the_forward_probe_sees_every_input_range_and_keeps_inf_weights(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(LateColumnsScaled(64, 8).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="LateColumnsScaled, an nn.Linear subclass whose forward"):
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    # a plain layer holding an inf weight is still plain (0·inf is NaN on both sides)
+    model = nn.Sequential(MatmulLinear(32, 8))
+    with torch.no_grad():
+        model[0].weight[3, 20] = float("inf")
+    wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    assert isinstance(model[0], FlexLinear)
+    # the one-hot rows are built without a k x k identity
+    eyes = []
+    real_eye = torch.eye
+    monkeypatch.setattr(torch, "eye", lambda *a, **k: eyes.append(a) or real_eye(*a, **k))
+    wrap(nn.Sequential(MatmulLinear(4096, 2)), FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
+    assert not any(a and a[0] >= 4096 for a in eyes), eyes
