@@ -784,9 +784,12 @@ def load_checkpoint(
     same order) and ``scheduler`` exactly as for a new run, then call this; training continues with
     the same parameters, ranks, optimizer moments, learning rate, allocator schedule and random
     streams (dropout masks, data shuffling through python/numpy/torch RNGs), and with ``scaler=``
-    (a ``torch.amp.GradScaler``) the same loss scale. Everything is read and
-    checked before anything is modified (and should loading the optimizer or scheduler state fail
-    anyway, what was already restored is put back and a plain model is handed back plain). ``weights_only`` goes to ``torch.load`` of the ``.pt``
+    (a ``torch.amp.GradScaler``) the same loss scale. The saved values of the model's other
+    trainable parameters (see :func:`save_checkpoint`) are restored by name, last. Everything is
+    read and checked before anything is modified (and should loading the optimizer, scheduler or
+    scaler state fail anyway, what was already restored is put back and a plain model is handed
+    back plain). Resuming training (``optimizer=`` given) from a checkpoint holding a GradScaler
+    state without ``scaler=`` warns. ``weights_only`` goes to ``torch.load`` of the ``.pt``
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
     RankAllocator without unpickling arbitrary objects.
     """

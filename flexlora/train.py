@@ -1026,18 +1026,16 @@ def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
         )
 
 
-def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopState, step: int) -> bool:
+def _save_checkpoint(ckpt: Path, model, allocator, optimizer, loop_state: _LoopState, step: int) -> None:
     """flexlora.save_checkpoint; a failed write warns and the run goes on (the last checkpoint
-    written stays whole: saves are atomic). Returns whether it was written."""
+    written stays whole: saves are atomic)."""
     import flexlora
 
     try:
         flexlora.save_checkpoint(ckpt, model, allocator, optimizer, loop_state, step=step)
-        return True
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save says RuntimeError
         warnings.warn(f"--save-every: the checkpoint of step {step} could not be written to {ckpt} ({e}); training "
                       "goes on, the last checkpoint written (if any) is kept", stacklevel=2)
-        return False
 
 
 def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:

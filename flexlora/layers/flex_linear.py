@@ -101,6 +101,8 @@ def _buffers_kept(module: nn.Module):
 
 
 def own_forward_message(name: str, linear: nn.Linear) -> str:
+    """The refusal of ``linear`` (called ``name`` in it) for :func:`own_forward`, with a hint
+    when its weight is on the meta device."""
     cls = type(linear)
     return (
         f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass whose forward computes something "

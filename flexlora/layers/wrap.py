@@ -103,6 +103,17 @@ def parameter_owners(model: nn.Module) -> ParameterOwners:
     return owners
 
 
+def overlap(a: tuple, b: tuple) -> bool:
+    """Whether two memory_keys' tensors share memory: the same key, or byte ranges of one storage
+    that intersect (a transpose, a slice)."""
+    if a == b:
+        return True
+    if a[0] == "object" or b[0] == "object" or a[:2] != b[:2]:
+        return False
+    (alo, ahi), (blo, bhi) = _span(a), _span(b)
+    return alo < bhi and blo < ahi
+
+
 def tied_names(owners: ParameterOwners, module: nn.Module, param) -> List[str]:
     """Names under which modules other than ``module`` hold memory that ``param``'s overlaps: the
     same tensor, or a view over part of it or across it (a transpose, a slice); empty when it is
@@ -112,8 +123,7 @@ def tied_names(owners: ParameterOwners, module: nn.Module, param) -> List[str]:
     key = memory_key(param)
     keys = [key]
     if key[0] != "object":
-        lo, hi = _span(key)
-        keys += [k for k in owners.by_storage.get(key[:2], ()) if k != key and lo < _span(k)[1] and _span(k)[0] < hi]
+        keys += [k for k in owners.by_storage.get(key[:2], ()) if k != key and overlap(key, k)]
     return sorted({n for k in keys for mid, n in owners.get(k, []) if mid != id(module)})
 
 
@@ -284,21 +294,20 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             model.set_submodule(name, flex)
     # A tied base weight may sit in a modules_to_save module outside its FlexLinear (an input
     # embedding tied to an adapted lm_head): it stays frozen, as every base weight does.
-    base_of: Dict[tuple, str] = {}
-    for flex_name, m in flex_modules(model):
-        for p in (m.weight, m.bias):
-            if p is not None:
-                base_of.setdefault(memory_key(p), flex_name)
+    base = [(memory_key(p), flex_name) for flex_name, m in flex_modules(model) for p in (m.weight, m.bias)
+            if p is not None]
     for save_name, m in save:
         inside = {memory_key(sub.weight) for sub in m.modules() if isinstance(sub, FlexLinear)}
         inside |= {memory_key(sub.bias) for sub in m.modules() if isinstance(sub, FlexLinear) and sub.bias is not None}
         for pname, p in m.named_parameters():
-            if memory_key(p) not in base_of:
+            key = memory_key(p)
+            owner = next((flex_name for k, flex_name in base if overlap(key, k)), None)
+            if owner is None:
                 p.requires_grad_(True)
-            elif memory_key(p) not in inside:
+            elif key not in inside:
                 warnings.warn(
                     f"wrap: modules_to_save parameter '{save_name}.{pname}' stays frozen: it is the base "
-                    f"weight of the FlexLinear {base_of[memory_key(p)]!r} (tied weights); untie them before "
+                    f"weight of the FlexLinear {owner!r} (tied weights); untie them before "
                     "wrapping to train it",
                     UserWarning,
                     stacklevel=2,

@@ -526,3 +526,14 @@ def test_the_forward_probe_sees_every_input_range_and_keeps_inf_weights(monkeypa
     monkeypatch.setattr(torch, "eye", lambda *a, **k: eyes.append(a) or real_eye(*a, **k))
     wrap(nn.Sequential(MatmulLinear(4096, 2)), FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["0"]))
     assert not any(a and a[0] >= 4096 for a in eyes), eyes
+
+
+def test_a_modules_to_save_weight_over_part_of_a_base_weight_stays_frozen():
+    # a transposed tie: the exact-key lookup missed it and trained the frozen base weight in place
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"proj": nn.Linear(4, 6, bias=False), "emb": nn.Embedding(4, 6)})
+    model["emb"].weight = nn.Parameter(model["proj"].weight.detach().t())
+    with pytest.warns(UserWarning) as caught:
+        wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["proj"], modules_to_save=["emb"]))
+    assert not model["emb"].weight.requires_grad
+    assert any("'emb.weight' stays frozen" in str(w.message) and "'proj'" in str(w.message) for w in caught)
