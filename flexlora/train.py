@@ -560,6 +560,23 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
     return steps
 
 
+@contextlib.contextmanager
+def _folder_for_now(out: Path):
+    """``out`` made for the block, with any missing parents; the folders this made are removed
+    again afterwards where they are left empty (deepest first), so a run that fails before it
+    saves anything leaves none behind."""
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    finally:
+        for folder in made:  # rmdir removes only empty folders
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
 def prepare_output_dir(path: str) -> Path:
     """Prove before any training that the outputs can be written into ``path``: the folder (or
     the nearest folder above it that exists) takes a file, and no existing entry has a name of
@@ -569,19 +586,11 @@ def prepare_output_dir(path: str) -> Path:
         # "" is Path("."): an unset shell variable would scatter the outputs into the working folder
         raise InputError("--output-dir: empty; give a folder (. for the current one)")
     out = Path(path).expanduser()
-    missing = [p for p in [out, *out.parents] if not p.exists()]
     try:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
+        with _folder_for_now(out):
             fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
             os.close(fd)
             os.unlink(probe)
-        finally:
-            for p in missing:  # deepest first; rmdir removes only empty folders
-                try:
-                    os.rmdir(p)
-                except OSError:
-                    break
     except OSError as e:
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
     for name, what in ((ADAPTER_DIR, "the adapter is saved there"), (CHECKPOINT_DIR, "--save-every saves there")):
@@ -845,9 +854,10 @@ def _data_digest(texts, labels) -> str:
 
 def _read_saved_run(ckpt: Path) -> Optional[dict]:
     """{step, options, save_every, ...} of the `flexlora train` checkpoint in ckpt, or None when
-    it is not one (read without restoring anything)."""
+    it is not one (read without restoring anything; memory-mapped, so the optimizer state and
+    trained values it also holds are not read for this)."""
     try:
-        state = torch.load(ckpt / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt / TRAINING_STATE_NAME, map_location="cpu", weights_only=True, mmap=True)
         return {"step": int(state["step"]), **state["scheduler"]["run"]}
     except Exception:
         return None
@@ -865,26 +875,18 @@ def _output_lock(out: Path):
     except ImportError:
         yield
         return
-    made = [p for p in [out, *out.parents] if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)  # prepare_output_dir proved it can be made
     path = out / LOCK_NAME
-    fd = None
-    try:
+    with _folder_for_now(out):  # prepare_output_dir proved it can be made
         fd = _locked(path, out)
-        with contextlib.suppress(OSError):  # read-only: another user's file, the pid stays unsaid
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        if fd is not None:
+        try:
+            with contextlib.suppress(OSError):  # read-only: another user's file, the pid stays unsaid
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
             with contextlib.suppress(OSError):  # unlinked while held: see _locked
                 os.unlink(path)
             os.close(fd)
-        for folder in made:  # deepest first; only folders left empty
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
 
 
 def _locked(path: Path, out: Path) -> int:
