@@ -807,7 +807,7 @@ def load_checkpoint(
             )
     extras = _check_trainables(state, model, directory)
     if optimizer is not None:
-        _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, state, extras))
+        _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, extras))
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
     elif optimizer is not None and state.get("scaler"):  # resuming training, the loss scale left behind
@@ -836,7 +836,7 @@ def load_checkpoint(
         # last, once nothing after them can fail (names and shapes are checked): no spare copy of
         # them (an unfrozen embedding may be GBs) is held for a rollback
         with torch.no_grad():
-            for p, value in extras:
+            for _, p, value in extras:
                 p.copy_(value)  # checked above; inside the rollback all the same
     except BaseException:
         # what was already loaded goes back: a failed load leaves the objects as they were
@@ -875,10 +875,12 @@ def _check_scaler_state(scaler, saved: Any, directory: Path) -> None:
         )
 
 
-def _check_trainables(state: Dict[str, Any], model: nn.Module, directory: Path) -> List[Tuple[nn.Parameter, torch.Tensor]]:
-    """The checkpoint's other trainable parameters (see :func:`_other_trainables`) paired with the
-    model's parameters of the same names, checked before anything is restored. A checkpoint from
-    before they were saved has none."""
+def _check_trainables(
+    state: Dict[str, Any], model: nn.Module, directory: Path
+) -> List[Tuple[str, nn.Parameter, torch.Tensor]]:
+    """The checkpoint's other trainable parameters (see :func:`_other_trainables`) as (name, the
+    model's parameter of that name, saved value), checked before anything is restored. A
+    checkpoint from before they were saved has none."""
     saved = state.get(_TRAINABLE_KEY, {})
     where = str(directory / TRAINING_STATE_NAME)
     if not isinstance(saved, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in saved.items()):
@@ -896,7 +898,7 @@ def _check_trainables(state: Dict[str, Any], model: nn.Module, directory: Path) 
             raise ValueError(
                 f"{where!r}: trained parameter {name!r} has shape {tuple(value.shape)}, the model's is {tuple(p.shape)}"
             )
-        pairs.append((p, value))
+        pairs.append((name, p, value))
     return pairs
 
 
@@ -929,11 +931,12 @@ def _optimizer_snapshot(optimizer):
     return holder, holder.state_dict()
 
 
-def _missing_from(optimizer, state: Dict[str, Any], extras) -> str:
-    """A hint for a parameter-count mismatch: the checkpoint's trained non-adapter parameters that
-    the optimizer given does not hold (the saving run's optimizer did, most likely)."""
+def _missing_from(optimizer, extras) -> str:
+    """A hint for a parameter-count mismatch: the checkpoint's trained non-adapter parameters
+    (:func:`_check_trainables`) that the optimizer given does not hold (the saving run's
+    optimizer did, most likely)."""
     held = {id(p) for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
-    names = [n for n, (p, _) in zip(state.get(_TRAINABLE_KEY, {}), extras) if id(p) not in held]
+    names = [n for n, p, _ in extras if id(p) not in held]
     if not names:
         return ""
     return f"; the checkpoint holds trained values of {_names(names)}, which the optimizer given does not hold"
