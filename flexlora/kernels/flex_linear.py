@@ -363,8 +363,7 @@ def _fused(out, M, L, T, R, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
 def _gates(lam, mask, scaling):
     """(g = s·λ⊙mask, mask) as fp32 [R] vectors: the kernels read them as data, never constants.
     g is 0 where the mask is off, whatever λ holds there (λ·0 would keep a NaN)."""
-    maskf = mask.to(torch.float32)
-    return torch.where(mask, lam.to(torch.float32) * scaling, 0.0), maskf
+    return _gate(lam.to(torch.float32), mask, scaling), mask.to(torch.float32)
 
 
 def _triton_fwd(x2, xl2, weight, bias, P, lam, Q, mask, scaling):
