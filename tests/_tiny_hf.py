@@ -86,6 +86,17 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def tiny_run_inputs(root: Path, rows) -> dict:
+    """What a `flexlora train` test runs on, under ``root``: the tiny BERT and LLaMA folders,
+    ``rows`` as labelled JSON Lines ("data") and their texts alone ("lm")."""
+    return {
+        "bert": tiny_bert(root / "bert"),
+        "llama": tiny_llama(root / "llama"),
+        "data": write_jsonl(root / "d.jsonl", rows),
+        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
+    }
+
+
 def write_csv(path: Path, rows) -> Path:
     import csv
 

@@ -10,21 +10,14 @@ import sys
 import pytest
 import torch
 
-from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
+from _tiny_hf import sentiment_rows, tiny_run_inputs
 from flexlora.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    rows = sentiment_rows(64)
-    return {
-        "root": root,
-        "bert": tiny_bert(root / "bert"),
-        "llama": tiny_llama(root / "llama"),
-        "data": write_jsonl(root / "d.jsonl", rows),
-        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
-    }
+    return {"root": root, **tiny_run_inputs(root, sentiment_rows(64))}
 
 
 FAST = ["--steps", "4", "--batch-size", "8", "--threads", "1", "--no-progress", "--r", "2"]

@@ -7,10 +7,9 @@ import csv
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from _tiny_hf import sentiment_rows, tiny_bert, tiny_llama, write_jsonl
+from _tiny_hf import sentiment_rows, tiny_run_inputs, write_jsonl
 from flexlora.cli import main
 
 STEPS = 10
@@ -21,10 +20,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_cli")
     rows = sentiment_rows(96)
     return {
-        "bert": tiny_bert(root / "bert"),
-        "llama": tiny_llama(root / "llama"),
-        "data": write_jsonl(root / "d.jsonl", rows),
-        "lm": write_jsonl(root / "lm.jsonl", [{"text": r["text"]} for r in rows]),
+        **tiny_run_inputs(root, rows),
         "lm2": write_jsonl(root / "lm2.jsonl", [{"text": r["text"] + " indeed"} for r in rows]),
         # more rows: the derived --test-size differs too, but the data are what changed
         "lm_more": write_jsonl(root / "lm_more.jsonl", [{"text": r["text"]} for r in rows + rows[:8]]),
