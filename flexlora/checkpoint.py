@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._atomic import atomic_directory
+from ._sharded import check_placements, fsdp_managed, is_sharded, whole
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, name_matches, named_modules_all, unwrap_model, wrap
@@ -176,13 +177,16 @@ def _same_base(meta: Dict[str, Any], model: nn.Module) -> bool:
 
 
 def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.Tensor]:
+    """Every tensor save_adapter writes, whole and on the CPU (an FSDP2 shard is gathered: a
+    collective, so every rank makes these calls in the same order)."""
     tensors: Dict[str, torch.Tensor] = {}
-    for name, m in flex_modules(model):
-        for key in _SLOT_TENSORS:
-            tensors[f"{name}.{key}"] = getattr(m, key).detach().to("cpu").contiguous()
-    for name, m in _saved_modules(model, cfg):
-        for key, t in _module_state(m).items():
-            tensors[f"{_SAVE_PREFIX}{name}.{key}"] = t.detach().to("cpu").contiguous()
+    with torch.no_grad():
+        for name, m in flex_modules(model):
+            for key in _SLOT_TENSORS:
+                tensors[f"{name}.{key}"] = whole(getattr(m, key)).detach().to("cpu").contiguous()
+        for name, m in _saved_modules(model, cfg):
+            for key, t in _module_state(m).items():
+                tensors[f"{_SAVE_PREFIX}{name}.{key}"] = whole(t).detach().to("cpu").contiguous()
     return _own_storage(tensors)
 
 
@@ -234,7 +238,7 @@ def _collect_adapter(model: nn.Module, allocator):
     model = unwrap_model(model)
     cfg = _model_config(model)
     mods = flex_modules(model)
-    check_unsharded(mods, "save_adapter")
+    check_placements(mods, "save_adapter")
     merged = [n for n, m in mods if m.merged]
     if merged:
         raise ValueError(
@@ -268,12 +272,48 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
         the directory path. Raises ``PermissionError``/``OSError`` naming the path when it cannot be
         written; the previous content of ``directory`` survives any failure.
     """
-    collected = _collect_adapter(model, allocator)
     plain = unwrap_model(model)
-    _warn_left_out("save_adapter", plain, _saved_modules(plain, _model_config(plain)))
-    with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
-        _write_adapter(tmp, collected)
+    sharded = fsdp_managed(plain) or _holds_shards(plain)
+    if sharded:
+        _check_between_steps(plain)
+    collected = _collect_adapter(model, allocator)  # sharded: gathered on every rank
+    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
+    if rank != 0:
+        return _await_writer(Path(directory), "save_adapter")
+    error = None
+    try:  # sharded: any error of rank 0 must reach the ranks waiting in _await_writer
+        _warn_left_out("save_adapter", plain, _saved_modules(plain, _model_config(plain)))
+        with atomic_directory(directory, _OWNED, _CONFLICTS) as tmp:
+            _write_adapter(tmp, collected)
+    except BaseException as e:
+        error = e
+    if sharded and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
+    if error is not None:
+        raise error
     return Path(directory)
+
+
+def _check_between_steps(model: nn.Module) -> None:
+    """Under FSDP2, refuse a save between a forward and its backward: a module's parameters are
+    then FSDP's whole working copies, which it frees when it reshards (a gather would read freed
+    memory). Between steps every adapter tensor is a DTensor."""
+    whole_now = [n for n, m in flex_modules(model) if not is_sharded(m.P)]
+    if whole_now:
+        raise ValueError(
+            f"save_adapter: the model is sharded by fully_shard, but the adapter of {whole_now[0]!r} is whole now "
+            "(between a forward and its backward, or outside every fully_shard module): call save_adapter between "
+            "steps, after optimizer.step(), with fully_shard applied to the model itself"
+        )
+
+
+def _holds_shards(model: nn.Module) -> bool:
+    """Whether an adapter or a modules_to_save tensor of ``model`` is a DTensor (FSDP2)."""
+    cfg = getattr(model, "flexlora_config", None)
+    saved = _saved_modules(model, cfg) if isinstance(cfg, FlexLoRAConfig) else []
+    tensors = [getattr(m, k) for _, m in flex_modules(model) for k in _SLOT_TENSORS]
+    tensors += [t for _, m in saved for t in _module_state(m).values()]
+    return any(is_sharded(t) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +386,7 @@ def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torc
     """Raise on the first difference between the saved adapter and the model's."""
     where = f"adapter {str(directory)!r}"
     mods = dict(flex_modules(model))
-    check_unsharded(list(mods.items()), "load_adapter")
+    check_unsharded(list(mods.items()), "load_adapter", model)
     merged = [n for n, m in mods.items() if m.merged]
     if merged:
         raise ValueError(
@@ -516,6 +556,7 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = _read_tensors(directory)
+    check_unsharded(flex_modules(model), "load_adapter", model)  # before wrap touches a sharded model
     undo_wrap = None
     if not any(isinstance(m, FlexLinear) for m in model.modules()):
         try:
@@ -697,6 +738,7 @@ def save_checkpoint(
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    check_unsharded(flex_modules(unwrap_model(model)), "save_checkpoint", unwrap_model(model))
     last = getattr(allocator, "_last_step", None)
     if isinstance(last, int) and getattr(allocator, "_stepped", False) and last < step:
         # the resumed run starts at step + 1: allocator.step(step) (an event, maybe) never happens
@@ -759,12 +801,12 @@ def save_checkpoint(
     return Path(directory)
 
 
-def _await_writer(directory: Path) -> Path:
+def _await_writer(directory: Path, caller: str = "save_checkpoint") -> Path:
     """A non-zero rank of a distributed save: wait for rank 0's outcome, raise if it failed."""
     word = [None]
     dist.broadcast_object_list(word, src=0)
     if word[0] is not None:
-        raise RuntimeError(f"save_checkpoint to {str(directory)!r} failed on rank 0: {word[0]}")
+        raise RuntimeError(f"{caller} to {str(directory)!r} failed on rank 0: {word[0]}")
     return directory
 
 

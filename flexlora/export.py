@@ -170,7 +170,7 @@ def export_peft(
     model = unwrap_model(model)
     cfg = _model_config(model)
     mods = flex_modules(model)
-    check_unsharded(mods, "export_peft")
+    check_unsharded(mods, "export_peft", model)
     merged = [n for n, m in mods if m.merged]
     if merged:
         raise ValueError(

@@ -65,7 +65,7 @@ def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
     mods = flex_modules(unwrap_model(model))
     if not mods:
         raise ValueError("model holds no FlexLinear modules (not wrapped by flexlora.wrap?)")
-    check_unsharded(mods, "merge / unmerge")
+    check_unsharded(mods, "merge / unmerge", unwrap_model(model))
     return mods
 
 

@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .._sharded import any_sharded, check_placements, fill_slots_, set_slot_, whole_views
 from ..config import FlexLoRAConfig
 from ..kernels.spectral_entropy import spectral_entropy_and_slots
 from ..layers.flex_linear import FlexLinear
-from ..layers.wrap import check_unsharded, flex_modules, unwrap_model
+from ..layers.wrap import flex_modules, unwrap_model
 from ._batch import full_precision, stack_lam_mask
 from .history import make_rows, write_history_csv
 from .importance import make_importance
@@ -261,7 +262,6 @@ class RankAllocator:
         named = flex_modules(inner)
         if not named:
             raise ValueError("RankAllocator: the model has no FlexLinear modules (call flexlora.wrap first)")
-        check_unsharded(named, "RankAllocator")
         schedule_warned = _warn_if_no_allocation(config)
         self._config_seen: Optional[tuple] = None  # the config's fields when last validated
         self.config = config
@@ -269,6 +269,7 @@ class RankAllocator:
         self.modules: List[FlexLinear] = [m for _, m in named]
         self.r_max: List[int] = [m.r_max for m in self.modules]
         self.importance = make_importance(config)
+        self._check_sharding()
 
         self.history: List[Dict[str, Any]] = []
         self.last_event: Optional[AllocationEvent] = None
@@ -286,7 +287,7 @@ class RankAllocator:
         self._calls_in_gap = 0
         self._crowded_gaps = 0
         self._counted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> hook handle
-        self._model_param_ids = {id(p) for p in inner.parameters()}
+        self._model = weakref.ref(inner)
         self._call_serial: Optional[int] = None  # _STEP_CALLS at this allocator's last step()
 
         self._zero_inactive_slots()
@@ -331,6 +332,7 @@ class RankAllocator:
         zeroes them before ``on_step_end``; :class:`~flexlora.FlexLoRACallback` calls it at
         ``on_optimizer_step``).
         """
+        self._check_sharding()
         self.importance.update(self.modules)
         self._importance_fresh = True
 
@@ -358,6 +360,7 @@ class RankAllocator:
             self._stepped = True
             self._remove_guard()
         self._check_sole_stepper()
+        self._check_sharding()
         if optimizer is not None:
             self._use_optimizer(optimizer)
         fresh, self._importance_fresh = self._importance_fresh, False
@@ -483,12 +486,14 @@ class RankAllocator:
             self._remove_guard()
 
     # ------------------------------------------------------------------ events
-    def _score_bank(self):
-        """(scores, min_slot, free_slot, ranks) as host lists, from one device->host transfer."""
-        lam, mask = stack_lam_mask(self.modules)
+    def _score_bank(self, views=None):
+        """(scores, min_slot, free_slot, ranks) as host lists, from one device->host transfer.
+        views: :func:`whole_views` of the modules (gathered once per event by the caller)."""
+        views = whole_views(self.modules) if views is None else views
+        lam, mask = stack_lam_mask(views)
         with full_precision(lam.device):  # a step() called inside autocast scores as outside
             _, min_slot, free_slot, rank = spectral_entropy_and_slots(lam, mask, float(self.config.entropy_eps))
-            scores = self.importance.scores(self.modules)
+            scores = self.importance.scores(views)
         packed = torch.stack(
             [scores.to(torch.float64), min_slot.to(torch.float64), free_slot.to(torch.float64), rank.to(torch.float64)]
         )
@@ -506,7 +511,8 @@ class RankAllocator:
 
     def _event(self, step: int, budget: int) -> AllocationEvent:
         self._warn_if_importance_starved()
-        scores, min_slot, free_slot, ranks = self._score_bank()
+        views = whole_views(self.modules)  # FSDP2 shards gathered whole where they are read
+        scores, min_slot, free_slot, ranks = self._score_bank(views)
         pruned, expanded = plan_event(
             scores, ranks, self.r_max, self.config.r_min, budget, self.config.allocation_mode
         )
@@ -528,7 +534,7 @@ class RankAllocator:
             # Draw in module order (not score order): the draws of a module do not depend on
             # how the scores ranked it against the others.
             for i in sorted(expanded):
-                self._expand_slot(self.modules[i], free_slot[i], opt, gen)
+                self._expand_slot(self.modules[i], free_slot[i], opt, gen, views[i])
                 self.importance.reset_slot(i, free_slot[i])
                 ranks[i] += 1
         self.num_events += 1
@@ -545,12 +551,15 @@ class RankAllocator:
 
     def _prune_slot(self, m: FlexLinear, j: int, opt) -> None:
         m.mask[j] = False
-        m.P[:, j] = 0
-        m.lam[j] = 0
-        m.Q[j, :] = 0
+        set_slot_(m.P, 1, j, 0)
+        set_slot_(m.lam, 0, j, 0)
+        set_slot_(m.Q, 0, j, 0)
         _zero_slot_moments(opt, m, j)
 
-    def _expand_slot(self, m: FlexLinear, j: int, opt, gen: torch.Generator) -> None:
+    def _expand_slot(self, m: FlexLinear, j: int, opt, gen: torch.Generator, view=None) -> None:
+        """Open slot j of m. view: m, or its whole-tensor view when m is sharded (read by the
+        orthogonal init); every rank draws the same vectors and writes the part it holds."""
+        view = m if view is None else view
         init = self.config.expand_init
         std = float(self.config.init_std)
         p = torch.randn(m.out_features, generator=gen, dtype=torch.float32)
@@ -561,16 +570,16 @@ class RankAllocator:
             q.zero_()
         elif init == "orthogonal":
             active = m.mask.nonzero().flatten()
-            p = _orthonormal_to(p, m.P.detach()[:, active])
-            q = _orthonormal_to(q, m.Q.detach()[active, :].t())
+            p = _orthonormal_to(p, view.P.detach()[:, active])
+            q = _orthonormal_to(q, view.Q.detach()[active, :].t())
         else:
             p.mul_(std)
             q.mul_(std)
             if init == "small":
                 lam = std
-        m.P[:, j] = p.to(device=m.P.device, dtype=m.P.dtype)
-        m.Q[j, :] = q.to(device=m.Q.device, dtype=m.Q.dtype)
-        m.lam[j] = lam
+        set_slot_(m.P, 1, j, p)
+        set_slot_(m.Q, 0, j, q)
+        set_slot_(m.lam, 0, j, lam)
         m.mask[j] = True
         _zero_slot_moments(opt, m, j)
 
@@ -578,9 +587,9 @@ class RankAllocator:
         with torch.no_grad():
             for m in self.modules:
                 off = ~m.mask
-                m.P.masked_fill_(off[None, :], 0)
-                m.lam.masked_fill_(off, 0)
-                m.Q.masked_fill_(off[:, None], 0)
+                fill_slots_(m.P, 1, off, 0)
+                fill_slots_(m.lam, 0, off, 0)
+                fill_slots_(m.Q, 0, off, 0)
 
     def _use_optimizer(self, optimizer) -> None:
         self._optimizer = optimizer
@@ -600,9 +609,9 @@ class RankAllocator:
             self._zero_inactive_slots()
             for m in self.modules:
                 off = ~m.mask
-                for p, fill_mask in ((m.P, off[None, :]), (m.lam, off), (m.Q, off[:, None])):
+                for p, dim in ((m.P, 1), (m.lam, 0), (m.Q, 0)):
                     for t, v in _moment_tensors(holder, p):
-                        t.masked_fill_(fill_mask, v)
+                        fill_slots_(t, dim, off, v)
         self._warn_if_state_not_per_element(holder)
 
     def _warn_if_state_not_per_element(self, optimizer) -> None:
@@ -671,6 +680,21 @@ class RankAllocator:
         self._call_serial = _STEP_CALLS[0]
         _LAST_STEPPED_BY[first] = weakref.ref(self)
 
+    def _check_sharding(self) -> None:
+        """Adapters sharded by FSDP2 are handled (whole tensors gathered where they are read, slot
+        writes applied to each rank's part); refuse what is not: tensor-parallel placements, and
+        a gradient-fed importance metric (its per-element statistics would need every step's
+        gradients gathered whole)."""
+        if not any_sharded(self.modules):
+            return
+        check_placements(list(zip(self.names, self.modules)), "RankAllocator")
+        if self.importance.needs_gradients:
+            raise NotImplementedError(
+                f"RankAllocator: importance={self.config.importance!r} reads every step's gradients, which FSDP2 "
+                f"keeps sharded (the adapter of {self.names[0]!r} is a DTensor); use importance='entropy' (the "
+                "default) or another metric of P, lam, Q, or train with DistributedDataParallel"
+            )
+
     def _revalidate_config(self) -> None:
         """Validate the config again when a field changed since the last check (a field set
         mid-run is then named, not a schedule internal); comparing the fields costs ~0.5 µs,
@@ -732,7 +756,9 @@ class RankAllocator:
             held = set()
         # only an optimizer over this model's own tensors can be judged: DeepSpeed's holds
         # flattened copies, which are none of the model's parameters
-        if held & self._model_param_ids and not any(id(p) in held for p in adapters):
+        model = self._model()
+        own = {id(p) for p in model.parameters()} if model is not None else set()
+        if held & own and not any(id(p) in held for p in adapters):
             warnings.warn(
                 f"RankAllocator.step: the optimizer ({type(optimizer).__name__}) holds none of the adapters' "
                 "P, lam, Q parameters, so they never train; build the optimizer after flexlora.wrap, from "
@@ -751,7 +777,6 @@ class RankAllocator:
     # ------------------------------------------------------------------ never-stepped guard
     def _install_guard(self) -> None:
         ref = weakref.ref(self)
-        adapter_ids = {id(p) for m in self.modules for p in (m.P, m.lam, m.Q)}
         limit = self.config.t_warmup + 2 * self.config.delta_t
 
         def hook(optimizer, args, kwargs):
@@ -764,6 +789,9 @@ class RankAllocator:
             except TypeError:
                 return
             if entry is None:
+                # the adapters' parameters as registered now: FSDP2's fully_shard replaces them
+                # by DTensor parameters after the allocator may have been built
+                adapter_ids = {id(p) for m in allocator.modules for p in (m.P, m.lam, m.Q)}
                 holds = any(id(p) in adapter_ids for g in optimizer.param_groups for p in g["params"])
                 entry = counts[optimizer] = [holds, 0]
             if not entry[0]:
@@ -838,12 +866,9 @@ def _moment_tensors(opt, p: torch.Tensor) -> List[Tuple[torch.Tensor, Any]]:
 
 def _zero_slot_moments(opt, m: FlexLinear, j: int) -> None:
     """Reset slot j's optimizer state (P column, λ entry, Q row) to a fresh optimizer's."""
-    for t, v in _moment_tensors(opt, m.P):
-        t[:, j] = v
-    for t, v in _moment_tensors(opt, m.lam):
-        t[j] = v
-    for t, v in _moment_tensors(opt, m.Q):
-        t[j, :] = v
+    for p, dim in ((m.P, 1), (m.lam, 0), (m.Q, 0)):
+        for t, v in _moment_tensors(opt, p):
+            set_slot_(t, dim, j, v)
 
 
 def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ they would lose the small deviations from I that the penalty measures).
 Two equivalent ways to use it: add ``orthogonal_loss(modules, γ)`` to the task loss before
 ``backward()`` (one autograd node per shape group whose backward is the analytic gradient above),
 or call ``add_orthogonal_grad_(modules, γ)`` after it (no autograd graph; same gradients).
+Under FSDP2 both gather P and Q whole (:func:`flexlora._sharded.whole`) and each rank's part
+gets its share of the gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from .._sharded import add_to_grad_, is_sharded, whole
 from ._batch import full_precision, shape_groups
 
 
@@ -118,7 +121,9 @@ def orthogonal_loss(modules: Sequence, gamma: float) -> torch.Tensor:
     total = torch.zeros((), device=dev, dtype=_compute_dtype(modules[0].P))
     for idx in shape_groups(modules):
         mask = torch.stack([modules[i].mask for i in idx])
-        factors = [modules[i].P for i in idx] + [modules[i].Q for i in idx]
+        # whole() gathers an FSDP2-sharded P / Q (differentiable: each rank's part gets its
+        # share of the gradient); plain parameters pass as they are
+        factors = [whole(modules[i].P) for i in idx] + [whole(modules[i].Q) for i in idx]
         total = total + _OrthogonalLossGroup.apply(gamma, mask, *factors)
     return total
 
@@ -134,8 +139,8 @@ def add_orthogonal_grad_(modules: Sequence, gamma: float) -> None:
         return
     gamma = gamma / len(modules)
     for idx in shape_groups(modules):
-        P = torch.stack([modules[i].P for i in idx])
-        Q = torch.stack([modules[i].Q for i in idx])
+        P = torch.stack([whole(modules[i].P) for i in idx])
+        Q = torch.stack([whole(modules[i].Q) for i in idx])
         mask = torch.stack([modules[i].mask for i in idx])
         with full_precision(P.device):
             E, F = _masked_grams(P, Q, mask)
@@ -145,8 +150,8 @@ def add_orthogonal_grad_(modules: Sequence, gamma: float) -> None:
             for p, g in ((modules[i].P, gP[k]), (modules[i].Q, gQ[k])):
                 if not p.requires_grad:
                     continue
-                if p.grad is None:
-                    p.grad = g.to(p.dtype).clone()
+                if p.grad is None or is_sharded(p):
+                    add_to_grad_(p, g)  # creates the gradient; a sharded one gets this rank's part
                 else:
                     params.append(p.grad)
                     grads.append(g.to(p.grad.dtype))

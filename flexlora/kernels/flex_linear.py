@@ -968,4 +968,11 @@ def _call_op(x, weight, bias, P, lam, Q, mask, scaling, x_lora, backend):
         y, _ = torch.ops.flexlora.flex_linear(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
     else:
         y = _eager_apply(x2, xl2, weight, bias, P, lam, Q, mask, s, s_t, backend)
+        shape = (*x.shape[:-1], weight.shape[0])
+        if tuple(y.shape) == shape:
+            return y
+        if y.is_contiguous():
+            # not a view, as F.linear's output is not: FSDP2 warns about a module returning a view
+            # (an in-place `out += residual` on it would drop its pre-backward hook)
+            return torch.ops.aten._unsafe_view(y, shape)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -321,24 +321,39 @@ def flex_modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FlexLinear)]
 
 
-def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str) -> None:
+def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model: Optional[nn.Module] = None) -> None:
     """Raise NotImplementedError when an adapter's P, λ or Q is a DTensor shard (FSDP2's
-    ``fully_shard``, tensor parallelism). Rank events, saving, loading, merging and export read
-    and write single slots of whole P, λ, Q on every rank; on shards they would fail deep inside
-    DTensor dispatch, or act on one rank's rows only."""
+    ``fully_shard``, tensor parallelism), or ``model`` is under ``fully_shard`` at all (between
+    a forward and its backward FSDP2 holds whole parameters, which are still not the model's to
+    change), for the calls that need the whole model on one process (load, merge, export,
+    checkpoints with optimizer state). Rank allocation and :func:`flexlora.save_adapter` handle
+    FSDP2 shards themselves."""
     dist = torch.distributed
     if not dist.is_available():
         return
     from torch.distributed.tensor import DTensor
 
+    from .._sharded import fsdp_managed
+
+    advice = {
+        "load_adapter": "load the adapter before fully_shard (wrap, load_adapter, then fully_shard)",
+        "save_checkpoint": "save the adapter with flexlora.save_adapter(model, dir, allocator) on every rank, and "
+                           "the optimizer with torch.distributed.checkpoint",
+    }.get(caller.split(" ")[0], f"save it with flexlora.save_adapter(model, dir) on every rank (rank 0 writes), then "
+                               f"load it into an unsharded model and call {caller.split(' ')[0]} there")
+    def refuse(what: str):
+        return NotImplementedError(
+            f"{caller}: {what} (a DTensor between steps, as FSDP2's fully_shard or tensor parallelism leave it) and "
+            f"{caller} needs whole tensors on one process: {advice} (or train with DistributedDataParallel)"
+        )
+
+    managed = model is not None and fsdp_managed(model)
     for name, m in named:
         for key in ("P", "lam", "Q"):
-            if isinstance(getattr(m, key), DTensor):
-                raise NotImplementedError(
-                    f"{caller}: the adapter of {name!r} is sharded ({key} is a DTensor, as FSDP2's fully_shard "
-                    "or tensor parallelism leave it); flexlora needs whole P, lam, Q on every rank: train with "
-                    "DistributedDataParallel (each rank holds the base model; the adapters are small)"
-                )
+            if managed or isinstance(getattr(m, key), DTensor):
+                raise refuse(f"the adapter of {name!r} is sharded ({key})")
+    if managed:
+        raise refuse("the model is sharded by fully_shard")
 
 
 class ParameterCount(NamedTuple):

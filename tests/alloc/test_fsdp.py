@@ -1,64 +1,203 @@
-"""FSDP2 (``fully_shard``) leaves P, λ, Q as DTensor shards. The forward and backward work on
-them (FSDP gathers whole tensors for the op), but rank events, save, load, merge and export
-need whole tensors on every rank: each must refuse with one clear error naming the module,
-before touching the model or the disk (two CPU processes, gloo)."""
+"""FSDP2 (``fully_shard``): adapters sharded as DTensors train with rank allocation exactly as one
+process training on the whole batch does (two CPU processes, gloo), save_adapter gathers them
+on every rank and rank 0 writes, and the calls that need the whole model on one process refuse
+with one clear error naming the module, before touching the model or the disk.
 
+Shapes are odd on purpose: r_max 5 over 2 ranks shards λ and Q's rows 3 + 2, P's 9 rows 5 + 4
+(FSDP2 shards dim 0), so slot writes land on one rank or the other or both.
+"""
+
+import copy
 import json
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 
 from _ddp import run_workers
 
 WORLD = 2
+STEPS = 8
 
 
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(6, 12)
-        self.b = nn.Linear(12, 3)
+        self.a = nn.Linear(7, 9)
+        self.b = nn.Linear(9, 6)
+        self.head = nn.Linear(6, 3)  # modules_to_save: a trained plain Linear, sharded too
 
     def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def _body(rank, out_dir):
+def _config(**kw):
+    from flexlora import FlexLoRAConfig
+
+    base = dict(r_init=2, r_max=5, alpha=2.0, target_modules=["a", "b"], modules_to_save=["head"], total_steps=STEPS,
+                t_warmup=1, t_final=1, delta_t=1, b0=1, orth_reg=0.1)
+    base.update(kw)
+    return FlexLoRAConfig(**base)
+
+
+def _build(cfg):
+    import flexlora
+
+    torch.manual_seed(0)
+    model = flexlora.wrap(MLP(), cfg)
+    with torch.no_grad():  # uneven spectra, so the scores rank the modules apart
+        model.a.lam[:2] = torch.tensor([1.0, 0.05])
+        model.b.lam[:2] = torch.tensor([0.7, 0.6])
+    return model
+
+
+def _train(model, allocator, data, grad_form, steps, shard_rank=None):
+    """`steps` steps of AdamW; shard_rank: this rank's half of each batch (FSDP2), else all of it.
+    grad_form "grad": the orthogonality gradient added after backward, else as a loss term."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
+    events = []
+    for t in range(1, steps + 1):
+        x, y = data[t - 1]
+        if shard_rank is not None:
+            half = x.shape[0] // WORLD
+            x, y = x[shard_rank * half:(shard_rank + 1) * half], y[shard_rank * half:(shard_rank + 1) * half]
+        loss = (model(x) - y).square().mean()
+        if grad_form != "grad":
+            loss = loss + allocator.orthogonal_loss()
+        loss.backward()
+        if grad_form == "grad":
+            allocator.add_orthogonal_grad_()
+        opt.step()
+        ev = allocator.step(t, opt)
+        events.append(None if ev is None else [list(map(list, ev.pruned)), list(map(list, ev.expanded))])
+        opt.zero_grad()
+    return opt, events
+
+
+def _whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _train_body(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
 
     import flexlora
-    from flexlora import FlexLoRAConfig, RankAllocator
 
-    torch.manual_seed(0)
-    cfg = FlexLoRAConfig(r_init=2, r_max=4, alpha=2.0, target_modules=["a", "b"], total_steps=10,
-                         t_warmup=1, t_final=1, delta_t=1, b0=1)
-    model = flexlora.wrap(MLP(), cfg)
-    with torch.no_grad():
-        for _, m in flexlora.flex_modules(model):
-            m.lam.normal_()  # a non-zero adapter, so the forward check below sees ΔW
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randn(8, 7, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
+    results = {}
+    # The orthogonal init runs two steps only: its unit-norm direction, orthogonal to the others,
+    # gets an orthogonality gradient of pure rounding noise, which Adam scales to full steps, so
+    # one process and two drift apart by rounding alone after a few steps.
+    for grad_form, expand_init, steps in (("loss", "zero_impact", STEPS), ("grad", "zero_impact", STEPS),
+                                          ("orth-init", "orthogonal", 2)):
+        cfg = _config(expand_init=expand_init, b0=3, t_final=0)
+        ref = _build(cfg)
+        model = copy.deepcopy(ref)
+        ref_alloc = flexlora.RankAllocator(ref)
+        ref_opt, ref_events = _train(ref, ref_alloc, data, grad_form, steps)
+
+        fully_shard(model.a)
+        fully_shard(model.head)
+        fully_shard(model)  # holds b: whole from forward to backward (orthogonal_loss reads it so)
+        alloc = flexlora.RankAllocator(model)  # built on the sharded model
+        opt, events = _train(model, alloc, data, grad_form, steps, shard_rank=rank)
+
+        diffs = {}
+        for name in ("a", "b"):
+            m, r = getattr(model, name), getattr(ref, name)
+            for key in ("P", "lam", "Q"):
+                got, want = _whole(getattr(m, key)).detach(), getattr(r, key).detach()
+                diffs[f"{name}.{key}"] = [float((got - want).abs().max()), float(want.abs().max())]
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    g, w = _whole(opt.state[getattr(m, key)][moment]), ref_opt.state[getattr(r, key)][moment]
+                    diffs[f"{name}.{key}.{moment}"] = [float((g - w).abs().max()), float(w.abs().max())]
+            # inactive slots exactly zero on this rank's part (values and moments)
+            off = ~m.mask
+            results.setdefault("inactive_nonzero", 0)
+            for t in (m.P.to_local()[:, off], opt.state[m.P]["exp_avg"].to_local()[:, off]):
+                results["inactive_nonzero"] += int(t.count_nonzero())
+        with torch.no_grad():
+            head_diff = float((_whole(model.head.weight) - ref.head.weight).abs().max())
+        results[grad_form] = {
+            "events": events,
+            "ref_events": ref_events,
+            "masks": [model.a.mask.tolist(), model.b.mask.tolist()],
+            "ref_masks": [ref.a.mask.tolist(), ref.b.mask.tolist()],
+            "history": alloc.history,
+            "ref_history": ref_alloc.history,
+            "diffs": diffs,
+            "head_diff": head_diff,
+            "sharded": type(model.a.lam).__name__,
+        }
+
+        # save_adapter gathers on every rank, rank 0 writes; a fresh unsharded model loads it
+        target = os.path.join(out_dir, f"adapter-{grad_form}")
+        returned = flexlora.save_adapter(model, target, allocator=alloc)
+        torch.distributed.barrier()
+        torch.manual_seed(0)  # the base weights _build started from
+        fresh = flexlora.load_adapter(MLP(), target)
+        x = data[0][0]
+        with torch.no_grad():
+            results[grad_form]["reload_max_diff"] = float((fresh(x) - ref(x)).abs().max())
+        results[grad_form]["returned"] = str(returned)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_fsdp2_rank_allocation_and_save_match_one_process_on_the_whole_batch(tmp_path):
+    run_workers(_train_body, tmp_path, WORLD)
+    for rank in range(WORLD):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["inactive_nonzero"] == 0
+        for grad_form in ("loss", "grad", "orth-init"):
+            r = res[grad_form]
+            assert r["sharded"] == "DTensor"
+            assert r["events"] == r["ref_events"], (grad_form, r["events"], r["ref_events"])
+            moved = [e for e in r["events"] if e and (e[0] or e[1])]
+            assert len(moved) >= (2 if grad_form == "orth-init" else 3), r["events"]  # rank moved, more than once
+            assert r["masks"] == r["ref_masks"]
+            assert len(r["history"]) == len(r["ref_history"])
+            for got, want in zip(r["history"], r["ref_history"]):
+                assert {k: got[k] for k in ("step", "module", "rank")} == {k: want[k] for k in ("step", "module", "rank")}
+                assert abs(got["score"] - want["score"]) <= 1e-5 * max(1.0, abs(want["score"])), (got, want)
+            for key, (diff, scale) in r["diffs"].items():
+                assert diff <= 1e-5 * max(1.0, scale), (grad_form, key, diff, scale)
+            assert r["head_diff"] <= 1e-5
+            assert r["reload_max_diff"] <= 1e-5, r["reload_max_diff"]
+            assert r["returned"] == str(tmp_path / f"adapter-{grad_form}")
+
+
+def _refuse_body(rank, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    import flexlora
+    from flexlora import RankAllocator
+    from flexlora.checkpoint import _write_adapter
+
+    model = _build(_config())
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
     want = model(x).detach()
-    previous = os.path.join(out_dir, f"adapter{rank}")
-    flexlora.save_adapter(model, previous)  # before sharding: must survive the refused save
+    previous = os.path.join(out_dir, "adapter")
+    if rank == 0:
+        flexlora.save_adapter(model, previous)  # before sharding: must survive the refused calls
+    torch.distributed.barrier()
     before = open(os.path.join(previous, "adapter_model.safetensors"), "rb").read()
 
+    fully_shard(model.a)
     fully_shard(model)
-    got = model(x)
-    got.square().sum().backward()  # the op's backward runs on the gathered tensors
-    results = {
-        "sharded": type(model.a.lam).__name__,
-        "forward_max_diff": float((got.detach() - want).abs().max()),
-        "grad_finite": bool(torch.isfinite(model.a.P.grad.full_tensor()).all()),
-    }
+    out = model(x)  # the root keeps whole parameters until backward: refused all the same
+    results = {"forward_max_diff": float((out.detach() - want).abs().max()), "root_P": type(model.b.P).__name__}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     calls = {
-        "RankAllocator": lambda: RankAllocator(model),
-        "save_adapter": lambda: flexlora.save_adapter(model, previous),
         "load_adapter": lambda: flexlora.load_adapter(model, previous),
         "merge": lambda: flexlora.merge(model),
         "unmerge": lambda: flexlora.unmerge(model),
         "merge_and_unload": lambda: flexlora.merge_and_unload(model),
         "export_peft": lambda: flexlora.export_peft(model, os.path.join(out_dir, f"peft{rank}")),
+        "save_checkpoint": lambda: flexlora.save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer=opt),
+        "sensitivity": lambda: RankAllocator(model, _config(importance="sensitivity")),
     }
     for name, call in calls.items():
         try:
@@ -66,24 +205,69 @@ def _body(rank, out_dir):
             results[name] = "no error"
         except Exception as e:  # noqa: BLE001 - the test reads type and message
             results[name] = f"{type(e).__name__}: {e}"
+
+    try:
+        flexlora.save_adapter(model, previous)
+        results["mid_step_save"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        results["mid_step_save"] = f"{type(e).__name__}: {e}"
+    out.square().sum().backward()  # now every parameter is a shard again
+    for name, call in calls.items():
+        try:
+            call()
+            results[name + " (between steps)"] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results[name + " (between steps)"] = f"{type(e).__name__}: {e}"
+
+    # a save that fails on rank 0 (the writer) fails on every rank, and keeps the previous one
+    import flexlora.checkpoint as ck
+
+    def broken(tmp, collected):
+        _write_adapter(tmp, collected)
+        raise OSError("disk full (injected)")
+
+    if rank == 0:
+        ck._write_adapter = broken
+    try:
+        flexlora.save_adapter(model, previous)
+        results["failed_save"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        results["failed_save"] = f"{type(e).__name__}: {e}"
     results["previous_intact"] = open(os.path.join(previous, "adapter_model.safetensors"), "rb").read() == before
     results["peft_dir_made"] = os.path.exists(os.path.join(out_dir, f"peft{rank}"))
+    results["ckpt_made"] = os.path.exists(os.path.join(out_dir, "ckpt"))
     results["still_flex"] = type(model.a).__name__
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
 
-def test_fsdp2_sharded_adapters_train_but_whole_tensor_apis_refuse_clearly(tmp_path):
-    run_workers(_body, tmp_path, WORLD)
+@pytest.mark.parametrize("unused", [None], ids=["gloo2"])
+def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywhere(tmp_path, unused):
+    run_workers(_refuse_body, tmp_path, WORLD)
     for rank in range(WORLD):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert res["sharded"] == "DTensor"
         assert res["forward_max_diff"] <= 1e-6, res["forward_max_diff"]
-        assert res["grad_finite"]
-        for caller in ("RankAllocator", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload",
-                       "export_peft"):
-            msg = res[caller]
-            assert msg.startswith("NotImplementedError: "), (caller, msg)
-            assert "'a'" in msg and "DTensor" in msg and "DistributedDataParallel" in msg, (caller, msg)
-        assert res["previous_intact"] and not res["peft_dir_made"]
+        assert res["root_P"] == "Parameter"  # the state a type check alone would miss
+        advice = {
+            "load_adapter": "before fully_shard",
+            "save_checkpoint": "torch.distributed.checkpoint",
+            "merge": "save_adapter",
+            "unmerge": "save_adapter",
+            "merge_and_unload": "save_adapter",
+            "export_peft": "save_adapter",
+        }
+        for caller, hint in advice.items():
+            for msg in (res[caller], res[caller + " (between steps)"]):
+                assert msg.startswith("NotImplementedError: "), (caller, msg)
+                assert "'a'" in msg and "DTensor" in msg and hint in msg, (caller, msg)
+        assert res["mid_step_save"].startswith("ValueError: save_adapter: ") and "'b'" in res["mid_step_save"]
+        assert "between steps" in res["mid_step_save"], res["mid_step_save"]
+        for msg in (res["sensitivity"], res["sensitivity (between steps)"]):
+            assert msg.startswith("NotImplementedError: ") and "'sensitivity'" in msg, msg
+        assert res["previous_intact"] and not res["peft_dir_made"] and not res["ckpt_made"]
         assert res["still_flex"].endswith("FlexLinear")  # merge_and_unload replaced nothing
+        if rank == 0:
+            assert res["failed_save"] == "OSError: disk full (injected)", res["failed_save"]
+        else:
+            assert res["failed_save"].startswith("RuntimeError: save_adapter to "), res["failed_save"]
+            assert "failed on rank 0: OSError: disk full (injected)" in res["failed_save"]

@@ -432,3 +432,22 @@ def test_delta_weight_ignores_non_finite_inactive_slots(where):
     dw = layer.delta_weight()
     assert torch.isfinite(dw).all()
     assert (dw.double() - ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["x1d", "x2d", "x3d"])
+def test_output_is_no_view_as_nn_linear_s_is(lead):
+    # FSDP2 warns about a module returning a view (an in-place `out += residual` on it would drop
+    # its pre-backward hook), and nn.Linear's output is none; the values stay those of the base +
+    # adapter, and the gradient still reaches x through the reshape
+    torch.manual_seed(0)
+    layer = FlexLinear(6, 4, r_max=3, r_init=2, alpha=2.0)
+    with torch.no_grad():
+        layer.lam.fill_(0.5)
+    x = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+    y = layer.double()(x)
+    assert not y._is_view() and y.shape == (*lead, 4)
+    assert nn.functional.linear(x, layer.weight)._is_view() is False
+    ref = x @ (layer.weight + layer.delta_weight()).t() + layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (layer.weight + layer.delta_weight()).sum(0).expand_as(x), rtol=1e-12, atol=1e-12)
