@@ -505,15 +505,20 @@ def _wrap_undoable(model: nn.Module, config: FlexLoRAConfig):
     return undo
 
 
-def _adapter_snapshot(model: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _adapter_snapshot(model: nn.Module, device=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """(tensor, copy) of everything load_adapter may overwrite: the slot tensors of every
-    FlexLinear and the trainable tensors of modules_to_save."""
+    FlexLinear and the trainable tensors of modules_to_save; the copies on ``device`` (None:
+    where each tensor is)."""
     model = unwrap_model(model)
-    out = [(getattr(m, key), getattr(m, key).detach().clone()) for _, m in flex_modules(model) for key in _SLOT_TENSORS]
+
+    def keep(t):
+        return t.detach().clone() if device is None else t.detach().to(device, copy=True)
+
+    out = [(getattr(m, key), keep(getattr(m, key))) for _, m in flex_modules(model) for key in _SLOT_TENSORS]
     cfg = _model_config(model) if hasattr(model, "flexlora_config") else None
     if cfg is not None:
         for _, module in _saved_modules(model, cfg):
-            out += [(t, t.detach().clone()) for t in _module_state(module).values()]
+            out += [(t, keep(t)) for t in _module_state(module).values()]
     return out
 
 

@@ -20,6 +20,7 @@ Where each piece runs in the Trainer's optimizer step (transformers 5.x order: c
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import sys
@@ -31,8 +32,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._atomic import replace_file
+from ..checkpoint import _adapter_snapshot, _restore_snapshot
 from ..layers.wrap import unwrap_model
-from .allocator import RankAllocator
+from .allocator import RankAllocator, _state_holder
 
 ALLOCATOR_STATE_FILE = "flexlora_allocator_state.pt"
 
@@ -61,7 +63,40 @@ class FlexLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # a new run (a resume in the same process, a second train()) starts with no hook done yet
         self.allocator.__dict__["_callback_marks"] = {}
-        self._check_model(kwargs.get("model"))
+        model = kwargs.get("model")
+        self._check_model(model)
+        attempt = self.__dict__.get("_attempt")
+        auto = bool(getattr(args, "auto_find_batch_size", False))
+        batch = getattr(state, "train_batch_size", None)
+        if auto and attempt is not None and batch is not None and batch < attempt[2]:
+            # a train begin at a smaller batch with no train end since the last one:
+            # auto_find_batch_size retries after running out of memory. The Trainer keeps the
+            # failed attempt's weights and restarts its step count, so the allocator would ignore
+            # every step up to where the attempt stopped and mix both attempts' events: start
+            # both over instead.
+            _restore_snapshot(attempt[0])
+            self.allocator.load_state_dict(attempt[1])
+            self._attempt = (attempt[0], attempt[1], batch)
+            # the Trainer keeps its optimizer too: the restored tensors' moments and step counts
+            # go, so they start as a fresh optimizer's (lazily re-created at the next step)
+            holder = _state_holder(kwargs.get("optimizer")) if kwargs.get("optimizer") is not None else None
+            if holder is not None and model is not None:
+                # the snapshot holds state_dict views of modules_to_save: find their parameters
+                restored = {(t.data_ptr(), tuple(t.shape)) for t, _ in attempt[0]}
+                for p in unwrap_model(model).parameters():
+                    if (p.data_ptr(), tuple(p.shape)) in restored and p in holder.state:
+                        del holder.state[p]
+            warnings.warn(
+                f"FlexLoRACallback: auto_find_batch_size restarted training at batch size {state.train_batch_size}; "
+                "the adapters, modules_to_save, their optimizer state and the allocator were put back to their "
+                "state at the start of the failed attempt, so the retry starts over",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif auto and model is not None and batch is not None:
+            # a copy on the CPU (adapters and modules_to_save only: the base is frozen)
+            self._attempt = (_adapter_snapshot(unwrap_model(model), device="cpu"),
+                             copy.deepcopy(self.allocator.state_dict()), batch)
         if state.global_step > 0:  # resumed from a checkpoint written at global_step
             self._load_state(_resume_candidates(args, state.global_step), state.global_step)
         cfg = self.allocator.config
@@ -78,7 +113,10 @@ class FlexLoRACallback(TrainerCallback):
             self.allocator.add_orthogonal_grad_()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._first_call("optimizer_step", state.global_step):
+        # global_step counts this step only after this hook; a step the allocator will ignore
+        # (not past its last one: a second train() on the same allocator) must not feed the
+        # importance either, as a plain loop's step() does not
+        if self._first_call("optimizer_step", state.global_step) and state.global_step + 1 > self.allocator._last_step:
             self.allocator.update_importance()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -104,6 +142,7 @@ class FlexLoRACallback(TrainerCallback):
         replace_file(folder / ALLOCATOR_STATE_FILE, buf.getvalue())
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._attempt = None  # the run ended: a later train begin is a new run, not a retry
         # load_best_model_at_end has just put the best checkpoint's weights (masks, λ) back: the
         # allocator goes back with them, or it would describe the last step's ranks and a
         # save_adapter(..., allocator=) would pair that history with the best model's masks

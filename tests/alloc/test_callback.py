@@ -171,11 +171,11 @@ def test_callback_rejects_non_allocator():
         FlexLoRACallback(object())
 
 
-def _wrapped(total_steps=24):
+def _wrapped(total_steps=24, **kw):
     model = tiny_llama()
     cfg = FlexLoRAConfig(
         r_init=4, r_max=8, alpha=16.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-        total_steps=total_steps, t_warmup=2, t_final=2, delta_t=2, b0=2, importance="sensitivity",
+        total_steps=total_steps, t_warmup=2, t_final=2, delta_t=2, b0=2, importance="sensitivity", **kw,
     )
     flexlora.wrap(model, cfg)
     return model, RankAllocator(model)
@@ -288,3 +288,90 @@ def test_cli_warning_format_touches_only_flexloras_own_warnings(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "flexlora: warning: every rank is <= --r-min=1 (see runs/b0/x and {'r_max': 8})"
     assert err[1] == "/elsewhere/lib.py:3: FutureWarning: r_min of another library"
+
+
+def test_steps_the_allocator_ignores_feed_no_importance(tmp_path):
+    # a second train() restarts global_step below the allocator's last step: step() ignores those
+    # steps, "no importance update and no event", but the callback fed the sensitivity averages
+    # at on_optimizer_step all the same (8 -> 16 updates)
+    model, allocator = _wrapped(total_steps=8)
+    callback = FlexLoRACallback(allocator)
+    make_trainer(tmp_path / "a", model, [callback], max_steps=8).train()
+    fed = allocator.importance.fed
+    before = allocator.importance.state_dict()
+    with pytest.warns(UserWarning, match=r"is ignored"):
+        make_trainer(tmp_path / "b", model, [callback], max_steps=8).train()
+    assert allocator.importance.fed == fed == 8
+    after = allocator.importance.state_dict()
+    assert len(before["ipt"]) == len(after["ipt"]) > 0
+    for key in ("ipt", "unc"):  # the averages are where the first run left them
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key]))
+
+
+class _OutOfMemoryAbove:
+    """A forward pre-hook that raises CUDA's out-of-memory message for batches above `limit`
+    rows from the `after`-th such call on (auto_find_batch_size then retries smaller)."""
+
+    def __init__(self, limit, after):
+        self.limit, self.after, self.calls = limit, after, 0
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] > self.limit and module.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+def _auto_batch_trainer(tmp_path, model, allocator, batch, auto):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=batch, auto_find_batch_size=auto,
+        learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="constant", report_to="none", use_cpu=True,
+        save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Sequences(),
+                                callbacks=[FlexLoRACallback(allocator)])
+
+
+def test_auto_find_batch_size_retry_starts_the_adapters_and_allocator_over(tmp_path):
+    # an out-of-memory at the 6th step (batch 16): the Trainer retries at batch 8 from step 0
+    # but keeps the failed attempt's weights; the allocator had reached step 5, so it ignored the
+    # retry's steps 1-5 (its events at 2 and 4 never happened) and mixed both attempts' history
+    pytest.importorskip("accelerate")
+    model, allocator = _wrapped(total_steps=16, modules_to_save=["lm_head"])
+    model.register_forward_pre_hook(_OutOfMemoryAbove(limit=8, after=6), with_kwargs=True)
+    with pytest.warns(UserWarning, match=r"auto_find_batch_size restarted training at batch size 8"):
+        trainer = _auto_batch_trainer(tmp_path / "auto", model, allocator, batch=16, auto=True)
+        trainer.train()
+    assert trainer._train_batch_size == 8
+
+    ref_model, ref_allocator = _wrapped(total_steps=16, modules_to_save=["lm_head"])
+    _auto_batch_trainer(tmp_path / "ref", ref_model, ref_allocator, batch=8, auto=False).train()
+    assert allocator.history == ref_allocator.history  # the same events at the same steps, only the retry's
+    assert allocator.num_events == ref_allocator.num_events > 0
+    got, want = model.state_dict(), ref_model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_run_that_failed_otherwise_is_not_taken_for_a_retry(tmp_path):
+    # the snapshot is for auto_find_batch_size's own retries (a smaller batch): after another
+    # error, a new train() at the same batch size continues from the model as it is, as HF does
+    model, allocator = _wrapped(total_steps=16)
+    calls = {"n": 0, "interrupt_at": 6}
+
+    def interrupt(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["interrupt_at"]:
+            raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt):
+        _auto_batch_trainer(tmp_path / "a", model, allocator, batch=8, auto=True).train()
+    lam = [m.lam.detach().clone() for m in allocator.modules]
+    assert any(bool(t.ne(0).any()) for t in lam)  # the interrupted run trained
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _auto_batch_trainer(tmp_path / "b", model, allocator, batch=8, auto=True).train()
+    assert not [w for w in rec if "restarted training" in str(w.message)]
+    assert [w for w in rec if "is ignored" in str(w.message)]  # a second run on one allocator, as documented
