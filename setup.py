@@ -18,7 +18,8 @@ setup(
         # CPU machines pin torch==2.13.0 in the install command (README); GPU users bring their own.
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.45",
+        # oldest tested: 4.57.6 (flexlora loads models with dtype=, new in 4.56)
+        "transformers>=4.57",
         "safetensors>=0.4",
         "numpy",
         "tqdm",
@@ -26,14 +27,15 @@ setup(
     ],
     extras_require={
         # `flexlora train --method lora|adalora` (PEFT baselines through the same loop)
-        "peft": ["peft>=0.13"],
+        # export_peft's rank_pattern keys need PEFT's matching since 0.15 (docs/adapters.md)
+        "peft": ["peft>=0.15"],
         # `flexlora train --model smollm2` reads a GGUF file (fetched into the cache if missing)
         "llm": ["gguf>=0.10", "accelerate>=0.30"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",
             "hypothesis>=6",
-            "peft>=0.13",
+            "peft>=0.15",
             "accelerate>=0.30",
         ],
     },

@@ -41,10 +41,14 @@ def tiny_vit():
     return ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
 
 
+# transformers 5 names ViT's attention projections q_proj / v_proj, 4.x query / value
+_VIT_QV = ["q_proj", "v_proj"] if any(n.endswith(".q_proj") for n, _ in tiny_vit()[0].named_modules()) else ["query", "value"]
+
+
 FAMILIES = {
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], [], 14),
     "bert": (tiny_bert, ["query", "key", "value", "attention.output.dense"], ["classifier"], 8),
-    "vit": (tiny_vit, ["q_proj", "v_proj"], ["classifier"], 4),
+    "vit": (tiny_vit, _VIT_QV, ["classifier"], 4),
 }
 
 
