@@ -58,6 +58,48 @@ def fsdp_managed(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def fsdp_units(model) -> list:
+    """The modules of ``model`` that ``fully_shard`` was applied to (empty without a process
+    group: FSDP2 needs one, so unsharded training pays no module scan)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(units: Sequence) -> None:
+    """Put every FSDP2 unit back into its sharded state (``FSDPModule.reshard``, public): after
+    a forward without backward (an evaluation under no_grad), or with reshard_after_forward=False,
+    a unit keeps whole working copies registered on its modules, which it frees at its next
+    reshard, so a slot written into them would be lost. Mid-step this is what a unit does after
+    its own forward with reshard_after_forward=True: its backward gathers the shards again."""
+    for unit in units:
+        unit.reshard()
+
+
+def registered_shards(units: Sequence) -> Optional[dict]:
+    """{(id(module), name): FSDP's sharded parameter} of every parameter the units manage, read
+    from FSDP2's internals (None where this torch lays them out otherwise). Between steps a
+    managed module holds exactly these; other tensors under those names (whole working copies,
+    the smaller-mesh copies of reshard_after_forward=<int>) are FSDP's temporaries."""
+    out = {}
+    try:
+        for unit in units:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in [] if group is None else group.fsdp_params:
+                info = fsdp_param._module_info
+                out[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+                for module, name in zip(info.shared_modules, info.shared_param_names):
+                    out[(id(module), name)] = fsdp_param.sharded_param
+    except AttributeError:
+        return None
+    return out
+
+
 def unsupported_placement(t) -> Optional[str]:
     """A description of the first placement of DTensor ``t`` these helpers cannot map (None when
     all are ``Shard(d)`` or ``Replicate``, or ``t`` is no DTensor)."""

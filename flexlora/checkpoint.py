@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from ._sharded import check_placements, fsdp_managed, is_sharded, whole
+from ._sharded import check_placements, fsdp_managed, fsdp_units, is_sharded, reshard, whole
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, name_matches, named_modules_all, unwrap_model, wrap
@@ -275,7 +275,10 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
     plain = unwrap_model(model)
     sharded = fsdp_managed(plain) or _holds_shards(plain)
     if sharded:
-        _check_between_steps(plain)
+        # FSDP's working copies (whole after a forward, smaller-mesh with
+        # reshard_after_forward=<int>) would gather freed memory or other values: back to the
+        # shards first, as each unit does after its forward (backward gathers them again)
+        reshard(fsdp_units(plain))
     collected = _collect_adapter(model, allocator)  # sharded: gathered on every rank
     rank = dist.get_rank() if sharded and dist.is_initialized() else 0
     if rank != 0:
@@ -292,19 +295,6 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
     if error is not None:
         raise error
     return Path(directory)
-
-
-def _check_between_steps(model: nn.Module) -> None:
-    """Under FSDP2, refuse a save between a forward and its backward: a module's parameters are
-    then FSDP's whole working copies, which it frees when it reshards (a gather would read freed
-    memory). Between steps every adapter tensor is a DTensor."""
-    whole_now = [n for n, m in flex_modules(model) if not is_sharded(m.P)]
-    if whole_now:
-        raise ValueError(
-            f"save_adapter: the model is sharded by fully_shard, but the adapter of {whole_now[0]!r} is whole now "
-            "(between a forward and its backward, or outside every fully_shard module): call save_adapter between "
-            "steps, after optimizer.step(), with fully_shard applied to the model itself"
-        )
 
 
 def _holds_shards(model: nn.Module) -> bool:
@@ -840,6 +830,8 @@ def load_checkpoint(
     files: the default (True) reads the states of torch's optimizers and schedulers and of the
     RankAllocator without unpickling arbitrary objects.
     """
+    plain = unwrap_model(model)
+    check_unsharded(flex_modules(plain), "load_checkpoint", plain)  # before anything is read
     directory = Path(directory)
     _read_meta(directory)  # clear error first if this is not a flexlora directory
     state = _torch_load(

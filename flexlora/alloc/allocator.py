@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .._sharded import any_sharded, check_placements, fill_slots_, set_slot_, whole_views
+from .._sharded import (any_sharded, check_placements, fill_slots_, fsdp_units, is_sharded, registered_shards,
+                        reshard, set_slot_, whole_views)
 from ..config import FlexLoRAConfig
 from ..kernels.spectral_entropy import spectral_entropy_and_slots
 from ..layers.flex_linear import FlexLinear
@@ -269,6 +270,8 @@ class RankAllocator:
         self.modules: List[FlexLinear] = [m for _, m in named]
         self.r_max: List[int] = [m.r_max for m in self.modules]
         self.importance = make_importance(config)
+        self._model = weakref.ref(inner)
+        self._settle_fsdp()
         self._check_sharding()
 
         self.history: List[Dict[str, Any]] = []
@@ -287,7 +290,6 @@ class RankAllocator:
         self._calls_in_gap = 0
         self._crowded_gaps = 0
         self._counted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> hook handle
-        self._model = weakref.ref(inner)
         self._call_serial: Optional[int] = None  # _STEP_CALLS at this allocator's last step()
 
         self._zero_inactive_slots()
@@ -316,6 +318,8 @@ class RankAllocator:
     def orthogonal_loss(self) -> torch.Tensor:
         """γ·mean over modules of (‖PᵀP − I‖² + ‖QQᵀ − I‖²) over active slots, γ = config.orth_reg:
         a 0-d tensor to add to the task loss before ``backward()`` (a zero tensor when orth_reg is 0)."""
+        if self.config.orth_reg > 0:
+            self._settle_post_forward_copies()
         return orthogonal_loss(self.modules, float(self.config.orth_reg))
 
     def add_orthogonal_grad_(self) -> None:
@@ -360,6 +364,7 @@ class RankAllocator:
             self._stepped = True
             self._remove_guard()
         self._check_sole_stepper()
+        self._settle_fsdp()
         self._check_sharding()
         if optimizer is not None:
             self._use_optimizer(optimizer)
@@ -679,6 +684,33 @@ class RankAllocator:
             )
         self._call_serial = _STEP_CALLS[0]
         _LAST_STEPPED_BY[first] = weakref.ref(self)
+
+    def _settle_fsdp(self) -> None:
+        """Under FSDP2, every unit back to its sharded state before the allocator reads or writes
+        slots: after an evaluation forward (or with reshard_after_forward=False) a unit keeps
+        whole working copies of P, λ, Q registered, which it discards at its next reshard, so
+        slot writes into them (and the optimizer, which holds the shards) would be lost."""
+        model = self._model()
+        if model is not None:
+            reshard(fsdp_units(model))
+
+    def _settle_post_forward_copies(self) -> None:
+        """orthogonal_loss differentiates through the P and Q the modules hold between forward
+        and backward: FSDP's whole working copies pass their gradient on to the shards, but the
+        smaller-mesh copies of reshard_after_forward=<int> do not (the penalty's gradient was
+        lost). Where a module holds such a copy, the units go back to their shards first, as
+        reshard_after_forward=True would have left them (backward gathers them again)."""
+        model = self._model()
+        units = fsdp_units(model) if model is not None else []
+        shards = registered_shards(units) if units else None
+        if not shards:
+            return
+        for m in self.modules:
+            for key in ("P", "Q"):
+                t, real = getattr(m, key), shards.get((id(m), key))
+                if real is not None and is_sharded(t) and t is not real:
+                    reshard(units)
+                    return
 
     def _check_sharding(self) -> None:
         """Adapters sharded by FSDP2 are handled (whole tensors gathered where they are read, slot

@@ -168,6 +168,12 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     config.validate()  # fields may have been changed since construction
     if any(isinstance(m, FlexLinear) for m in model.modules()):
         raise ValueError("wrap: the model already holds FlexLinear modules (wrapped twice?)")
+    from .._sharded import fsdp_managed
+
+    if fsdp_managed(model):
+        # its Linears' weights are DTensor shards between steps: a FlexLinear built on one would
+        # mix plain adapter tensors with them (the forward failed in addmm)
+        raise ValueError("wrap: the model is already sharded by fully_shard; wrap it first, then call fully_shard")
     peft_layer = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
     if peft_layer is not None:
         # target patterns would reach PEFT's base_layer and its lora_A / lora_B Linears: an
@@ -339,6 +345,9 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
         "load_adapter": "load the adapter before fully_shard (wrap, load_adapter, then fully_shard)",
         "save_checkpoint": "save the adapter with flexlora.save_adapter(model, dir, allocator) on every rank, and "
                            "the optimizer with torch.distributed.checkpoint",
+        "load_checkpoint": "exact resume under fully_shard is not supported; load the adapter and allocator with "
+                           "flexlora.load_adapter(model, dir, allocator) before fully_shard, and the optimizer with "
+                           "torch.distributed.checkpoint",
     }.get(caller.split(" ")[0], f"save it with flexlora.save_adapter(model, dir) on every rank (rank 0 writes), then "
                                f"load it into an unsharded model and call {caller.split(' ')[0]} there")
     def refuse(what: str):
