@@ -32,11 +32,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._atomic import replace_file
-from ..checkpoint import _adapter_snapshot, _restore_snapshot
-from ..layers.wrap import unwrap_model
+from ..checkpoint import _adapter_snapshot, _other_trainables, _restore_snapshot, _saved_modules
+from ..layers.wrap import flex_modules, unwrap_model
 from .allocator import RankAllocator, _state_holder
 
 ALLOCATOR_STATE_FILE = "flexlora_allocator_state.pt"
+# where the callback keeps, on the Trainer, the copy an auto_find_batch_size retry restores
+_ATTEMPT_KEY = "_flexlora_retry_snapshot"
 
 
 class FlexLoRACallback(TrainerCallback):
@@ -65,38 +67,8 @@ class FlexLoRACallback(TrainerCallback):
         self.allocator.__dict__["_callback_marks"] = {}
         model = kwargs.get("model")
         self._check_model(model)
-        attempt = self.__dict__.get("_attempt")
-        auto = bool(getattr(args, "auto_find_batch_size", False))
-        batch = getattr(state, "train_batch_size", None)
-        if auto and attempt is not None and batch is not None and batch < attempt[2]:
-            # a train begin at a smaller batch with no train end since the last one:
-            # auto_find_batch_size retries after running out of memory. The Trainer keeps the
-            # failed attempt's weights and restarts its step count, so the allocator would ignore
-            # every step up to where the attempt stopped and mix both attempts' events: start
-            # both over instead.
-            _restore_snapshot(attempt[0])
-            self.allocator.load_state_dict(attempt[1])
-            self._attempt = (attempt[0], attempt[1], batch)
-            # the Trainer keeps its optimizer too: the restored tensors' moments and step counts
-            # go, so they start as a fresh optimizer's (lazily re-created at the next step)
-            holder = _state_holder(kwargs.get("optimizer")) if kwargs.get("optimizer") is not None else None
-            if holder is not None and model is not None:
-                # the snapshot holds state_dict views of modules_to_save: find their parameters
-                restored = {(t.data_ptr(), tuple(t.shape)) for t, _ in attempt[0]}
-                for p in unwrap_model(model).parameters():
-                    if (p.data_ptr(), tuple(p.shape)) in restored and p in holder.state:
-                        del holder.state[p]
-            warnings.warn(
-                f"FlexLoRACallback: auto_find_batch_size restarted training at batch size {state.train_batch_size}; "
-                "the adapters, modules_to_save, their optimizer state and the allocator were put back to their "
-                "state at the start of the failed attempt, so the retry starts over",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif auto and model is not None and batch is not None:
-            # a copy on the CPU (adapters and modules_to_save only: the base is frozen)
-            self._attempt = (_adapter_snapshot(unwrap_model(model), device="cpu"),
-                             copy.deepcopy(self.allocator.state_dict()), batch)
+        if getattr(args, "auto_find_batch_size", False) and model is not None:
+            self._restart_or_snapshot(unwrap_model(model), state, kwargs.get("optimizer"))
         if state.global_step > 0:  # resumed from a checkpoint written at global_step
             self._load_state(_resume_candidates(args, state.global_step), state.global_step)
         cfg = self.allocator.config
@@ -142,7 +114,9 @@ class FlexLoRACallback(TrainerCallback):
         replace_file(folder / ALLOCATOR_STATE_FILE, buf.getvalue())
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._attempt = None  # the run ended: a later train begin is a new run, not a retry
+        trainer, _ = _trainer_frame(_TRAIN_FRAMES)
+        if trainer is not None:  # the run ended: a later train begin is a new run, not a retry
+            trainer.__dict__.pop(_ATTEMPT_KEY, None)
         # load_best_model_at_end has just put the best checkpoint's weights (masks, λ) back: the
         # allocator goes back with them, or it would describe the last step's ranks and a
         # save_adapter(..., allocator=) would pair that history with the best model's masks
@@ -161,6 +135,53 @@ class FlexLoRACallback(TrainerCallback):
                     f"{ALLOCATOR_STATE_FILE}: the allocator still describes the last step, not the model's ranks",
                     stacklevel=2,
                 )
+
+    def _restart_or_snapshot(self, model, state, optimizer) -> None:
+        """auto_find_batch_size: keep a CPU copy of everything that trains and of the allocator at
+        the start of a run; when the same Trainer begins again at a smaller batch without having
+        ended (its retry after running out of memory), put them back and warn.
+
+        The Trainer retries from step 0 (or the checkpoint's step) keeping the failed attempt's
+        weights, so the allocator would ignore every step up to where the attempt stopped and mix
+        both attempts' events. The copy lives on the Trainer (gone with it; an interrupted run's
+        copy is never taken for another Trainer's). What is copied: the adapters, modules_to_save
+        and any other parameter that trains (a norm unfrozen by hand)."""
+        trainer, _ = _trainer_frame(_TRAIN_FRAMES)
+        batch = getattr(trainer, "_train_batch_size", None)
+        if trainer is None or not isinstance(batch, int):
+            return
+        attempt = trainer.__dict__.get(_ATTEMPT_KEY)
+        if attempt is not None and attempt["allocator"] is self.allocator and batch < attempt["batch"]:
+            _restore_snapshot(attempt["tensors"])
+            self.allocator.load_state_dict(attempt["allocator_state"])
+            attempt["batch"] = batch
+            holder = _state_holder(optimizer) if optimizer is not None else None
+            if holder is not None and state.global_step == 0:
+                # the Trainer keeps its optimizer: the restored tensors start with a fresh
+                # optimizer's state (a resumed retry has just reloaded the checkpoint's instead)
+                for p in attempt["params"]:
+                    holder.state.pop(p, None)
+            warnings.warn(
+                f"FlexLoRACallback: auto_find_batch_size restarted training at batch size {batch}; the adapters, "
+                "modules_to_save, other trained parameters, their optimizer state and the allocator were put back "
+                "to their state at the start of the failed attempt, so the retry starts over",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        saved = _saved_modules(model, self.allocator.config)
+        tensors = _adapter_snapshot(model, device="cpu")
+        others = list(_other_trainables(model, saved).values())
+        tensors += [(p, p.detach().to("cpu", copy=True)) for p in others]
+        params = [p for _, m in flex_modules(model) for p in (m.P, m.lam, m.Q)] + others
+        params += [p for _, m in saved for p in m.parameters() if p.requires_grad]
+        trainer.__dict__[_ATTEMPT_KEY] = {
+            "allocator": self.allocator,
+            "batch": batch,
+            "tensors": tensors,
+            "params": params,
+            "allocator_state": copy.deepcopy(self.allocator.state_dict()),
+        }
 
     def _first_call(self, hook: str, step: int) -> bool:
         """False when this hook already ran for this step on the same allocator: one allocator in

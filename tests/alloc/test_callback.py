@@ -323,22 +323,45 @@ class _OutOfMemoryAbove:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
 
-def _auto_batch_trainer(tmp_path, model, allocator, batch, auto):
+def _auto_batch_trainer(tmp_path, model, allocator, batch, auto, callback=None, save_steps=None):
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=batch, auto_find_batch_size=auto,
         learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="constant", report_to="none", use_cpu=True,
-        save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0, seed=0, **save,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=Sequences(),
-                                callbacks=[FlexLoRACallback(allocator)])
+                                callbacks=[callback or FlexLoRACallback(allocator)])
+
+
+def _interrupt_at(model, call):
+    """A forward pre-hook raising KeyboardInterrupt at the `call`-th forward; returns its handle."""
+    calls = {"n": 0}
+
+    def hook(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _assert_same_run(model, allocator, ref_model, ref_allocator):
+    assert allocator.history == ref_allocator.history  # the same events at the same steps
+    assert allocator.num_events == ref_allocator.num_events > 0
+    got, want = model.state_dict(), ref_model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
 
 
 def test_auto_find_batch_size_retry_starts_the_adapters_and_allocator_over(tmp_path):
     # an out-of-memory at the 6th step (batch 16): the Trainer retries at batch 8 from step 0
     # but keeps the failed attempt's weights; the allocator had reached step 5, so it ignored the
     # retry's steps 1-5 (its events at 2 and 4 never happened) and mixed both attempts' history
+    # (a norm unfrozen by hand trains too: the retry puts it back as well)
     pytest.importorskip("accelerate")
     model, allocator = _wrapped(total_steps=16, modules_to_save=["lm_head"])
+    model.model.norm.weight.requires_grad_(True)
     model.register_forward_pre_hook(_OutOfMemoryAbove(limit=8, after=6), with_kwargs=True)
     with pytest.warns(UserWarning, match=r"auto_find_batch_size restarted training at batch size 8"):
         trainer = _auto_batch_trainer(tmp_path / "auto", model, allocator, batch=16, auto=True)
@@ -346,12 +369,33 @@ def test_auto_find_batch_size_retry_starts_the_adapters_and_allocator_over(tmp_p
     assert trainer._train_batch_size == 8
 
     ref_model, ref_allocator = _wrapped(total_steps=16, modules_to_save=["lm_head"])
+    ref_model.model.norm.weight.requires_grad_(True)
     _auto_batch_trainer(tmp_path / "ref", ref_model, ref_allocator, batch=8, auto=False).train()
-    assert allocator.history == ref_allocator.history  # the same events at the same steps, only the retry's
-    assert allocator.num_events == ref_allocator.num_events > 0
-    got, want = model.state_dict(), ref_model.state_dict()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    _assert_same_run(model, allocator, ref_model, ref_allocator)
+
+
+def test_auto_find_batch_size_retry_of_a_resumed_run_ends_as_a_resume_at_that_batch(tmp_path):
+    # a resumed run's TrainerState reports the checkpoint's batch size in every attempt, so the
+    # retry went unnoticed; and the Trainer reloads the checkpoint's optimizer state before each
+    # attempt, which the retry must keep
+    pytest.importorskip("accelerate")
+    model, allocator = _wrapped(total_steps=16)
+    _interrupt_at(model, 6)
+    with pytest.raises(KeyboardInterrupt):
+        _auto_batch_trainer(tmp_path / "a", model, allocator, batch=16, auto=True, save_steps=4).train()
+    checkpoint = str(tmp_path / "a" / "checkpoint-4")
+
+    model, allocator = _wrapped(total_steps=16)
+    model.register_forward_pre_hook(_OutOfMemoryAbove(limit=8, after=3), with_kwargs=True)
+    with pytest.warns(UserWarning, match=r"auto_find_batch_size restarted training at batch size 8"):
+        trainer = _auto_batch_trainer(tmp_path / "b", model, allocator, batch=16, auto=True)
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer._train_batch_size == 8
+
+    ref_model, ref_allocator = _wrapped(total_steps=16)
+    _auto_batch_trainer(tmp_path / "ref", ref_model, ref_allocator, batch=8, auto=False).train(
+        resume_from_checkpoint=checkpoint)
+    _assert_same_run(model, allocator, ref_model, ref_allocator)
 
 
 def test_a_run_that_failed_otherwise_is_not_taken_for_a_retry(tmp_path):
@@ -375,3 +419,29 @@ def test_a_run_that_failed_otherwise_is_not_taken_for_a_retry(tmp_path):
         _auto_batch_trainer(tmp_path / "b", model, allocator, batch=8, auto=True).train()
     assert not [w for w in rec if "restarted training" in str(w.message)]
     assert [w for w in rec if "is ignored" in str(w.message)]  # a second run on one allocator, as documented
+
+
+def test_an_interrupted_run_s_copy_is_not_restored_by_another_trainer(tmp_path):
+    # the copy stayed on the callback after the interrupt, and a new Trainer at a smaller batch
+    # with the same callback took its start for a retry: adapters and allocator rolled back
+    model, allocator = _wrapped(total_steps=16)
+    callback = FlexLoRACallback(allocator)
+    handle = _interrupt_at(model, 6)
+    with pytest.raises(KeyboardInterrupt):
+        _auto_batch_trainer(tmp_path / "a", model, allocator, batch=16, auto=True, callback=callback).train()
+    handle.remove()
+    lam = [m.lam.detach().clone() for m in allocator.modules]
+    last = allocator._last_step
+    assert last == 5 and set(vars(callback)) == {"allocator", "orthogonal"}  # no copy kept on the callback
+    seen = {}
+
+    def first_forward(module, args, kwargs):
+        seen.setdefault("lam", [x.lam.detach().clone() for x in allocator.modules])
+
+    hook = model.register_forward_pre_hook(first_forward, with_kwargs=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _auto_batch_trainer(tmp_path / "b", model, allocator, batch=8, auto=True, callback=callback).train()
+    hook.remove()
+    assert not [w for w in rec if "restarted training" in str(w.message)]
+    assert all(torch.equal(a, b) for a, b in zip(lam, seen["lam"]))  # it started from the model as it was
