@@ -355,7 +355,7 @@ def _assert_same_run(model, allocator, ref_model, ref_allocator):
 
 
 def test_auto_find_batch_size_retry_starts_the_adapters_and_allocator_over(tmp_path):
-    # an out-of-memory at the 6th step (batch 16): the Trainer retries at batch 8 from step 0
+    # an out-of-memory at the 6th step (batch 10): the Trainer retries at 9, then 8, from step 0
     # but keeps the failed attempt's weights; the allocator had reached step 5, so it ignored the
     # retry's steps 1-5 (its events at 2 and 4 never happened) and mixed both attempts' history
     # (a norm unfrozen by hand trains too: the retry puts it back as well)
@@ -364,7 +364,7 @@ def test_auto_find_batch_size_retry_starts_the_adapters_and_allocator_over(tmp_p
     model.model.norm.weight.requires_grad_(True)
     model.register_forward_pre_hook(_OutOfMemoryAbove(limit=8, after=6), with_kwargs=True)
     with pytest.warns(UserWarning, match=r"auto_find_batch_size restarted training at batch size 8"):
-        trainer = _auto_batch_trainer(tmp_path / "auto", model, allocator, batch=16, auto=True)
+        trainer = _auto_batch_trainer(tmp_path / "auto", model, allocator, batch=10, auto=True)
         trainer.train()
     assert trainer._train_batch_size == 8
 
@@ -382,13 +382,13 @@ def test_auto_find_batch_size_retry_of_a_resumed_run_ends_as_a_resume_at_that_ba
     model, allocator = _wrapped(total_steps=16)
     _interrupt_at(model, 6)
     with pytest.raises(KeyboardInterrupt):
-        _auto_batch_trainer(tmp_path / "a", model, allocator, batch=16, auto=True, save_steps=4).train()
+        _auto_batch_trainer(tmp_path / "a", model, allocator, batch=10, auto=True, save_steps=4).train()
     checkpoint = str(tmp_path / "a" / "checkpoint-4")
 
     model, allocator = _wrapped(total_steps=16)
     model.register_forward_pre_hook(_OutOfMemoryAbove(limit=8, after=3), with_kwargs=True)
     with pytest.warns(UserWarning, match=r"auto_find_batch_size restarted training at batch size 8"):
-        trainer = _auto_batch_trainer(tmp_path / "b", model, allocator, batch=16, auto=True)
+        trainer = _auto_batch_trainer(tmp_path / "b", model, allocator, batch=10, auto=True)
         trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer._train_batch_size == 8
 
