@@ -24,8 +24,10 @@ Value = Union[float, int, bool, torch.Tensor]
 
 
 def dtensor_type():
-    """torch's DTensor class, or None in a build without torch.distributed."""
-    if not torch.distributed.is_available():
+    """torch's DTensor class, or None in a build without torch.distributed or before a process
+    group exists (a DTensor needs a device mesh, which needs one: unsharded training skips the
+    per-module checks)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
     from torch.distributed.tensor import DTensor
 
