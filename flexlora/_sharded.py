@@ -47,17 +47,17 @@ def any_sharded(modules: Sequence) -> bool:
     return cls is not None and any(isinstance(getattr(m, k), cls) for m in modules for k in ("P", "lam", "Q"))
 
 
-def fsdp_managed(model) -> bool:
-    """Whether FSDP2's ``fully_shard`` was applied to ``model`` or a module in it. Its
-    parameters are DTensor shards between steps but whole tensors between a root's forward and
-    backward, so the type of a parameter alone does not tell."""
-    if not torch.distributed.is_available():
-        return False
+def _fsdp_module_class():
+    """FSDP2's FSDPModule class (torch.distributed.fsdp since torch 2.6, its _composable
+    package before), or None."""
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6 names it elsewhere
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    except ImportError:  # pragma: no cover - torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
 
 
 def fsdp_units(model) -> list:
@@ -66,11 +66,15 @@ def fsdp_units(model) -> list:
     dist = torch.distributed
     if not dist.is_available() or not dist.is_initialized():
         return []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    cls = _fsdp_module_class()
+    return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
+
+
+def fsdp_managed(model) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``model`` or a module in it. Its
+    parameters are DTensor shards between steps but whole tensors between a root's forward and
+    backward, so the type of a parameter alone does not tell."""
+    return bool(fsdp_units(model))
 
 
 def reshard(units: Sequence) -> None:
@@ -91,13 +95,17 @@ def registered_shards(units: Sequence) -> Optional[dict]:
     out = {}
     try:
         for unit in units:
-            group = unit._get_fsdp_state()._fsdp_param_group
-            for fsdp_param in [] if group is None else group.fsdp_params:
-                info = fsdp_param._module_info
-                out[(id(info.module), info.param_name)] = fsdp_param.sharded_param
-                for module, name in zip(info.shared_modules, info.shared_param_names):
-                    out[(id(module), name)] = fsdp_param.sharded_param
-    except AttributeError:
+            state = unit._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)  # several with per-parameter meshes
+            if groups is None:
+                groups = [] if state._fsdp_param_group is None else [state._fsdp_param_group]
+            for group in groups:
+                for fsdp_param in group.fsdp_params:
+                    info = fsdp_param._module_info
+                    out[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+                    for module, name in zip(info.shared_modules, info.shared_param_names):
+                        out[(id(module), name)] = fsdp_param.sharded_param
+    except (AttributeError, AssertionError, TypeError):
         return None
     return out
 

@@ -271,6 +271,13 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
     Returns:
         the directory path. Raises ``PermissionError``/``OSError`` naming the path when it cannot be
         written; the previous content of ``directory`` survives any failure.
+
+    Under FSDP2 (``fully_shard``) this is a collective: call it on every rank (on rank 0 alone it
+    waits in its first gather until the process group times out). The units go back to their
+    shards first (so it may run between a forward and its backward), every adapter and
+    modules_to_save tensor is gathered, rank 0 writes, and if that write fails the other ranks
+    raise ``RuntimeError("save_adapter to ... failed on rank 0: ...")``. Under DDP, call it on
+    rank 0 only.
     """
     plain = unwrap_model(model)
     sharded = fsdp_managed(plain) or _holds_shards(plain)
@@ -548,10 +555,10 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
     """load_adapter's work; returns a function that unwraps the model again when it came in
     plain (load_checkpoint calls it should a later step fail), else None."""
     model = unwrap_model(model)
+    check_unsharded(flex_modules(model), "load_adapter", model)  # before anything is read
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = _read_tensors(directory)
-    check_unsharded(flex_modules(model), "load_adapter", model)  # before wrap touches a sharded model
     undo_wrap = None
     if not any(isinstance(m, FlexLinear) for m in model.modules()):
         try:

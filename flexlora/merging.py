@@ -61,11 +61,11 @@ def delta_weight_fp32(m: FlexLinear) -> torch.Tensor:
     return _delta_fp32(_factors(m), m.weight.device)
 
 
-def _modules(model: nn.Module) -> List[Tuple[str, FlexLinear]]:
+def _modules(model: nn.Module, caller: str) -> List[Tuple[str, FlexLinear]]:
     mods = flex_modules(unwrap_model(model))
     if not mods:
         raise ValueError("model holds no FlexLinear modules (not wrapped by flexlora.wrap?)")
-    check_unsharded(mods, "merge / unmerge", unwrap_model(model))
+    check_unsharded(mods, caller, unwrap_model(model))
     return mods
 
 
@@ -95,7 +95,7 @@ def merge(model: nn.Module, keep_original: bool = False) -> nn.Module:
     Raises ``ValueError`` (before changing anything) when a base weight is tied to another
     module's parameter, e.g. an lm_head tied to the input embeddings.
     """
-    mods = _modules(model)
+    mods = _modules(model, "merge")
     _check_untied(model, mods)
     for _, m in mods:
         if m.merged:
@@ -116,7 +116,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: restore each W (bit-exactly when merged with ``keep_original=True``,
     else by subtracting, in float32, the ΔW that merge added, whatever changed in the adapter
     since; see the module docstring) and set ``merged=False``."""
-    for _, m in _modules(model):
+    for _, m in _modules(model, "unmerge"):
         if not m.merged:
             continue
         original = getattr(m, _ORIGINAL, None)
@@ -137,6 +137,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and replace each FlexLinear by a plain ``nn.Linear`` holding the merged
     weight (the same Parameter, no copy) and bias; ``model.flexlora_config`` is removed. The base
     weights stay frozen (``requires_grad=False``). Returns the model, modified in place."""
+    _modules(model, "merge_and_unload")  # refusals under their own name
     merge(model)
     return _to_plain_linears(model)
 
@@ -147,6 +148,7 @@ def unload(model: nn.Module) -> nn.Module:
     FlexLinear is replaced by a plain ``nn.Linear`` holding its base weight and bias (the same
     Parameters, no copy); ``model.flexlora_config`` is removed. The adapters are dropped (save
     them first if you need them). Returns the model, modified in place. PEFT's ``unload()``."""
+    _modules(model, "unload")  # refusals under their own name
     unmerge(model)
     return _to_plain_linears(model)
 

@@ -702,8 +702,11 @@ class RankAllocator:
         reshard_after_forward=True would have left them (backward gathers them again)."""
         model = self._model()
         units = fsdp_units(model) if model is not None else []
-        shards = registered_shards(units) if units else None
-        if not shards:
+        if not units:
+            return
+        shards = registered_shards(units)
+        if shards is None:  # FSDP's internals laid out otherwise: reshard anyway (one more gather)
+            reshard(units)
             return
         for m in self.modules:
             for key in ("P", "Q"):

@@ -180,7 +180,7 @@ class FlexLoRACallback(TrainerCallback):
             "batch": batch,
             "tensors": tensors,
             "params": params,
-            "allocator_state": copy.deepcopy(self.allocator.state_dict()),
+            "allocator_state": _on_cpu(self.allocator.state_dict()),
         }
 
     def _first_call(self, hook: str, step: int) -> bool:
@@ -230,6 +230,19 @@ class FlexLoRACallback(TrainerCallback):
             )
             return
         self.allocator.load_state_dict(_read_state(path))
+
+
+def _on_cpu(obj):
+    """A copy of a state (dicts, lists, tuples, tensors, plain values) with every tensor on the
+    CPU: the sensitivity metric's statistics live where the adapters do, on the device that has
+    just run out of memory in a retry."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _read_state(path: Path) -> dict:

@@ -348,8 +348,8 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
         "load_checkpoint": "exact resume under fully_shard is not supported; load the adapter and allocator with "
                            "flexlora.load_adapter(model, dir, allocator) before fully_shard, and the optimizer with "
                            "torch.distributed.checkpoint",
-    }.get(caller.split(" ")[0], f"save it with flexlora.save_adapter(model, dir) on every rank (rank 0 writes), then "
-                               f"load it into an unsharded model and call {caller.split(' ')[0]} there")
+    }.get(caller, f"save it with flexlora.save_adapter(model, dir) on every rank (rank 0 writes), then "
+                  f"load it into an unsharded model and call {caller} there")
     def refuse(what: str):
         return NotImplementedError(
             f"{caller}: {what} (a DTensor between steps, as FSDP2's fully_shard or tensor parallelism leave it) and "

@@ -201,6 +201,7 @@ def _refuse_body(rank, out_dir):
         "merge": lambda: flexlora.merge(model),
         "unmerge": lambda: flexlora.unmerge(model),
         "merge_and_unload": lambda: flexlora.merge_and_unload(model),
+        "unload": lambda: flexlora.unload(model),
         "export_peft": lambda: flexlora.export_peft(model, os.path.join(out_dir, f"peft{rank}")),
         "save_checkpoint": lambda: flexlora.save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer=opt),
         "load_checkpoint": lambda: flexlora.load_checkpoint(previous, model),
@@ -276,12 +277,14 @@ def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywher
             "merge": "save_adapter",
             "unmerge": "save_adapter",
             "merge_and_unload": "save_adapter",
+            "unload": "save_adapter",
             "export_peft": "save_adapter",
         }
         for caller, hint in advice.items():
             for msg in (res[caller], res[caller + " (between steps)"]):
                 assert msg.startswith("NotImplementedError: "), (caller, msg)
                 assert "'a'" in msg and "DTensor" in msg and hint in msg, (caller, msg)
+                assert msg.startswith(f"NotImplementedError: {caller}: "), (caller, msg)
         assert max(res["grad_diffs"]) <= 1e-6, res["grad_diffs"]  # the mid-step save did not disturb backward
         assert res["midstep_reload_diff"] <= 1e-6, res["midstep_reload_diff"]
         assert "already sharded by fully_shard" in res["wrap_sharded"], res["wrap_sharded"]
@@ -323,12 +326,30 @@ def _post_forward_mesh_body(rank, out_dir):
     rows = slice(rank * part, (rank + 1) * part)
     out = model(x[rows])
     post_forward = type(model.a.P).__name__
-    flexlora.save_adapter(model, os.path.join(out_dir, "adapter"))
     ((out - y[rows]).square().mean() + alloc.orthogonal_loss()).backward()
+    grads = {(n, k): _whole(getattr(getattr(model, n), k).grad) for n in ("a", "b") for k in ("P", "lam", "Q")}
+    # the same where FSDP's internals are laid out otherwise (no map of its sharded parameters):
+    # orthogonal_loss reshards all the same
+    import flexlora.alloc.allocator as allocator_module
+
+    model.zero_grad()
+    found, allocator_module.registered_shards = allocator_module.registered_shards, lambda units: None
+    try:
+        out = model(x[rows])
+        ((out - y[rows]).square().mean() + alloc.orthogonal_loss()).backward()
+    finally:
+        allocator_module.registered_shards = found
+    blind = {(n, k): _whole(getattr(getattr(model, n), k).grad) for n in ("a", "b") for k in ("P", "lam", "Q")}
+    # a save between another forward and its backward (the smaller-mesh copies are held again)
+    model.zero_grad()
+    out = model(x[rows])
+    flexlora.save_adapter(model, os.path.join(out_dir, "adapter"))
+    out.sum().backward()
     results = {
         "post_forward": post_forward,
-        "grad_diffs": {f"{n}.{k}": [float((_whole(getattr(getattr(model, n), k).grad) - getattr(getattr(ref, n), k).grad)
-                                         .abs().max()), float(getattr(getattr(ref, n), k).grad.abs().max())]
+        "grad_diffs": {f"{label}{n}.{k}": [float((got[n, k] - getattr(getattr(ref, n), k).grad).abs().max()),
+                                           float(getattr(getattr(ref, n), k).grad.abs().max())]
+                       for label, got in (("", grads), ("no internals: ", blind))
                        for n in ("a", "b") for k in ("P", "lam", "Q")},
     }
     torch.distributed.barrier()
