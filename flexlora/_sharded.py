@@ -181,6 +181,13 @@ def fill_slots_(t: torch.Tensor, dim: int, which: torch.Tensor, value: Value) ->
     local.masked_fill_(mine.view(shape), value)
 
 
+def copy_whole_(t: torch.Tensor, value: torch.Tensor) -> None:
+    """``t.copy_(value)`` for a value shaped like the whole ``t``; for a DTensor only this
+    rank's part of it is copied."""
+    local, region = _local_region(t)
+    local.copy_(value[region].to(device=local.device, dtype=local.dtype))
+
+
 def add_to_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
     """``p.grad += g`` for a whole gradient ``g`` (shaped like the whole p), creating the
     gradient where it is None; for a DTensor parameter only this rank's part of g is added."""

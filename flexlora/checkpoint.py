@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from ._sharded import check_placements, fsdp_managed, fsdp_units, is_sharded, reshard, whole
+from ._sharded import check_placements, copy_whole_, fsdp_managed, fsdp_units, is_sharded, reshard, whole
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, name_matches, named_modules_all, unwrap_model, wrap
@@ -379,11 +379,14 @@ def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{str(path)!r} is corrupt or unreadable: {e}") from e
 
 
-def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], directory: Path) -> None:
-    """Raise on the first difference between the saved adapter and the model's."""
+def _check_match(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], directory: Path,
+                 sharded_ok: bool = False) -> None:
+    """Raise on the first difference between the saved adapter and the model's (sharded_ok:
+    load_checkpoint restores into FSDP2 shards)."""
     where = f"adapter {str(directory)!r}"
     mods = dict(flex_modules(model))
-    check_unsharded(list(mods.items()), "load_adapter", model)
+    if not sharded_ok:
+        check_unsharded(list(mods.items()), "load_adapter", model)
     merged = [n for n, m in mods.items() if m.merged]
     if merged:
         raise ValueError(
@@ -469,14 +472,20 @@ def _flex_by_any_name(model: nn.Module) -> Dict[str, FlexLinear]:
 
 def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
     lookup = _flex_by_any_name(model)
+    sharded = fsdp_managed(model)
     with torch.no_grad():
         for name in meta["modules"]:
             m = lookup[name]
             for key in _SLOT_TENSORS:
-                getattr(m, key).copy_(tensors[f"{name}.{key}"])
+                copy_whole_(getattr(m, key), tensors[f"{name}.{key}"])  # a shard takes its part
         cfg = _model_config(model)
         for name, module in _saved_modules(model, cfg):
             state = _module_state(module)
+            if sharded:  # its parameters are shards, which load_state_dict would not split
+                for k in state:
+                    target = module.get_parameter(k) if k in dict(module.named_parameters()) else module.get_buffer(k)
+                    copy_whole_(target, tensors[f"{_SAVE_PREFIX}{name}.{k}"])
+                continue
             module.load_state_dict(
                 {k: tensors[f"{_SAVE_PREFIX}{name}.{k}"] for k in state}, strict=False
             )
@@ -551,11 +560,12 @@ def load_adapter(model: nn.Module, directory, allocator=None, weights_only: bool
     return model
 
 
-def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
+def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool, sharded_ok: bool = False):
     """load_adapter's work; returns a function that unwraps the model again when it came in
     plain (load_checkpoint calls it should a later step fail), else None."""
     model = unwrap_model(model)
-    check_unsharded(flex_modules(model), "load_adapter", model)  # before anything is read
+    if not sharded_ok:
+        check_unsharded(flex_modules(model), "load_adapter", model)  # before anything is read
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = _read_tensors(directory)
@@ -578,7 +588,7 @@ def _load_adapter(model: nn.Module, directory, allocator, weights_only: bool):
                 f"loading into {_base_name(model)!r}",
                 stacklevel=3,  # the caller of load_adapter / load_checkpoint
             )
-        _check_match(model, meta, tensors, directory)
+        _check_match(model, meta, tensors, directory, sharded_ok)
         alloc_state = _read_allocator_state(directory, weights_only) if allocator is not None else None
         check = getattr(allocator, "_check_state", None)  # RankAllocator: other modules or seed
         if check is not None:
@@ -735,12 +745,27 @@ def save_checkpoint(
             rank returns once the checkpoint is written, or raises if writing failed; then
             :func:`load_checkpoint` on every rank restores each rank's own random streams
             (dropout masks differ per rank). Without a process group it is the same as False.
+            Required under FSDP2 (``fully_shard``): the adapter, the other trained parameters
+            and the optimizer's full state (torch.distributed.checkpoint, keyed by parameter
+            name) are gathered first, and :func:`load_checkpoint` on every rank gives each rank
+            its parts back.
         scaler: optional ``torch.amp.GradScaler`` (fp16 training): its scale and growth tracker,
             so a resumed run skips and grows at the same steps.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
-    check_unsharded(flex_modules(unwrap_model(model)), "save_checkpoint", unwrap_model(model))
+    plain = unwrap_model(model)
+    fsdp = fsdp_managed(plain)
+    if fsdp:
+        if not distributed:
+            raise ValueError(
+                "save_checkpoint: the model is sharded by fully_shard: call save_checkpoint(..., distributed=True) "
+                "on every rank (it gathers the shards; rank 0 writes)"
+            )
+        check_placements(flex_modules(plain), "save_checkpoint")
+        reshard(fsdp_units(plain))  # FSDP's working copies out of the way, as save_adapter does
+    else:
+        check_unsharded(flex_modules(plain), "save_checkpoint", plain)
     last = getattr(allocator, "_last_step", None)
     if isinstance(last, int) and getattr(allocator, "_stepped", False) and last < step:
         # the resumed run starts at step + 1: allocator.step(step) (an event, maybe) never happens
@@ -759,6 +784,9 @@ def save_checkpoint(
                 "ranks: call save_checkpoint(..., distributed=True) on every rank (it gathers the state on rank 0)"
             )
     rng = _rng_state()
+    gathered = None
+    if fsdp:  # the collectives every rank joins: the adapter, trained values, optimizer state
+        gathered = _gather_sharded_training_state(model, allocator, optimizer)
     per_rank = None
     if world > 1:
         per_rank = [None] * world
@@ -770,19 +798,22 @@ def save_checkpoint(
         state = {
             "step": step,
             "rng": rng,
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "optimizer": None if optimizer is None else gathered[2] if fsdp else optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "scaler": None if scaler is None else scaler.state_dict(),
             "flexlora_version": __version__,
         }
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
-        collected = _collect_adapter(model, allocator)
-        plain = unwrap_model(model)
-        state[_TRAINABLE_KEY] = {
-            name: p.detach().to("cpu")
-            for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
-        }
+        if fsdp:
+            collected, state[_TRAINABLE_KEY], _ = gathered
+            state[_OPTIMIZER_FORMAT_KEY] = _FSDP_FULL
+        else:
+            collected = _collect_adapter(model, allocator)
+            state[_TRAINABLE_KEY] = {
+                name: p.detach().to("cpu")
+                for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
+            }
         strays = _strays(plain, optimizer)
         if strays:
             warnings.warn(
@@ -801,6 +832,34 @@ def save_checkpoint(
     if error is not None:
         raise error
     return Path(directory)
+
+
+# training_state.pt of a save under FSDP2 marks its optimizer state as torch.distributed.checkpoint's
+# full (gathered, name-keyed) form, which load_checkpoint gives back to set_optimizer_state_dict
+_OPTIMIZER_FORMAT_KEY = "optimizer_format"
+_FSDP_FULL = "torch.distributed.checkpoint/full"
+
+
+def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
+    """(adapter as _collect_adapter gives it, {name: whole value} of the other trained
+    parameters, the optimizer's full state from torch.distributed.checkpoint, on rank 0; None
+    without an optimizer) of an FSDP2 model: collectives, every rank calls this in the same
+    order."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    plain = unwrap_model(model)
+    collected = _collect_adapter(model, allocator)
+    with torch.no_grad():
+        trained = {
+            name: whole(p).detach().to("cpu")
+            for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
+        }
+    optim_state = None
+    if optimizer is not None:
+        optim_state = get_optimizer_state_dict(
+            plain, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return collected, trained, optim_state
 
 
 def _await_writer(directory: Path, caller: str = "save_checkpoint") -> Path:
@@ -838,7 +897,12 @@ def load_checkpoint(
     RankAllocator without unpickling arbitrary objects.
     """
     plain = unwrap_model(model)
-    check_unsharded(flex_modules(plain), "load_checkpoint", plain)  # before anything is read
+    fsdp = fsdp_managed(plain)
+    if fsdp:  # every rank calls this; each restores its own parts
+        check_placements(flex_modules(plain), "load_checkpoint")
+        reshard(fsdp_units(plain))
+    else:
+        check_unsharded(flex_modules(plain), "load_checkpoint", plain)  # before anything is read
     directory = Path(directory)
     _read_meta(directory)  # clear error first if this is not a flexlora directory
     state = _torch_load(
@@ -852,7 +916,13 @@ def load_checkpoint(
                 f"pass {key}=None, or save with save_checkpoint(..., {key}=...)"
             )
     extras = _check_trainables(state, model, directory)
-    if optimizer is not None:
+    full_optim = state.get(_OPTIMIZER_FORMAT_KEY) == _FSDP_FULL
+    if optimizer is not None and fsdp and not full_optim:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} was saved without fully_shard: its optimizer state is keyed by "
+            "parameter position, which the shards of this model cannot take; resume it on an unsharded model"
+        )
+    if optimizer is not None and not full_optim:  # the full form is checked by set_optimizer_state_dict
         _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, extras))
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
@@ -870,9 +940,13 @@ def load_checkpoint(
     sched_before = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
     scaler_before = scaler.state_dict() if scaler is not None else None
     rng_before = _rng_state()
-    undo_wrap = _load_adapter(model, directory, allocator, weights_only)
+    undo_wrap = _load_adapter(model, directory, allocator, weights_only, sharded_ok=fsdp)
     try:
-        if optimizer is not None:
+        if optimizer is not None and full_optim:  # saved under FSDP2: keyed by parameter name
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(plain, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        elif optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -883,7 +957,7 @@ def load_checkpoint(
         # them (an unfrozen embedding may be GBs) is held for a rollback
         with torch.no_grad():
             for _, p, value in extras:
-                p.copy_(value)  # checked above; inside the rollback all the same
+                copy_whole_(p, value)  # checked above; inside the rollback all the same
     except BaseException:
         # what was already loaded goes back: a failed load leaves the objects as they were
         _restore_snapshot(snapshot)

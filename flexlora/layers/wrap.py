@@ -331,9 +331,9 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
     """Raise NotImplementedError when an adapter's P, λ or Q is a DTensor shard (FSDP2's
     ``fully_shard``, tensor parallelism), or ``model`` is under ``fully_shard`` at all (between
     a forward and its backward FSDP2 holds whole parameters, which are still not the model's to
-    change), for the calls that need the whole model on one process (load, merge, export,
-    checkpoints with optimizer state). Rank allocation and :func:`flexlora.save_adapter` handle
-    FSDP2 shards themselves."""
+    change), for the calls that need the whole model on one process (load_adapter, merge, export;
+    the checkpoints refuse tensor-parallel layouts through here). Rank allocation,
+    :func:`flexlora.save_adapter` and the checkpoints handle FSDP2 shards themselves."""
     dist = torch.distributed
     if not dist.is_available():
         return
@@ -343,11 +343,8 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
 
     advice = {
         "load_adapter": "load the adapter before fully_shard (wrap, load_adapter, then fully_shard)",
-        "save_checkpoint": "save the adapter with flexlora.save_adapter(model, dir, allocator) on every rank, and "
-                           "the optimizer with torch.distributed.checkpoint",
-        "load_checkpoint": "exact resume under fully_shard is not supported; load the adapter and allocator with "
-                           "flexlora.load_adapter(model, dir, allocator) before fully_shard, and the optimizer with "
-                           "torch.distributed.checkpoint",
+        "save_checkpoint": "flexlora handles adapters sharded by FSDP2's fully_shard, not tensor-parallel layouts",
+        "load_checkpoint": "flexlora handles adapters sharded by FSDP2's fully_shard, not tensor-parallel layouts",
     }.get(caller, f"save it with flexlora.save_adapter(model, dir) on every rank (rank 0 writes), then "
                   f"load it into an unsharded model and call {caller} there")
     def refuse(what: str):

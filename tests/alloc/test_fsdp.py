@@ -186,8 +186,11 @@ def _refuse_body(rank, out_dir):
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
     want = model(x).detach()
     previous = os.path.join(out_dir, "adapter")
+    unsharded_ckpt = os.path.join(out_dir, "unsharded-ckpt")
     if rank == 0:
         flexlora.save_adapter(model, previous)  # before sharding: must survive the refused calls
+        flexlora.save_checkpoint(unsharded_ckpt, model, optimizer=torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad]))
     torch.distributed.barrier()
     before = open(os.path.join(previous, "adapter_model.safetensors"), "rb").read()
 
@@ -204,7 +207,7 @@ def _refuse_body(rank, out_dir):
         "unload": lambda: flexlora.unload(model),
         "export_peft": lambda: flexlora.export_peft(model, os.path.join(out_dir, f"peft{rank}")),
         "save_checkpoint": lambda: flexlora.save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer=opt),
-        "load_checkpoint": lambda: flexlora.load_checkpoint(previous, model),
+        "load_checkpoint": lambda: flexlora.load_checkpoint(unsharded_ckpt, model, optimizer=opt),
         "sensitivity": lambda: RankAllocator(model, _config(importance="sensitivity")),
     }
     for name, call in calls.items():
@@ -272,8 +275,6 @@ def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywher
         assert res["root_P"] == "Parameter"  # the state a type check alone would miss
         advice = {
             "load_adapter": "before fully_shard",
-            "save_checkpoint": "torch.distributed.checkpoint",
-            "load_checkpoint": "exact resume under fully_shard is not supported",
             "merge": "save_adapter",
             "unmerge": "save_adapter",
             "merge_and_unload": "save_adapter",
@@ -288,6 +289,12 @@ def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywher
         assert max(res["grad_diffs"]) <= 1e-6, res["grad_diffs"]  # the mid-step save did not disturb backward
         assert res["midstep_reload_diff"] <= 1e-6, res["midstep_reload_diff"]
         assert "already sharded by fully_shard" in res["wrap_sharded"], res["wrap_sharded"]
+        for suffix in ("", " (between steps)"):
+            msg = res["save_checkpoint" + suffix]
+            assert msg.startswith("ValueError: save_checkpoint: the model is sharded by fully_shard: call "
+                                  "save_checkpoint(..., distributed=True) on every rank"), msg
+            msg = res["load_checkpoint" + suffix]
+            assert msg.startswith("ValueError: checkpoint ") and "was saved without fully_shard" in msg, msg
         for msg in (res["sensitivity"], res["sensitivity (between steps)"]):
             assert msg.startswith("NotImplementedError: ") and "'sensitivity'" in msg, msg
         assert res["previous_intact"] and not res["peft_dir_made"] and not res["ckpt_made"]
@@ -370,3 +377,88 @@ def test_fsdp2_reshard_after_forward_to_a_smaller_mesh_keeps_the_penalty_gradien
         for key, (diff, scale) in res["grad_diffs"].items():
             assert diff <= 1e-5 * max(1.0, scale), (key, diff, scale)
         assert res["saved_diff"] == 0.0, res["saved_diff"]
+
+
+def _run_steps(model, allocator, opt, sched, data, first, last, rank):
+    """Steps first..last (1-based) on this rank's half of each batch (rank None: all of it),
+    allocation after each."""
+    for t in range(first, last + 1):
+        x, y = data[t - 1]
+        if rank is not None:
+            half = x.shape[0] // WORLD
+            x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        ((model(x) - y).square().mean() + allocator.orthogonal_loss()).backward()
+        opt.step()
+        sched.step()
+        allocator.step(t, opt)
+        opt.zero_grad()
+
+
+def _sharded_run(rank, load_from=None, save_to=None, save_at=4, shard=True):
+    """A fresh FSDP2 model (shard False: a plain one, trained on whole batches), allocator,
+    AdamW and LR schedule (b's base bias unfrozen by hand: a trained parameter outside the
+    adapter); trains to STEPS, saving or loading at `save_at`."""
+    from torch.distributed.fsdp import fully_shard
+
+    import flexlora
+
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randn(8, 7, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
+    model = _build(_config(b0=3, t_final=0))
+    model.b.bias.requires_grad_(True)
+    if shard:
+        fully_shard(model.a)
+        fully_shard(model.head)
+        fully_shard(model)
+    else:
+        rank = None
+    allocator = flexlora.RankAllocator(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    if load_from is not None:
+        start = flexlora.load_checkpoint(load_from, model, allocator, opt, sched) + 1
+    else:
+        _run_steps(model, allocator, opt, sched, data, 1, save_at, rank)
+        flexlora.save_checkpoint(save_to, model, allocator, opt, sched, step=save_at, distributed=True)
+        start = save_at + 1
+    _run_steps(model, allocator, opt, sched, data, start, STEPS, rank)
+    with torch.no_grad():
+        values = {f"{n}.{k}": _whole(getattr(getattr(model, n), k)).clone()
+                  for n in ("a", "b") for k in ("P", "lam", "Q", "mask")}
+        values.update({"head.weight": _whole(model.head.weight).clone(), "b.bias": _whole(model.b.bias).clone()})
+        values.update({f"{n}.exp_avg_sq": _whole(opt.state[getattr(model, n).P]["exp_avg_sq"]).clone() for n in ("a", "b")})
+    return values, allocator.history, sched.get_last_lr()
+
+
+def _resume_body(rank, out_dir):
+    ckpt = os.path.join(out_dir, "ckpt")
+    straight, history, lr = _sharded_run(rank, save_to=ckpt)
+    resumed, history2, lr2 = _sharded_run(rank, load_from=ckpt)
+    # the same checkpoint resumed by one process on whole batches (a plain model)
+    alone, history3, _ = _sharded_run(rank, load_from=ckpt, shard=False)
+    results = {
+        "diffs": {k: float((resumed[k].double() - v.double()).abs().max()) for k, v in straight.items()},
+        "alone_diffs": {k: float((alone[k].double() - v.double()).abs().max()) for k, v in straight.items()},
+        "same_history": history == history2,
+        "alone_history": [(r["step"], r["module"], r["rank"]) for r in history3] == [
+            (r["step"], r["module"], r["rank"]) for r in history],
+        "events": len({r["step"] for r in history}),
+        "lr": [lr, lr2],
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_fsdp2_checkpoint_resumes_exactly(tmp_path):
+    # save_checkpoint(distributed=True) gathers the adapter, trained values and the optimizer's
+    # full state (torch.distributed.checkpoint); load_checkpoint gives every rank its parts back
+    run_workers(_resume_body, tmp_path, WORLD)
+    for rank in range(WORLD):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["same_history"] and res["events"] > 3
+        assert res["lr"][0] == res["lr"][1]
+        for key, diff in res["diffs"].items():
+            assert diff <= 1e-6, (key, diff)
+        assert res["alone_history"]
+        for key, diff in res["alone_diffs"].items():
+            assert diff <= 1e-5, (key, diff)
