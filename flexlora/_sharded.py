@@ -188,6 +188,20 @@ def copy_whole_(t: torch.Tensor, value: torch.Tensor) -> None:
     local.copy_(value[region].to(device=local.device, dtype=local.dtype))
 
 
+def local_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A new tensor laid out like ``p`` holding the whole-shaped ``value`` in p's dtype (when
+    floating) and device: for a DTensor parameter a DTensor of this rank's part (an optimizer
+    moment of a sharded parameter), else a plain copy."""
+    dtype = p.dtype if value.is_floating_point() else value.dtype
+    if not is_sharded(p) or tuple(value.shape) != tuple(p.shape):  # not per-element: kept whole
+        return value.to(device=p.device, dtype=dtype, copy=True)
+    from torch.distributed.tensor import DTensor
+
+    local, region = _local_region(p)
+    part = value[region].to(device=local.device, dtype=dtype).contiguous()
+    return DTensor.from_local(part, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def add_to_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
     """``p.grad += g`` for a whole gradient ``g`` (shaped like the whole p), creating the
     gradient where it is None; for a DTensor parameter only this rank's part of g is added."""

@@ -21,6 +21,7 @@ Every save is atomic (see :mod:`flexlora._atomic`): a failing save leaves the pr
 
 from __future__ import annotations
 
+import copy
 import json
 import operator
 import os
@@ -746,9 +747,9 @@ def save_checkpoint(
             :func:`load_checkpoint` on every rank restores each rank's own random streams
             (dropout masks differ per rank). Without a process group it is the same as False.
             Required under FSDP2 (``fully_shard``): the adapter, the other trained parameters
-            and the optimizer's full state (torch.distributed.checkpoint, keyed by parameter
-            name) are gathered first, and :func:`load_checkpoint` on every rank gives each rank
-            its parts back.
+            and the optimizer's state (keyed by parameter name, every tensor whole) are
+            gathered first, and :func:`load_checkpoint` on every rank gives each rank its parts
+            back.
         scaler: optional ``torch.amp.GradScaler`` (fp16 training): its scale and growth tracker,
             so a resumed run skips and grows at the same steps.
     """
@@ -807,7 +808,7 @@ def save_checkpoint(
             state["rng_per_rank"] = per_rank
         if fsdp:
             collected, state[_TRAINABLE_KEY], _ = gathered
-            state[_OPTIMIZER_FORMAT_KEY] = _FSDP_FULL
+            state[_OPTIMIZER_FORMAT_KEY] = _NAMED
         else:
             collected = _collect_adapter(model, allocator)
             state[_TRAINABLE_KEY] = {
@@ -834,19 +835,17 @@ def save_checkpoint(
     return Path(directory)
 
 
-# training_state.pt of a save under FSDP2 marks its optimizer state as torch.distributed.checkpoint's
-# full (gathered, name-keyed) form, which load_checkpoint gives back to set_optimizer_state_dict
+# training_state.pt of a save under FSDP2 marks its optimizer state as keyed by parameter name,
+# every tensor whole (see _gather_optimizer): positions and shards would not survive a resume
+# on another layout
 _OPTIMIZER_FORMAT_KEY = "optimizer_format"
-_FSDP_FULL = "torch.distributed.checkpoint/full"
+_NAMED = "flexlora.named/1"
 
 
 def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
     """(adapter as _collect_adapter gives it, {name: whole value} of the other trained
-    parameters, the optimizer's full state from torch.distributed.checkpoint, on rank 0; None
-    without an optimizer) of an FSDP2 model: collectives, every rank calls this in the same
-    order."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
+    parameters, the optimizer state from :func:`_gather_optimizer` or None) of an FSDP2 model:
+    collectives, every rank calls this in the same order."""
     plain = unwrap_model(model)
     collected = _collect_adapter(model, allocator)
     with torch.no_grad():
@@ -854,12 +853,94 @@ def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
             name: whole(p).detach().to("cpu")
             for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
         }
-    optim_state = None
-    if optimizer is not None:
-        optim_state = get_optimizer_state_dict(
-            plain, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return collected, trained, None if optimizer is None else _gather_optimizer(plain, optimizer)
+
+
+def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
+    """The optimizer's state keyed by parameter name, every tensor whole and on the CPU:
+    {"state": {name: {key: value}}, "param_groups": [{hyperparameters..., "params": [names]}]}.
+    A collective for sharded state (every rank walks the groups in the same order). Written
+    here rather than with torch.distributed.checkpoint's get_optimizer_state_dict, which runs a
+    zero-lr optimizer step on an optimizer without state (its step counts moved) and whose
+    loading drops the state of parameters frozen after training."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    strays = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in names]
+    if strays:
+        raise ValueError(
+            f"save_checkpoint: the optimizer holds {len(strays)} parameter(s) that are not the model's; under "
+            "fully_shard its state is saved by parameter name, so build the optimizer over model parameters only"
         )
-    return collected, trained, optim_state
+    groups, state = [], {}
+    with torch.no_grad():
+        for g in optimizer.param_groups:
+            groups.append({**{k: copy.deepcopy(v) for k, v in g.items() if k != "params"},
+                           "params": [names[id(p)] for p in g["params"]]})
+            for p in g["params"]:
+                st = optimizer.state.get(p)
+                if st:
+                    state[names[id(p)]] = {k: whole(v).detach().to("cpu", copy=True) if torch.is_tensor(v)
+                                           else copy.deepcopy(v) for k, v in st.items()}
+    return {"state": state, "param_groups": groups}
+
+
+def _check_named_optimizer(model: nn.Module, optimizer, saved, directory: Path) -> None:
+    """Raise ValueError, before anything changes, unless ``optimizer`` holds the parameters the
+    named state was saved for, group by group, in the same order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved_groups, list) or not isinstance(saved.get("state"), dict):
+        raise ValueError(f"checkpoint {str(directory)!r}: its optimizer state is corrupt (no param_groups / state)")
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"checkpoint {str(directory)!r}: the optimizer state has {len(saved_groups)} parameter groups, "
+            f"the optimizer given has {len(groups)} (build it over the same parameters, in the same groups)"
+        )
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        have = [names.get(id(p), "<not the model's>") for p in g["params"]]
+        want = list(sg.get("params", ()))
+        if have != want:
+            gone = [n for n in want if n not in have][:3]
+            extra = [n for n in have if n not in want][:3]
+            raise ValueError(
+                f"checkpoint {str(directory)!r}: optimizer parameter group {i} holds {len(want)} parameters in the "
+                f"checkpoint, {len(have)} in the optimizer given"
+                + (f"; missing here: {gone}" if gone else "") + (f"; not in the checkpoint: {extra}" if extra else "")
+                + (" (same parameters in another order)" if not gone and not extra else "")
+                + " (build it over the same parameters, in the same groups and order)"
+            )
+
+
+def _scatter_optimizer(model: nn.Module, optimizer, saved) -> None:
+    """Load :func:`_gather_optimizer`'s state (checked by :func:`_check_named_optimizer`): each
+    group's hyperparameters, and each parameter's state, a sharded parameter's as a DTensor of
+    this rank's part; ``step`` counts stay where torch keeps them (CPU float32 unless the group
+    is fused or capturable)."""
+    from ._sharded import local_like
+
+    params = dict(model.named_parameters())
+    for g, sg in zip(optimizer.param_groups, saved["param_groups"]):
+        for k, v in sg.items():
+            if k != "params":
+                g[k] = copy.deepcopy(v)
+    keep_step_on_device = {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable")
+                           for p in g["params"]}
+    with torch.no_grad():
+        for name in [n for g in saved["param_groups"] for n in g["params"]]:
+            p = params[name]
+            optimizer.state.pop(p, None)
+            st = saved["state"].get(name)
+            if not st:
+                continue
+            new = {}
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    new[k] = copy.deepcopy(v)
+                elif k == "step":
+                    new[k] = v.to(p.device if id(p) in keep_step_on_device else "cpu", copy=True)
+                else:
+                    new[k] = local_like(p, v)
+            optimizer.state[p] = new
 
 
 def _await_writer(directory: Path, caller: str = "save_checkpoint") -> Path:
@@ -916,13 +997,15 @@ def load_checkpoint(
                 f"pass {key}=None, or save with save_checkpoint(..., {key}=...)"
             )
     extras = _check_trainables(state, model, directory)
-    full_optim = state.get(_OPTIMIZER_FORMAT_KEY) == _FSDP_FULL
+    full_optim = state.get(_OPTIMIZER_FORMAT_KEY) == _NAMED
     if optimizer is not None and fsdp and not full_optim:
         raise ValueError(
             f"checkpoint {str(directory)!r} was saved without fully_shard: its optimizer state is keyed by "
             "parameter position, which the shards of this model cannot take; resume it on an unsharded model"
         )
-    if optimizer is not None and not full_optim:  # the full form is checked by set_optimizer_state_dict
+    if optimizer is not None and full_optim:
+        _check_named_optimizer(plain, optimizer, state["optimizer"], directory)
+    elif optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, extras))
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
@@ -943,9 +1026,7 @@ def load_checkpoint(
     undo_wrap = _load_adapter(model, directory, allocator, weights_only, sharded_ok=fsdp)
     try:
         if optimizer is not None and full_optim:  # saved under FSDP2: keyed by parameter name
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(plain, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            _scatter_optimizer(plain, optimizer, state["optimizer"])
         elif optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:

@@ -381,8 +381,10 @@ def test_fsdp2_reshard_after_forward_to_a_smaller_mesh_keeps_the_penalty_gradien
 
 def _run_steps(model, allocator, opt, sched, data, first, last, rank):
     """Steps first..last (1-based) on this rank's half of each batch (rank None: all of it),
-    allocation after each."""
+    allocation after each. b's base bias, unfrozen by hand, is frozen for steps 3-5: it keeps
+    its Adam state meanwhile, which must survive a resume at step 4."""
     for t in range(first, last + 1):
+        model.b.bias.requires_grad_(not 3 <= t <= 5)
         x, y = data[t - 1]
         if rank is not None:
             half = x.shape[0] // WORLD
@@ -416,6 +418,7 @@ def _sharded_run(rank, load_from=None, save_to=None, save_at=4, shard=True):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     if load_from is not None:
+        model.b.bias.requires_grad_(not 3 <= save_at <= 5)  # as the saving run left it
         start = flexlora.load_checkpoint(load_from, model, allocator, opt, sched) + 1
     else:
         _run_steps(model, allocator, opt, sched, data, 1, save_at, rank)
@@ -431,12 +434,37 @@ def _sharded_run(rank, load_from=None, save_to=None, save_at=4, shard=True):
 
 
 def _resume_body(rank, out_dir):
+    import flexlora
+
     ckpt = os.path.join(out_dir, "ckpt")
     straight, history, lr = _sharded_run(rank, save_to=ckpt)
     resumed, history2, lr2 = _sharded_run(rank, load_from=ckpt)
+    # a save before the first step must not move the run (torch's gather of an optimizer without
+    # state ran a zero-lr step: every Adam step count one ahead)
+    early, _, _ = _sharded_run(rank, save_to=os.path.join(out_dir, "ckpt0"), save_at=0)
+    # an optimizer other than the saving run's is refused before anything changes
+    from torch.distributed.fsdp import fully_shard
+
+    model = _build(_config(b0=3, t_final=0))
+    for unit in (model.a, model.head, model):
+        fully_shard(unit)
+    allocator = flexlora.RankAllocator(model)
+    refusals = {}
+    trained = [p for p in model.parameters() if p.requires_grad]  # b.bias not unfrozen: one fewer
+    for label, opt in (("missing", torch.optim.AdamW(trained)),
+                       ("groups", torch.optim.AdamW([{"params": trained[:2]}, {"params": trained[2:] + [model.b.bias]}]))):
+        before = [p.detach().clone() for p in trained]
+        try:
+            flexlora.load_checkpoint(ckpt, model, allocator, opt)
+            refusals[label] = "no error"
+        except ValueError as e:
+            refusals[label] = str(e)
+        refusals[label + " untouched"] = all(torch.equal(a, b.detach()) for a, b in zip(before, trained)) and not opt.state
     # the same checkpoint resumed by one process on whole batches (a plain model)
     alone, history3, _ = _sharded_run(rank, load_from=ckpt, shard=False)
     results = {
+        "refusals": refusals,
+        "early_diffs": {k: float((early[k].double() - v.double()).abs().max()) for k, v in straight.items()},
         "diffs": {k: float((resumed[k].double() - v.double()).abs().max()) for k, v in straight.items()},
         "alone_diffs": {k: float((alone[k].double() - v.double()).abs().max()) for k, v in straight.items()},
         "same_history": history == history2,
@@ -460,5 +488,11 @@ def test_fsdp2_checkpoint_resumes_exactly(tmp_path):
         for key, diff in res["diffs"].items():
             assert diff <= 1e-6, (key, diff)
         assert res["alone_history"]
+        for key, diff in res["early_diffs"].items():
+            assert diff <= 1e-6, ("saved at step 0", key, diff)
+        assert "group 0 holds" in res["refusals"]["missing"] and "missing here: ['b.bias']" in res["refusals"]["missing"]
+        assert "2 parameter groups, the optimizer given has 1" in res["refusals"]["groups"] or \
+            "1 parameter groups, the optimizer given has 2" in res["refusals"]["groups"], res["refusals"]["groups"]
+        assert res["refusals"]["missing untouched"] and res["refusals"]["groups untouched"]
         for key, diff in res["alone_diffs"].items():
             assert diff <= 1e-5, (key, diff)
