@@ -179,16 +179,30 @@ def _same_base(meta: Dict[str, Any], model: nn.Module) -> bool:
 
 def _adapter_tensors(model: nn.Module, cfg: FlexLoRAConfig) -> Dict[str, torch.Tensor]:
     """Every tensor save_adapter writes, whole and on the CPU (an FSDP2 shard is gathered: a
-    collective, so every rank makes these calls in the same order)."""
+    collective, so every rank makes these calls in the same order; only the writing rank keeps
+    the result, the others return an empty dict)."""
+    keep = _writes_gathered(model)
     tensors: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, m in flex_modules(model):
             for key in _SLOT_TENSORS:
-                tensors[f"{name}.{key}"] = whole(getattr(m, key)).detach().to("cpu").contiguous()
+                t = whole(getattr(m, key))
+                if keep:
+                    tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous()
         for name, m in _saved_modules(model, cfg):
             for key, t in _module_state(m).items():
-                tensors[f"{_SAVE_PREFIX}{name}.{key}"] = whole(t).detach().to("cpu").contiguous()
+                t = whole(t)
+                if keep:
+                    tensors[f"{_SAVE_PREFIX}{name}.{key}"] = t.detach().to("cpu").contiguous()
     return _own_storage(tensors)
+
+
+def _writes_gathered(model: nn.Module) -> bool:
+    """False on the ranks that only take part in an FSDP2 save's gathers (all but rank 0): they
+    keep no CPU copy of what rank 0 writes (an unfrozen embedding in modules_to_save is GBs)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return True
+    return not (fsdp_managed(model) or _holds_shards(model))
 
 
 def _own_storage(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -848,11 +862,13 @@ def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
     collectives, every rank calls this in the same order."""
     plain = unwrap_model(model)
     collected = _collect_adapter(model, allocator)
+    keep = _writes_gathered(plain)
+    trained = {}
     with torch.no_grad():
-        trained = {
-            name: whole(p).detach().to("cpu")
-            for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
-        }
+        for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items():
+            value = whole(p)
+            if keep:
+                trained[name] = value.detach().to("cpu")
     return collected, trained, None if optimizer is None else _gather_optimizer(plain, optimizer)
 
 
@@ -870,6 +886,7 @@ def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
             f"save_checkpoint: the optimizer holds {len(strays)} parameter(s) that are not the model's; under "
             "fully_shard its state is saved by parameter name, so build the optimizer over model parameters only"
         )
+    keep = _writes_gathered(model)  # the other ranks join the gathers and keep nothing
     groups, state = [], {}
     with torch.no_grad():
         for g in optimizer.param_groups:
@@ -877,9 +894,15 @@ def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
                            "params": [names[id(p)] for p in g["params"]]})
             for p in g["params"]:
                 st = optimizer.state.get(p)
-                if st:
-                    state[names[id(p)]] = {k: whole(v).detach().to("cpu", copy=True) if torch.is_tensor(v)
-                                           else copy.deepcopy(v) for k, v in st.items()}
+                if not st:
+                    continue
+                entry = {}
+                for k, v in st.items():
+                    v = whole(v) if torch.is_tensor(v) else v  # a collective for a sharded moment
+                    if keep:
+                        entry[k] = v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+                if keep:
+                    state[names[id(p)]] = entry
     return {"state": state, "param_groups": groups}
 
 
