@@ -430,6 +430,11 @@ def _sharded_run(rank, load_from=None, save_to=None, save_at=4, shard=True):
                   for n in ("a", "b") for k in ("P", "lam", "Q", "mask")}
         values.update({"head.weight": _whole(model.head.weight).clone(), "b.bias": _whole(model.b.bias).clone()})
         values.update({f"{n}.exp_avg_sq": _whole(opt.state[getattr(model, n).P]["exp_avg_sq"]).clone() for n in ("a", "b")})
+    if shard:  # what a save gathers: only rank 0, the writer, keeps a CPU copy
+        from flexlora.checkpoint import _gather_sharded_training_state
+
+        collected, trained, optim_state = _gather_sharded_training_state(model, allocator, opt)
+        values["kept"] = torch.tensor([len(collected[0]), len(trained), len(optim_state["state"])])
     return values, allocator.history, sched.get_last_lr()
 
 
@@ -462,9 +467,13 @@ def _resume_body(rank, out_dir):
         refusals[label + " untouched"] = all(torch.equal(a, b.detach()) for a, b in zip(before, trained)) and not opt.state
     # the same checkpoint resumed by one process on whole batches (a plain model)
     alone, history3, _ = _sharded_run(rank, load_from=ckpt, shard=False)
+    resumed.pop("kept")
+    early.pop("kept")
+    kept = straight.pop("kept").tolist()
     results = {
         "refusals": refusals,
         "early_diffs": {k: float((early[k].double() - v.double()).abs().max()) for k, v in straight.items()},
+        "kept": kept,
         "diffs": {k: float((resumed[k].double() - v.double()).abs().max()) for k, v in straight.items()},
         "alone_diffs": {k: float((alone[k].double() - v.double()).abs().max()) for k, v in straight.items()},
         "same_history": history == history2,
@@ -488,6 +497,11 @@ def test_fsdp2_checkpoint_resumes_exactly(tmp_path):
         for key, diff in res["diffs"].items():
             assert diff <= 1e-6, (key, diff)
         assert res["alone_history"]
+        # adapter tensors, trained values, optimizer states kept by the gather: rank 0 only
+        if rank == 0:
+            assert min(res["kept"]) > 0, res["kept"]
+        else:
+            assert res["kept"] == [0, 0, 0], res["kept"]
         for key, diff in res["early_diffs"].items():
             assert diff <= 1e-6, ("saved at step 0", key, diff)
         assert "group 0 holds" in res["refusals"]["missing"] and "missing here: ['b.bias']" in res["refusals"]["missing"]
