@@ -32,6 +32,15 @@ class MLP(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+def _write_results(out_dir, rank, results):
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _read_results(out_dir, rank):
+    return json.loads((out_dir / f"rank{rank}.json").read_text())
+
+
 def _config(**kw):
     from flexlora import FlexLoRAConfig
 
@@ -147,14 +156,13 @@ def _train_body(rank, out_dir):
         with torch.no_grad():
             results[grad_form]["reload_max_diff"] = float((fresh(x) - ref(x)).abs().max())
         results[grad_form]["returned"] = str(returned)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    _write_results(out_dir, rank, results)
 
 
 def test_fsdp2_rank_allocation_and_save_match_one_process_on_the_whole_batch(tmp_path):
     run_workers(_train_body, tmp_path, WORLD)
     for rank in range(WORLD):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        res = _read_results(tmp_path, rank)
         assert res["inactive_nonzero"] == 0
         for grad_form in ("loss", "grad", "orth-init"):
             r = res[grad_form]
@@ -262,15 +270,14 @@ def _refuse_body(rank, out_dir):
     results["peft_dir_made"] = os.path.exists(os.path.join(out_dir, f"peft{rank}"))
     results["ckpt_made"] = os.path.exists(os.path.join(out_dir, "ckpt"))
     results["still_flex"] = type(model.a).__name__
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    _write_results(out_dir, rank, results)
 
 
 @pytest.mark.parametrize("unused", [None], ids=["gloo2"])
 def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywhere(tmp_path, unused):
     run_workers(_refuse_body, tmp_path, WORLD)
     for rank in range(WORLD):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        res = _read_results(tmp_path, rank)
         assert res["forward_max_diff"] <= 1e-6, res["forward_max_diff"]
         assert res["root_P"] == "Parameter"  # the state a type check alone would miss
         advice = {
@@ -365,14 +372,13 @@ def _post_forward_mesh_body(rank, out_dir):
     saved = load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
     results["saved_diff"] = max(float((saved[f"{n}.{k}"] - getattr(getattr(ref, n), k)).abs().max())
                                 for n in ("a", "b") for k in ("P", "lam", "Q"))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    _write_results(out_dir, rank, results)
 
 
 def test_fsdp2_reshard_after_forward_to_a_smaller_mesh_keeps_the_penalty_gradient_and_saves(tmp_path):
     run_workers(_post_forward_mesh_body, tmp_path, 4)
     for rank in range(4):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        res = _read_results(tmp_path, rank)
         assert res["post_forward"] == "DTensor"
         for key, (diff, scale) in res["grad_diffs"].items():
             assert diff <= 1e-5 * max(1.0, scale), (key, diff, scale)
@@ -482,16 +488,15 @@ def _resume_body(rank, out_dir):
         "events": len({r["step"] for r in history}),
         "lr": [lr, lr2],
     }
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    _write_results(out_dir, rank, results)
 
 
 def test_fsdp2_checkpoint_resumes_exactly(tmp_path):
     # save_checkpoint(distributed=True) gathers the adapter, trained values and the optimizer's
-    # full state (torch.distributed.checkpoint); load_checkpoint gives every rank its parts back
+    # state by parameter name; load_checkpoint gives every rank its parts back
     run_workers(_resume_body, tmp_path, WORLD)
     for rank in range(WORLD):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        res = _read_results(tmp_path, rank)
         assert res["same_history"] and res["events"] > 3
         assert res["lr"][0] == res["lr"][1]
         for key, diff in res["diffs"].items():
