@@ -23,15 +23,24 @@ import torch
 Value = Union[float, int, bool, torch.Tensor]
 
 
+def _tensor_api():
+    """torch's DTensor package: torch.distributed.tensor (torch 2.5+), torch.distributed._tensor
+    before."""
+    try:
+        import torch.distributed.tensor as api
+        api.DTensor  # noqa: B018 - present since 2.5
+    except (ImportError, AttributeError):  # pragma: no cover - torch 2.4
+        import torch.distributed._tensor as api
+    return api
+
+
 def dtensor_type():
     """torch's DTensor class, or None in a build without torch.distributed or before a process
     group exists (a DTensor needs a device mesh, which needs one: unsharded training skips the
     per-module checks)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    return _tensor_api().DTensor
 
 
 def is_sharded(t) -> bool:
@@ -115,8 +124,8 @@ def unsupported_placement(t) -> Optional[str]:
     all are ``Shard(d)`` or ``Replicate``, or ``t`` is no DTensor)."""
     if not is_sharded(t):
         return None
-    from torch.distributed.tensor import Replicate, Shard
-
+    api = _tensor_api()
+    Replicate, Shard = api.Replicate, api.Shard
     for p in t.placements:
         if type(p) not in (Shard, Replicate):
             return repr(p)
@@ -147,7 +156,10 @@ def _local_region(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
     tensor: (t, full slices)."""
     if not is_sharded(t):
         return t, tuple(slice(0, n) for n in t.shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover - torch 2.4
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
@@ -195,8 +207,7 @@ def local_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     dtype = p.dtype if value.is_floating_point() else value.dtype
     if not is_sharded(p) or tuple(value.shape) != tuple(p.shape):  # not per-element: kept whole
         return value.to(device=p.device, dtype=dtype, copy=True)
-    from torch.distributed.tensor import DTensor
-
+    DTensor = _tensor_api().DTensor
     local, region = _local_region(p)
     part = value[region].to(device=local.device, dtype=dtype).contiguous()
     return DTensor.from_local(part, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
@@ -211,8 +222,7 @@ def add_to_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
         else:
             p.grad.add_(g.to(p.grad.dtype))
         return
-    from torch.distributed.tensor import DTensor
-
+    DTensor = _tensor_api().DTensor
     _, region = _local_region(p)
     part = g[region]
     if p.grad is None:

@@ -337,9 +337,9 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
     dist = torch.distributed
     if not dist.is_available():
         return
-    from torch.distributed.tensor import DTensor
+    from .._sharded import _tensor_api, fsdp_managed
 
-    from .._sharded import fsdp_managed
+    DTensor = _tensor_api().DTensor
 
     advice = {
         "load_adapter": "load the adapter before fully_shard (wrap, load_adapter, then fully_shard)",

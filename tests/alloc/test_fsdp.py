@@ -216,6 +216,10 @@ def _refuse_body(rank, out_dir):
         "export_peft": lambda: flexlora.export_peft(model, os.path.join(out_dir, f"peft{rank}")),
         "save_checkpoint": lambda: flexlora.save_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer=opt),
         "load_checkpoint": lambda: flexlora.load_checkpoint(unsharded_ckpt, model, optimizer=opt),
+        # its state is saved by parameter name: a parameter that is not the model's has none
+        "stray_optimizer": lambda: flexlora.save_checkpoint(
+            os.path.join(out_dir, "ckpt"), model, distributed=True,
+            optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [nn.Parameter(torch.zeros(2))])),
         "sensitivity": lambda: RankAllocator(model, _config(importance="sensitivity")),
     }
     for name, call in calls.items():
@@ -297,6 +301,9 @@ def test_fsdp2_whole_model_apis_refuse_clearly_and_a_failed_save_fails_everywher
         assert res["midstep_reload_diff"] <= 1e-6, res["midstep_reload_diff"]
         assert "already sharded by fully_shard" in res["wrap_sharded"], res["wrap_sharded"]
         for suffix in ("", " (between steps)"):
+            msg = res["stray_optimizer" + suffix]
+            assert msg.startswith("ValueError: save_checkpoint: the optimizer holds 1 parameter(s) that are not the "
+                                  "model's"), msg
             msg = res["save_checkpoint" + suffix]
             assert msg.startswith("ValueError: save_checkpoint: the model is sharded by fully_shard: call "
                                   "save_checkpoint(..., distributed=True) on every rank"), msg
@@ -435,7 +442,8 @@ def _sharded_run(rank, load_from=None, save_to=None, save_at=4, shard=True):
         values = {f"{n}.{k}": _whole(getattr(getattr(model, n), k)).clone()
                   for n in ("a", "b") for k in ("P", "lam", "Q", "mask")}
         values.update({"head.weight": _whole(model.head.weight).clone(), "b.bias": _whole(model.b.bias).clone()})
-        values.update({f"{n}.exp_avg_sq": _whole(opt.state[getattr(model, n).P]["exp_avg_sq"]).clone() for n in ("a", "b")})
+        values.update({f"{n}.{k}.{m}": _whole(opt.state[getattr(getattr(model, n), k)][m]).clone()
+                       for n in ("a", "b") for k in ("P", "lam", "Q") for m in ("exp_avg", "exp_avg_sq")})
     if shard:  # what a save gathers: only rank 0, the writer, keeps a CPU copy
         from flexlora.checkpoint import _gather_sharded_training_state
 
