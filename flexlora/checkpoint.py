@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._atomic import atomic_directory
-from ._sharded import check_placements, copy_whole_, fsdp_managed, fsdp_units, is_sharded, reshard, whole
+from ._sharded import check_placements, copy_whole_, fsdp_managed, fsdp_units, is_sharded, local_like, reshard, whole
 from .config import FlexLoRAConfig
 from .layers.flex_linear import FlexLinear
 from .layers.wrap import check_unsharded, flex_modules, name_matches, named_modules_all, unwrap_model, wrap
@@ -312,10 +312,7 @@ def save_adapter(model: nn.Module, directory, allocator=None) -> Path:
             _write_adapter(tmp, collected)
     except BaseException as e:
         error = e
-    if sharded and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
-    if error is not None:
-        raise error
+    _end_write(error, announce=sharded and dist.is_initialized() and dist.get_world_size() > 1)
     return Path(directory)
 
 
@@ -497,9 +494,9 @@ def _apply(model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tens
         for name, module in _saved_modules(model, cfg):
             state = _module_state(module)
             if sharded:  # its parameters are shards, which load_state_dict would not split
+                params = dict(module.named_parameters())
                 for k in state:
-                    target = module.get_parameter(k) if k in dict(module.named_parameters()) else module.get_buffer(k)
-                    copy_whole_(target, tensors[f"{_SAVE_PREFIX}{name}.{k}"])
+                    copy_whole_(params[k] if k in params else module.get_buffer(k), tensors[f"{_SAVE_PREFIX}{name}.{k}"])
                 continue
             module.load_state_dict(
                 {k: tensors[f"{_SAVE_PREFIX}{name}.{k}"] for k in state}, strict=False
@@ -825,10 +822,7 @@ def save_checkpoint(
             state[_OPTIMIZER_FORMAT_KEY] = _NAMED
         else:
             collected = _collect_adapter(model, allocator)
-            state[_TRAINABLE_KEY] = {
-                name: p.detach().to("cpu")
-                for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items()
-            }
+            state[_TRAINABLE_KEY] = _trained_values(plain, optimizer)
         strays = _strays(plain, optimizer)
         if strays:
             warnings.warn(
@@ -842,10 +836,7 @@ def save_checkpoint(
             torch.save(state, tmp / TRAINING_STATE_NAME)
     except BaseException as e:
         error = e
-    if world > 1:  # the other ranks wait in _await_writer for this word
-        dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
-    if error is not None:
-        raise error
+    _end_write(error, announce=world > 1)
     return Path(directory)
 
 
@@ -862,14 +853,22 @@ def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
     collectives, every rank calls this in the same order."""
     plain = unwrap_model(model)
     collected = _collect_adapter(model, allocator)
-    keep = _writes_gathered(plain)
+    trained = _trained_values(plain, optimizer)
+    return collected, trained, None if optimizer is None else _gather_optimizer(plain, optimizer)
+
+
+def _trained_values(model: nn.Module, optimizer) -> Dict[str, torch.Tensor]:
+    """{name: value on the CPU} of the other trained parameters (:func:`_other_trainables`) a
+    checkpoint keeps; an FSDP2 shard is gathered whole (a collective), and only the writing
+    rank keeps the result."""
+    keep = _writes_gathered(model)
     trained = {}
     with torch.no_grad():
-        for name, p in _other_trainables(plain, _saved_modules(plain, _model_config(plain)), optimizer).items():
+        for name, p in _other_trainables(model, _saved_modules(model, _model_config(model)), optimizer).items():
             value = whole(p)
             if keep:
                 trained[name] = value.detach().to("cpu")
-    return collected, trained, None if optimizer is None else _gather_optimizer(plain, optimizer)
+    return trained
 
 
 def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
@@ -879,13 +878,13 @@ def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
     here rather than with torch.distributed.checkpoint's get_optimizer_state_dict, which runs a
     zero-lr optimizer step on an optimizer without state (its step counts moved) and whose
     loading drops the state of parameters frozen after training."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    strays = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in names]
+    strays = _strays(model, optimizer)
     if strays:
         raise ValueError(
-            f"save_checkpoint: the optimizer holds {len(strays)} parameter(s) that are not the model's; under "
+            f"save_checkpoint: the optimizer holds {strays} parameter(s) that are not the model's; under "
             "fully_shard its state is saved by parameter name, so build the optimizer over model parameters only"
         )
+    names = {id(p): n for n, p in model.named_parameters()}
     keep = _writes_gathered(model)  # the other ranks join the gathers and keep nothing
     groups, state = [], {}
     with torch.no_grad():
@@ -939,8 +938,6 @@ def _scatter_optimizer(model: nn.Module, optimizer, saved) -> None:
     group's hyperparameters, and each parameter's state, a sharded parameter's as a DTensor of
     this rank's part; ``step`` counts stay where torch keeps them (CPU float32 unless the group
     is fused or capturable)."""
-    from ._sharded import local_like
-
     params = dict(model.named_parameters())
     for g, sg in zip(optimizer.param_groups, saved["param_groups"]):
         for k, v in sg.items():
@@ -964,6 +961,15 @@ def _scatter_optimizer(model: nn.Module, optimizer, saved) -> None:
                 else:
                     new[k] = local_like(p, v)
             optimizer.state[p] = new
+
+
+def _end_write(error: Optional[BaseException], announce: bool) -> None:
+    """Rank 0's end of a save: with ``announce``, tell the ranks waiting in :func:`_await_writer`
+    how it went; then re-raise its error, if any."""
+    if announce:
+        dist.broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"], src=0)
+    if error is not None:
+        raise error
 
 
 def _await_writer(directory: Path, caller: str = "save_checkpoint") -> Path:
