@@ -216,22 +216,11 @@ def local_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def add_to_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
     """``p.grad += g`` for a whole gradient ``g`` (shaped like the whole p), creating the
     gradient where it is None; for a DTensor parameter only this rank's part of g is added."""
-    if not is_sharded(p):
-        if p.grad is None:
-            p.grad = g.to(p.dtype).clone()
-        else:
-            p.grad.add_(g.to(p.grad.dtype))
-        return
-    DTensor = _tensor_api().DTensor
-    _, region = _local_region(p)
-    part = g[region]
     if p.grad is None:
-        local = part.to(device=p.to_local().device, dtype=p.dtype).contiguous()
-        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                    stride=p.stride())
+        p.grad = local_like(p, g)
     else:
-        grad_local, _ = _local_region(p.grad)
-        grad_local.add_(part.to(device=grad_local.device, dtype=grad_local.dtype))
+        grad_local, region = _local_region(p.grad)
+        grad_local.add_(g[region].to(device=grad_local.device, dtype=grad_local.dtype))
 
 
 class WholeView:

@@ -556,9 +556,8 @@ class RankAllocator:
 
     def _prune_slot(self, m: FlexLinear, j: int, opt) -> None:
         m.mask[j] = False
-        set_slot_(m.P, 1, j, 0)
-        set_slot_(m.lam, 0, j, 0)
-        set_slot_(m.Q, 0, j, 0)
+        for t, dim in _slot_dims(m):
+            set_slot_(t, dim, j, 0)
         _zero_slot_moments(opt, m, j)
 
     def _expand_slot(self, m: FlexLinear, j: int, opt, gen: torch.Generator, view=None) -> None:
@@ -592,9 +591,8 @@ class RankAllocator:
         with torch.no_grad():
             for m in self.modules:
                 off = ~m.mask
-                fill_slots_(m.P, 1, off, 0)
-                fill_slots_(m.lam, 0, off, 0)
-                fill_slots_(m.Q, 0, off, 0)
+                for t, dim in _slot_dims(m):
+                    fill_slots_(t, dim, off, 0)
 
     def _use_optimizer(self, optimizer) -> None:
         self._optimizer = optimizer
@@ -614,7 +612,7 @@ class RankAllocator:
             self._zero_inactive_slots()
             for m in self.modules:
                 off = ~m.mask
-                for p, dim in ((m.P, 1), (m.lam, 0), (m.Q, 0)):
+                for p, dim in _slot_dims(m):
                     for t, v in _moment_tensors(holder, p):
                         fill_slots_(t, dim, off, v)
         self._warn_if_state_not_per_element(holder)
@@ -899,9 +897,14 @@ def _moment_tensors(opt, p: torch.Tensor) -> List[Tuple[torch.Tensor, Any]]:
     return out
 
 
+def _slot_dims(m: FlexLinear) -> Tuple[Tuple[torch.Tensor, int], ...]:
+    """(tensor, the dimension that indexes slots) of m's P [out, R], λ [R] and Q [R, in]."""
+    return ((m.P, 1), (m.lam, 0), (m.Q, 0))
+
+
 def _zero_slot_moments(opt, m: FlexLinear, j: int) -> None:
     """Reset slot j's optimizer state (P column, λ entry, Q row) to a fresh optimizer's."""
-    for p, dim in ((m.P, 1), (m.lam, 0), (m.Q, 0)):
+    for p, dim in _slot_dims(m):
         for t, v in _moment_tensors(opt, p):
             set_slot_(t, dim, j, v)
 

@@ -337,9 +337,7 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
     dist = torch.distributed
     if not dist.is_available():
         return
-    from .._sharded import _tensor_api, fsdp_managed
-
-    DTensor = _tensor_api().DTensor
+    from .._sharded import fsdp_managed, is_sharded
 
     advice = {
         "load_adapter": "load the adapter before fully_shard (wrap, load_adapter, then fully_shard)",
@@ -356,7 +354,7 @@ def check_unsharded(named: Sequence[Tuple[str, FlexLinear]], caller: str, model:
     managed = model is not None and fsdp_managed(model)
     for name, m in named:
         for key in ("P", "lam", "Q"):
-            if managed or isinstance(getattr(m, key), DTensor):
+            if managed or is_sharded(getattr(m, key)):
                 raise refuse(f"the adapter of {name!r} is sharded ({key})")
     if managed:
         raise refuse("the model is sharded by fully_shard")
