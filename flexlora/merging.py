@@ -95,7 +95,12 @@ def merge(model: nn.Module, keep_original: bool = False) -> nn.Module:
     Raises ``ValueError`` (before changing anything) when a base weight is tied to another
     module's parameter, e.g. an lm_head tied to the input embeddings.
     """
-    mods = _modules(model, "merge")
+    return _merge(model, keep_original, "merge")
+
+
+def _merge(model: nn.Module, keep_original: bool, caller: str) -> nn.Module:
+    """:func:`merge`, refusing under the name of ``caller``."""
+    mods = _modules(model, caller)
     _check_untied(model, mods)
     for _, m in mods:
         if m.merged:
@@ -116,7 +121,12 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: restore each W (bit-exactly when merged with ``keep_original=True``,
     else by subtracting, in float32, the ΔW that merge added, whatever changed in the adapter
     since; see the module docstring) and set ``merged=False``."""
-    for _, m in _modules(model, "unmerge"):
+    return _unmerge(model, "unmerge")
+
+
+def _unmerge(model: nn.Module, caller: str) -> nn.Module:
+    """:func:`unmerge`, refusing under the name of ``caller``."""
+    for _, m in _modules(model, caller):
         if not m.merged:
             continue
         original = getattr(m, _ORIGINAL, None)
@@ -137,8 +147,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and replace each FlexLinear by a plain ``nn.Linear`` holding the merged
     weight (the same Parameter, no copy) and bias; ``model.flexlora_config`` is removed. The base
     weights stay frozen (``requires_grad=False``). Returns the model, modified in place."""
-    _modules(model, "merge_and_unload")  # refusals under their own name
-    merge(model)
+    _merge(model, False, "merge_and_unload")
     return _to_plain_linears(model)
 
 
@@ -148,8 +157,7 @@ def unload(model: nn.Module) -> nn.Module:
     FlexLinear is replaced by a plain ``nn.Linear`` holding its base weight and bias (the same
     Parameters, no copy); ``model.flexlora_config`` is removed. The adapters are dropped (save
     them first if you need them). Returns the model, modified in place. PEFT's ``unload()``."""
-    _modules(model, "unload")  # refusals under their own name
-    unmerge(model)
+    _unmerge(model, "unload")
     return _to_plain_linears(model)
 
 
