@@ -270,6 +270,7 @@ class RankAllocator:
         self.modules: List[FlexLinear] = [m for _, m in named]
         self.r_max: List[int] = [m.r_max for m in self.modules]
         self.importance = make_importance(config)
+        self._importance_made = _importance_settings(config)  # the config fields it was made from
         self._model = weakref.ref(inner)
         self._settle_fsdp()
         self._check_sharding()
@@ -280,7 +281,7 @@ class RankAllocator:
         self._last_step = 0
         self._stepped = False
         self._importance_fresh = False
-        self._optimizer = None
+        self._optimizers: Tuple[Any, ...] = ()  # given to step(): their moments of touched slots are reset
         self._adopted: "weakref.WeakSet" = weakref.WeakSet()
         self._warned: Dict[str, bool] = {"never_stepped": False, "no_optimizer": False}
         # optimizer steps counted by a post-hook on every optimizer step() was given, against
@@ -346,8 +347,9 @@ class RankAllocator:
         Args:
             global_step: optimizer steps done so far (1-based; gradient-accumulation micro-steps
                 do not count).
-            optimizer: the optimizer of the adapters; its moments of every touched slot are
-                zeroed. Remembered, so later calls may omit it.
+            optimizer: the optimizer of the adapters, or a list of optimizers when P, λ and Q are
+                split between several; the moments of every touched slot are reset in each.
+                Remembered, so later calls may omit it.
 
         Returns:
             the :class:`AllocationEvent` when ``global_step`` is an event step (also when b(t) is
@@ -367,7 +369,7 @@ class RankAllocator:
         self._settle_fsdp()
         self._check_sharding()
         if optimizer is not None:
-            self._use_optimizer(optimizer)
+            self._use_optimizers(optimizer)
         fresh, self._importance_fresh = self._importance_fresh, False
         # before the importance update: a repeated step must not feed the same gradients to a
         # stateful metric twice (sensitivity's EMAs would advance two steps for one)
@@ -394,7 +396,8 @@ class RankAllocator:
                     stacklevel=2,
                 )
             return None
-        self._revalidate_config()
+        if self._revalidate_config():
+            fresh = False  # a metric made just now was not fed by an earlier update_importance()
         if global_step > self._last_step + 1 and not self._warned.get("gap"):
             missed = event_steps_between(self._last_step, global_step, self.config, limit=4)
             if missed:
@@ -521,17 +524,19 @@ class RankAllocator:
         pruned, expanded = plan_event(
             scores, ranks, self.r_max, self.config.r_min, budget, self.config.allocation_mode
         )
-        if (pruned or expanded) and self._optimizer is None and not self._warned["no_optimizer"]:
+        if (pruned or expanded) and not self._optimizers and not self._warned["no_optimizer"]:
             self._warned["no_optimizer"] = True
             warnings.warn(
                 "RankAllocator.step: no optimizer was given, so the optimizer moments of pruned and "
                 "expanded slots are not reset; pass it: allocator.step(global_step, optimizer)",
                 stacklevel=3,
             )
-        opt = _state_holder(self._optimizer) if self._optimizer is not None else None
+        opts = [_state_holder(o) for o in self._optimizers]
+        if pruned or expanded:
+            self._warn_if_adapters_outside(opts)
         with torch.no_grad():
             for i in pruned:
-                self._prune_slot(self.modules[i], min_slot[i], opt)
+                self._prune_slot(self.modules[i], min_slot[i], opts)
                 self.importance.reset_slot(i, min_slot[i])
                 ranks[i] -= 1
             gen = torch.Generator(device="cpu")
@@ -539,7 +544,7 @@ class RankAllocator:
             # Draw in module order (not score order): the draws of a module do not depend on
             # how the scores ranked it against the others.
             for i in sorted(expanded):
-                self._expand_slot(self.modules[i], free_slot[i], opt, gen, views[i])
+                self._expand_slot(self.modules[i], free_slot[i], opts, gen, views[i])
                 self.importance.reset_slot(i, free_slot[i])
                 ranks[i] += 1
         self.num_events += 1
@@ -554,13 +559,13 @@ class RankAllocator:
         self.last_event = event
         return event
 
-    def _prune_slot(self, m: FlexLinear, j: int, opt) -> None:
+    def _prune_slot(self, m: FlexLinear, j: int, opts) -> None:
         m.mask[j] = False
         for t, dim in _slot_dims(m):
             set_slot_(t, dim, j, 0)
-        _zero_slot_moments(opt, m, j)
+        _zero_slot_moments(opts, m, j)
 
-    def _expand_slot(self, m: FlexLinear, j: int, opt, gen: torch.Generator, view=None) -> None:
+    def _expand_slot(self, m: FlexLinear, j: int, opts, gen: torch.Generator, view=None) -> None:
         """Open slot j of m. view: m, or its whole-tensor view when m is sharded (read by the
         orthogonal init); every rank draws the same vectors and writes the part it holds."""
         view = m if view is None else view
@@ -585,7 +590,7 @@ class RankAllocator:
         set_slot_(m.Q, 0, j, q)
         set_slot_(m.lam, 0, j, lam)
         m.mask[j] = True
-        _zero_slot_moments(opt, m, j)
+        _zero_slot_moments(opts, m, j)
 
     def _zero_inactive_slots(self) -> None:
         with torch.no_grad():
@@ -594,8 +599,20 @@ class RankAllocator:
                 for t, dim in _slot_dims(m):
                     fill_slots_(t, dim, off, 0)
 
-    def _use_optimizer(self, optimizer) -> None:
-        self._optimizer = optimizer
+    def _use_optimizers(self, optimizer) -> None:
+        """Remember the optimizer (or list / tuple of optimizers) given to step() and adopt each
+        one seen for the first time."""
+        opts = tuple(optimizer) if isinstance(optimizer, (list, tuple)) else (optimizer,)
+        if not opts or any(o is None for o in opts):
+            raise ValueError(
+                "RankAllocator.step: optimizer must be an optimizer or a non-empty list of optimizers, got "
+                f"{optimizer!r}"
+            )
+        for o in opts:
+            self._adopt_optimizer(o)
+        self._optimizers = opts
+
+    def _adopt_optimizer(self, optimizer) -> None:
         inner = _unwrap_optimizer(optimizer)
         try:
             if inner in self._adopted:
@@ -616,6 +633,35 @@ class RankAllocator:
                     for t, v in _moment_tensors(holder, p):
                         fill_slots_(t, dim, off, v)
         self._warn_if_state_not_per_element(holder)
+
+    def _warn_if_adapters_outside(self, holders) -> None:
+        """Warn once when trainable adapter tensors sit in none of the optimizers given to step()
+        (P and Q in a second optimizer that was not passed): their moments of the touched slots
+        are not reset, so a pruned direction's moments keep moving its zeroed slot and a reopened
+        slot inherits them. Judged only when the optimizers hold some of the model's own adapter
+        tensors (DeepSpeed's hold flattened copies)."""
+        if self._warned.get("outside") or not holders:
+            return
+        held = set()
+        for h in holders:
+            try:
+                held |= {id(p) for group in h.param_groups for p in group["params"]}
+            except (AttributeError, KeyError, TypeError):
+                return
+        named = [(f"{n}.{attr}", getattr(m, attr)) for n, m in zip(self.names, self.modules) for attr in ("P", "lam", "Q")]
+        if not any(id(p) in held for _, p in named):
+            return
+        outside = [n for n, p in named if p.requires_grad and id(p) not in held]
+        if outside:
+            self._warned["outside"] = True
+            warnings.warn(
+                f"RankAllocator.step: {len(outside)} trainable adapter tensors ({', '.join(outside[:3])}"
+                f"{' ...' if len(outside) > 3 else ''}) are in none of the optimizers given to step(), so their "
+                "moments of pruned and expanded slots are not reset; pass every optimizer that holds adapters: "
+                "allocator.step(global_step, [optimizer1, optimizer2])",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _warn_if_state_not_per_element(self, optimizer) -> None:
         """Warn when the optimizer keeps adapter state that is not per element (Adafactor's
@@ -728,14 +774,31 @@ class RankAllocator:
                 "default) or another metric of P, lam, Q, or train with DistributedDataParallel"
             )
 
-    def _revalidate_config(self) -> None:
+    def _revalidate_config(self) -> bool:
         """Validate the config again when a field changed since the last check (a field set
         mid-run is then named, not a schedule internal); comparing the fields costs ~0.5 µs,
-        validating ~30 µs."""
+        validating ~30 µs. Returns whether the importance metric was made anew."""
         seen = tuple(vars(self.config).values())
         if seen != self._config_seen:
             self.config.validate()
             self._config_seen = tuple(vars(self.config).values())
+            if _importance_settings(self.config) != self._importance_made:
+                return self._remake_importance()
+        return False
+
+    def _remake_importance(self) -> bool:
+        """Make the metric the config names now (a field changed mid-run takes effect, as the
+        schedule's do). Sensitivity with new betas keeps its averages; any other change starts
+        the new metric from scratch (a gradient-fed one from its next update)."""
+        made, now = self._importance_made, _importance_settings(self.config)
+        self._importance_made = now
+        if made[0] == now[0] == "sensitivity":
+            self.importance.beta1, self.importance.beta2 = float(now[2]), float(now[3])
+            return False
+        self.importance = make_importance(self.config)
+        self._fed_at_event = self.importance.fed
+        self._check_sharding()
+        return True
 
     def _warn_if_importance_starved(self) -> None:
         """Warn once when a gradient-fed metric (sensitivity) got no gradients since the last event:
@@ -866,12 +929,14 @@ class RankAllocator:
 
 
 # Per-element optimizer state that does not start at zero: (optimizer class, state key) -> the
-# start value from the parameter's group. A reset slot gets what a fresh optimizer would give it:
-# an Adagrad sum of 0 (not initial_accumulator_value) makes its first update ~lr·sign(g), and a
-# Rprop step size of 0 is clamped to step_size_min, so the slot would barely learn for ~50 steps.
+# start value, from (optimizer, the parameter's group). A reset slot gets what a fresh optimizer
+# would give it: an Adagrad sum of 0 (not initial_accumulator_value) makes its first update
+# ~lr·sign(g), and a Rprop step size of 0 is clamped to step_size_min, so the slot would barely
+# learn for ~50 steps. torch's Adagrad starts every sum at the constructor's value, also in a
+# group given its own initial_accumulator_value.
 _START_VALUES = (
-    (torch.optim.Adagrad, "sum", lambda group: group.get("initial_accumulator_value", 0.0)),
-    (torch.optim.Rprop, "step_size", lambda group: group["lr"]),
+    (torch.optim.Adagrad, "sum", lambda opt, group: opt.defaults.get("initial_accumulator_value", 0.0)),
+    (torch.optim.Rprop, "step_size", lambda opt, group: group["lr"]),
 )
 
 
@@ -892,9 +957,14 @@ def _moment_tensors(opt, p: torch.Tensor) -> List[Tuple[torch.Tensor, Any]]:
     out = []
     for key, t in state.items():
         if torch.is_tensor(t) and t.shape == p.shape:
-            start = starts[key](group) if key in starts and group is not None else 0
+            start = starts[key](opt, group) if key in starts and group is not None else 0
             out.append((t, float(start) if torch.is_tensor(start) else start))
     return out
+
+
+def _importance_settings(config: FlexLoRAConfig) -> tuple:
+    """The config fields an importance metric is made from (:func:`make_importance`)."""
+    return (config.importance, config.entropy_eps, config.sensitivity_beta, config.uncertainty_beta)
 
 
 def _slot_dims(m: FlexLinear) -> Tuple[Tuple[torch.Tensor, int], ...]:
@@ -902,11 +972,13 @@ def _slot_dims(m: FlexLinear) -> Tuple[Tuple[torch.Tensor, int], ...]:
     return ((m.P, 1), (m.lam, 0), (m.Q, 0))
 
 
-def _zero_slot_moments(opt, m: FlexLinear, j: int) -> None:
-    """Reset slot j's optimizer state (P column, λ entry, Q row) to a fresh optimizer's."""
-    for p, dim in _slot_dims(m):
-        for t, v in _moment_tensors(opt, p):
-            set_slot_(t, dim, j, v)
+def _zero_slot_moments(opts, m: FlexLinear, j: int) -> None:
+    """Reset slot j's state (P column, λ entry, Q row) in each optimizer of ``opts`` to a fresh
+    optimizer's."""
+    for opt in opts:
+        for p, dim in _slot_dims(m):
+            for t, v in _moment_tensors(opt, p):
+                set_slot_(t, dim, j, v)
 
 
 def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

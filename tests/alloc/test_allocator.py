@@ -828,10 +828,13 @@ def test_warns_when_two_live_allocators_step_the_same_modules():
     "make, key, start",
     [
         (lambda ps: torch.optim.Adagrad(ps, lr=0.05, initial_accumulator_value=0.1), "sum", 0.1),
+        # torch starts every sum at the constructor's value, a group's own value notwithstanding
+        (lambda ps: torch.optim.Adagrad([{"params": ps, "initial_accumulator_value": 0.3}], lr=0.05,
+                                        initial_accumulator_value=0.1), "sum", 0.1),
         (lambda ps: torch.optim.Rprop(ps, lr=0.01), "step_size", 0.01),
         (lambda ps: torch.optim.Adam(ps, lr=0.01), "exp_avg_sq", 0.0),
     ],
-    ids=["adagrad", "rprop", "adam"],
+    ids=["adagrad", "adagrad-group-value", "rprop", "adam"],
 )
 def test_reset_slots_get_a_fresh_optimizers_state(make, key, start):
     # Reset to 0, an Adagrad sum (start initial_accumulator_value) made the new slot's first update
@@ -839,6 +842,8 @@ def test_reset_slots_get_a_fresh_optimizers_state(make, key, start):
     bank = Bank([6] * 4, r_init=3, seed=3)
     al = RankAllocator(bank, config())
     opt = make(list(bank.parameters()))
+    if key == "sum":  # the start is what torch itself gives a fresh optimizer's state
+        assert (opt.state[bank.layers[0].P]["sum"] == start).all()
     g = torch.Generator().manual_seed(0)
     for t in range(1, 4):
         (bank(torch.randn(16, 5, generator=g)) ** 2).mean().backward()
@@ -1095,3 +1100,92 @@ def test_loading_a_state_zeroes_the_inactive_slots_again():
     for m in bank.layers:
         assert not m.P[:, 3:].any() and not m.lam[3:].isnan().any() and not m.lam[3:].any()
         assert not m.Q[3:].any()
+
+
+def _split_optimizers(bank):
+    """λ in one AdamW, P and Q in another, both trained 3 steps (every moment non-zero)."""
+    lam = [m.lam for m in bank.layers]
+    pq = [p for m in bank.layers for p in (m.P, m.Q)]
+    opt_lam, opt_pq = torch.optim.AdamW(lam, lr=0.01), torch.optim.AdamW(pq, lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        (bank(torch.randn(16, 5, generator=g)) ** 2).mean().backward()
+        opt_lam.step()
+        opt_pq.step()
+        opt_lam.zero_grad()
+        opt_pq.zero_grad()
+    return opt_lam, opt_pq
+
+
+def test_step_resets_the_moments_in_every_optimizer_of_a_list():
+    # P and Q in one optimizer, λ in another: step() took one, so the other's moments of pruned
+    # slots kept moving the zeroed P column / Q row and a reopened slot inherited them.
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config())
+    opt_lam, opt_pq = _split_optimizers(bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al.step(3, [opt_lam, opt_pq])
+    before = {id(p): opt_pq.state[p]["exp_avg"].clone() for m in bank.layers for p in (m.P, m.Q)}
+    ev = al._event(10, 2)
+    assert ev.pruned and ev.expanded
+    for name, j in ev.pruned + ev.expanded:
+        m = bank.layers[int(name.split(".")[1])]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (opt_pq.state[m.P][key][:, j] == 0).all() and (opt_pq.state[m.Q][key][j] == 0).all()
+            assert opt_lam.state[m.lam][key][j] == 0
+    name, j = ev.pruned[0]
+    m = bank.layers[int(name.split(".")[1])]
+    assert before[id(m.P)][:, j].abs().sum() > 0  # it held moments (else the test could not fail)
+
+
+def test_warns_when_trainable_adapters_are_outside_the_given_optimizers():
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    al = RankAllocator(bank, config())
+    opt_lam, opt_pq = _split_optimizers(bank)
+    al.step(3, opt_lam)
+    with pytest.warns(UserWarning, match=r"8 trainable adapter tensors \(layers.0.P, layers.0.Q, layers.1.P ...\) are "
+                                         r"in none of the optimizers given to step\(\)"):
+        al._event(10, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al._event(15, 2)  # once
+
+
+def test_step_rejects_an_empty_optimizer_list():
+    al = RankAllocator(Bank([6] * 2, r_init=3), config())
+    for bad in ([], (), [None]):
+        with pytest.raises(ValueError, match="optimizer must be an optimizer or a non-empty list of optimizers"):
+            al.step(1, bad)
+
+
+def test_an_importance_changed_mid_run_takes_effect():
+    # config.importance set after the allocator was built was validated but never used: the
+    # metric made in __init__ kept scoring, and state_dict saved the old name.
+    bank = Bank([6] * 4, r_init=3, seed=3)
+    cfg = config()
+    al = RankAllocator(bank, cfg)
+    script(bank, [{0: 1.0, 1: 1.0, 2: 1.0}, {0: 3.0, 1: 0.1, 2: 0.1}, {0: 1.0, 1: 0.5}, {0: 2.0, 1: 2.0, 2: 0.2}])
+    cfg.importance = "nuclear"
+    al.step(1)
+    assert al.importance.name == "nuclear"
+    assert al.state_dict()["importance"]["name"] == "nuclear"
+    # nuclear: Σ|s·λ| / rank, s = alpha / r_init = 4/3
+    want = [4 / 3 * sum(v) / len(v) for v in ([1, 1, 1], [3, 0.1, 0.1], [1, 0.5], [2, 2, 0.2])]
+    got = al._score_bank()[0]
+    assert got == pytest.approx(want, rel=1e-6)
+    # an allocator built from the changed config loads that state
+    RankAllocator(Bank([6] * 4, r_init=3, seed=3), cfg).load_state_dict(al.state_dict())
+
+
+def test_new_sensitivity_betas_keep_the_averages():
+    bank = Bank([6] * 2, r_init=3, seed=3)
+    cfg = config(importance="sensitivity")
+    al = RankAllocator(bank, cfg)
+    (bank(torch.randn(8, 5)) ** 2).mean().backward()
+    al.step(1)
+    metric, ipt = al.importance, [t.clone() for t in al.importance.ipt]
+    cfg.sensitivity_beta = 0.5
+    al.step(2)  # no gradients now: the averages are not updated, only the beta
+    assert al.importance is metric and metric.beta1 == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(ipt, metric.ipt))
