@@ -47,6 +47,7 @@ def test_every_field_has_help():
         (dict(entropy_eps=0.0), "entropy_eps"),
         (dict(alpha=float("inf")), "alpha"),
         (dict(alpha=float("nan")), "alpha"),
+        (dict(alpha=1e39, r_init=2, r_max=4), "alpha"),  # s = alpha / r_init is inf in float32
         (dict(init_std=float("nan")), "init_std"),
         (dict(init_std=float("inf")), "init_std"),
         (dict(orth_reg=float("inf")), "orth_reg"),

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._sharded import copy_whole_
 from ..config import is_finite_number, is_int
 from ..kernels.flex_linear import flex_linear
 
@@ -155,6 +156,11 @@ class FlexLinear(nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not is_int(v) or v < 0:
+                raise ValueError(f"FlexLinear: {name} must be an int >= 0, got {v!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"FlexLinear: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_adapter(base.weight, base.bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype)
 
@@ -184,7 +190,7 @@ class FlexLinear(nn.Module):
         return self
 
     def _init_adapter(self, weight, bias, r_max, r_init, alpha, dropout, init_std, adapter_dtype) -> None:
-        _check_args(r_max, r_init, alpha, dropout, init_std)
+        _check_args(r_max, r_init, alpha, dropout, init_std, adapter_dtype)
         out_features, in_features = weight.shape
         self.in_features = in_features
         self.out_features = out_features
@@ -207,15 +213,37 @@ class FlexLinear(nn.Module):
 
         dev = weight.device
         adt = adapter_dtype or torch.float32
-        # P and Q are drawn by the CPU generator whatever the device: one seed, one init on the
-        # CPU and on a GPU (the allocator's expansions draw from the CPU too)
-        self.P = nn.Parameter((torch.randn(out_features, self.r_max, dtype=adt, device="cpu") * self.init_std).to(dev))
-        self.lam = nn.Parameter(torch.zeros(self.r_max, device=dev, dtype=adt))
-        self.Q = nn.Parameter((torch.randn(self.r_max, in_features, dtype=adt, device="cpu") * self.init_std).to(dev))
-        mask = torch.zeros(self.r_max, dtype=torch.bool, device=dev)
-        mask[: self.r_init] = True
-        self.register_buffer("mask", mask)
+        self.P = nn.Parameter(torch.empty(out_features, self.r_max, device=dev, dtype=adt))
+        self.lam = nn.Parameter(torch.empty(self.r_max, device=dev, dtype=adt))
+        self.Q = nn.Parameter(torch.empty(self.r_max, in_features, device=dev, dtype=adt))
+        self.register_buffer("mask", torch.empty(self.r_max, dtype=torch.bool, device=dev))
+        self._reset_adapter()
         self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        """Initialize the layer as a new one starts: the base weight and bias as
+        ``nn.Linear.reset_parameters`` does, P and Q Gaussian (std ``init_std``), λ = 0, the first
+        ``r_init`` slots active, not merged.
+
+        This is PyTorch's hook for meta-device initialization: build (or wrap) the model on the
+        meta device, ``model.to_empty(device=...)``, call ``reset_parameters()`` on every module
+        that has one, then load the pretrained base weights (``to_empty`` leaves P, λ, Q and the
+        mask uninitialized memory until then). With the same seed it draws what the constructor
+        draws."""
+        with torch.no_grad():
+            nn.Linear.reset_parameters(self)
+            self._reset_adapter()
+        self.merged = False
+
+    @torch.no_grad()
+    def _reset_adapter(self) -> None:
+        # P and Q are drawn by the CPU generator whatever the device (or default device): one
+        # seed, one init on the CPU and on a GPU (the allocator's expansions draw from the CPU too)
+        adt = self.P.dtype
+        copy_whole_(self.P, torch.randn(self.out_features, self.r_max, dtype=adt, device="cpu") * self.init_std)
+        copy_whole_(self.lam, torch.zeros(self.r_max, dtype=adt, device="cpu"))
+        copy_whole_(self.Q, torch.randn(self.r_max, self.in_features, dtype=adt, device="cpu") * self.init_std)
+        self.mask.copy_(torch.arange(self.r_max, device="cpu") < self.r_init)
 
     @property
     def rank(self) -> int:
@@ -286,13 +314,18 @@ def _caller_stacklevel() -> int:
     return level if frame is not None else 1
 
 
-def _check_args(r_max, r_init, alpha, dropout, init_std) -> None:
+def _check_args(r_max, r_init, alpha, dropout, init_std, adapter_dtype=None) -> None:
     if not is_int(r_max) or r_max < 1:
         raise ValueError(f"FlexLinear: r_max must be an int >= 1, got {r_max!r}")
     if not is_int(r_init) or not 0 <= r_init <= r_max:
         raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
     if not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"FlexLinear: alpha must be a finite number > 0, got {alpha!r}")
+    if alpha / max(int(r_init), 1) > torch.finfo(torch.float32).max:
+        # s = alpha / r_init is applied in float32 (at least): inf makes every output NaN (s·0)
+        raise ValueError(f"FlexLinear: alpha / r_init must fit in float32, got alpha={alpha!r} with r_init={r_init}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise TypeError(f"FlexLinear: adapter_dtype must be None or a floating-point torch.dtype, got {adapter_dtype!r}")
     if not is_finite_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"FlexLinear: dropout must be in [0, 1), got {dropout!r}")
     if not is_finite_number(init_std) or init_std <= 0:

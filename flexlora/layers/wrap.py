@@ -148,6 +148,14 @@ def _warn_unmatched_targets(model: nn.Module, config: FlexLoRAConfig, linear_nam
     )
 
 
+def _compiled_parent(model: nn.Module, name: str) -> bool:
+    """Whether the module called ``name`` in ``model`` is the ``_orig_mod`` of a torch.compile
+    wrapper (an OptimizedModule)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return attr == "_orig_mod" and type(parent).__name__ == "OptimizedModule"
+
+
 def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name matches ``config.target_modules`` with a
     :class:`FlexLinear` (reusing its weight), freeze every other parameter except those of
@@ -163,6 +171,9 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
     both target_modules and modules_to_save, and when a target was already dispatched by
     accelerate (its forward is replaced: wrap before dispatching).
     """
+    if not isinstance(model, nn.Module):
+        got = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"wrap: model must be an nn.Module instance, got {got}")
     if not isinstance(config, FlexLoRAConfig):
         raise TypeError(f"wrap: config must be a FlexLoRAConfig, got {type(config).__name__}")
     config.validate()  # fields may have been changed since construction
@@ -260,6 +271,17 @@ def wrap(model: nn.Module, config: FlexLoRAConfig) -> nn.Module:
             raise ValueError(
                 f"wrap: module {names[0]!r} is a lazy Linear whose weight is not materialized yet; run one "
                 "forward pass before wrapping"
+            )
+        compiled = next((n for n in names if _compiled_parent(model, n)), None)
+        if compiled is not None:
+            # torch.compile(linear) calls the Linear it was built with: a FlexLinear put in its
+            # _orig_mod would never run (the output stayed the base's, P and Q got no gradient)
+            holder = compiled.rpartition(".")[0]
+            raise ValueError(
+                f"wrap: module {compiled!r} is the Linear inside a torch.compile'd module "
+                f"({repr(holder) if holder else 'the model itself'}), which keeps calling the Linear it was compiled from, so an "
+                "adapter there would never run; wrap the model before compiling it (or compile the whole model "
+                "after wrap)"
             )
         if hasattr(linear, "_hf_hook"):
             # accelerate replaced this module's forward by one that calls the Linear's original

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from flexlora import FlexLinear
 
@@ -211,15 +212,64 @@ def test_bad_input_errors():
         (dict(r_max=4, r_init=2, alpha=float("inf")), "alpha must be a finite number"),
         (dict(r_max=4, r_init=2, init_std=float("nan")), "init_std must be a finite number"),
         (dict(r_max=4, r_init=2, init_std=float("inf")), "init_std must be a finite number"),
+        # s = alpha / r_init = 5e38 is inf in float32: every output was NaN (s·0) at init
+        (dict(r_max=4, r_init=2, alpha=1e39), r"alpha / r_init must fit in float32"),
+        (dict(r_max=4, r_init=2, in_features=-1), "in_features must be an int >= 0, got -1"),
+        (dict(r_max=4, r_init=2, out_features=4.0), "out_features must be an int >= 0, got 4.0"),
     ],
     ids=["r_init>r_max", "r_max<1", "alpha0", "dropout1", "init_std<0", "alpha-nan", "alpha-inf",
-         "init_std-nan", "init_std-inf"],
+         "init_std-nan", "init_std-inf", "alpha-overflows-float32", "in_features<0", "out_features-float"],
 )
 def test_bad_constructor_args(kwargs, match):
-    kw = dict(alpha=4.0)
+    kw = dict(in_features=8, out_features=4, alpha=4.0)
     kw.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        FlexLinear(8, 4, **kw)
+        FlexLinear(**kw)
+
+
+@pytest.mark.parametrize("name", ["adapter_dtype", "dtype"])
+@pytest.mark.parametrize("bad", [torch.int64, torch.bool, torch.complex64, "float16"])
+def test_a_dtype_that_is_not_floating_is_refused_by_name(name, bad):
+    # an int / bool adapter_dtype failed inside randn, "float16" with randn's signature, and
+    # complex64 only at the first forward
+    with pytest.raises(TypeError, match=f"FlexLinear: {name} must be None or a floating-point torch.dtype"):
+        FlexLinear(8, 4, r_max=4, r_init=2, alpha=4.0, **{name: bad})
+    if name == "adapter_dtype":
+        with pytest.raises(TypeError, match="adapter_dtype must be None or a floating-point torch.dtype"):
+            FlexLinear.from_linear(nn.Linear(8, 4), r_max=4, r_init=2, alpha=4.0, adapter_dtype=bad)
+
+
+@pytest.mark.parametrize("adapter_dtype", [None, torch.bfloat16])
+def test_reset_parameters_after_meta_init_draws_what_the_constructor_draws(adapter_dtype):
+    # Meta-device init: build on meta, to_empty, reset_parameters() on every module. FlexLinear
+    # had no reset_parameters, so mask, λ, P and Q kept uninitialized memory (a mask of all
+    # True with r_init 2, λ ~1e37: outputs off by thousands, or NaN).
+    kw = dict(r_max=6, r_init=2, alpha=4.0, adapter_dtype=adapter_dtype)
+    torch.manual_seed(5)
+    want = FlexLinear(9, 7, **kw)
+    with torch.device("meta"):
+        got = FlexLinear(9, 7, **kw)
+    got.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in (got.weight, got.bias, got.P, got.lam, got.Q):
+            t.fill_(float("nan"))  # what to_empty may leave
+        got.mask.fill_(True)
+    torch.manual_seed(5)
+    got.reset_parameters()
+    for name in ("weight", "bias", "P", "lam", "Q", "mask"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.rank == 2 and (got.lam == 0).all() and got.P.dtype == (adapter_dtype or torch.float32)
+    x = torch.randn(3, 9)
+    assert torch.equal(got(x), F.linear(x, got.weight, got.bias))  # λ = 0: the base output
+
+
+def test_reset_parameters_clears_the_merged_flag_and_trained_slots():
+    layer = make_layer(6, 5, r_max=4, r_init=3, dtype=torch.float32)
+    layer.mask[3] = True
+    layer.merged = True
+    layer.reset_parameters()
+    assert not layer.merged and layer.mask.tolist() == [True, True, True, False]
+    assert (layer.lam == 0).all() and layer.P.std() < 0.05 and layer.Q.std() < 0.05
 
 
 def test_merged_flag_skips_adapter():

@@ -541,3 +541,37 @@ def test_a_modules_to_save_weight_over_part_of_a_base_weight_stays_frozen():
         wrap(model, FlexLoRAConfig(r_init=1, r_max=2, alpha=1.0, target_modules=["proj"], modules_to_save=["emb"]))
     assert not model["emb"].weight.requires_grad
     assert any("'emb.weight' stays frozen" in str(w.message) and "'proj'" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("bad, got", [(None, "NoneType"), (nn.Sequential, "the class Sequential"), ("model", "str")])
+def test_a_model_that_is_not_a_module_instance_is_refused_by_name(bad, got):
+    with pytest.raises(TypeError, match=f"wrap: model must be an nn.Module instance, got {got}"):
+        wrap(bad, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["fc"]))
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_a_linear_compiled_on_its_own_is_refused_before_anything_changes(root):
+    # torch.compile(nn.Linear) keeps calling the Linear it was built from: a FlexLinear put in
+    # its _orig_mod never ran (the output stayed the base's and P, Q got no gradient)
+    compiled = torch.compile(nn.Linear(8, 4), backend="eager")
+    model = compiled if root else nn.Sequential(nn.Linear(8, 8), compiled)
+    target = "_orig_mod" if root else "1._orig_mod"
+    with pytest.raises(ValueError, match=re.escape(f"wrap: module {target!r} is the Linear inside a torch.compile'd "
+                                                   f"module ({'the model itself' if root else repr('1')})")):
+        wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["_orig_mod"]))
+    assert not any(isinstance(m, FlexLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_model_compiled_whole_after_wrap_runs_the_adapters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    wrap(model, FlexLoRAConfig(r_init=2, r_max=4, target_modules=["0", "2"]))
+    for _, m in flex_modules(model):
+        with torch.no_grad():
+            m.lam.fill_(1.0)
+    x = torch.randn(3, 8)
+    want = model(x)
+    got = torch.compile(model, backend="eager")(x)
+    assert torch.allclose(got, want) and not torch.allclose(got, model[2].weight.new_zeros(()) + F.linear(
+        F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight, model[2].bias))
