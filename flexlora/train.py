@@ -248,10 +248,28 @@ def check_model_dir(path: Path, max_length: int) -> List[str]:
 # adapters
 
 
+def _check_rank_fits(model, opts: TrainOptions, targets: Sequence[str]) -> None:
+    """The largest rank asked for (--r, and --r-max but for LoRA) must not exceed min(in, out) of
+    every target Linear: such a rank adds nothing a smaller one could not, and a huge one only
+    ran out of memory with a traceback."""
+    from .layers.wrap import name_matches
+
+    limits = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n and name_matches(n, list(targets))]
+    rank, flag = (opts.r, "--r") if opts.method == "lora" or opts.r_max is None else (max(opts.r, opts.r_max), "--r-max")
+    if limits and rank > max(limits):
+        default = " (it defaults to 2 x --r)" if flag == "--r-max" and opts.r_max == 2 * opts.r else ""
+        raise InputError(
+            f"{flag} {rank}{default} exceeds min(in, out) = {max(limits)} of every adapted layer: a rank above "
+            "a layer's smaller side adds nothing; give a smaller --r / --r-max"
+        )
+
+
 def add_adapters(model, opts: TrainOptions, targets: Sequence[str], steps: int, task: str):
     """Wrap ``model`` with ``opts.method``; returns (model, allocator or None, peft AdaLoRA
     model or None)."""
     save = ["head"] if task == "classify" else []
+    _check_rank_fits(model, opts, targets)
     if opts.method == "flexlora":
         import flexlora
 
@@ -488,9 +506,17 @@ def check_flags(o: TrainOptions) -> torch.device:
                 raise InputError(f"{flag} is for --method flexlora (checkpoints are flexlora.save_checkpoint)")
     if o.steps is not None and o.method != "lora":  # with --epochs: once the data is read
         _check_window(o.steps, o)
+    if o.steps is not None and o.steps > _MAX_STEPS:
+        raise InputError(f"--steps must be <= {_MAX_STEPS}, got {o.steps}")
+    if not 0 <= o.seed < 2**63:  # what torch.manual_seed and the data split take
+        raise InputError(f"--seed must be an int in [0, 2**63), got {o.seed}")
     if o.method != "lora":  # LoRA has one rank: --r-max and --r-min do not apply
         if o.r_max is not None and o.r_max < o.r:
             raise InputError(f"--r-max must be >= --r ({o.r}), got {o.r_max}")
+        if o.method == "adalora" and o.r_max is not None and o.r_max == o.r:
+            # AdaLoRA prunes from init_r = --r-max down to target_r = --r: with nothing to prune
+            # PEFT's budget masking failed with a traceback at its first allocation
+            raise InputError(f"--method adalora needs --r-max > --r ({o.r}): it prunes from --r-max down to --r")
         if o.method == "flexlora" and o.r_min > o.r:
             raise InputError(f"--r-min must be <= --r ({o.r}), got {o.r_min}")
     return device
@@ -539,6 +565,9 @@ def resolve(opts: TrainOptions, n_examples: int, builtin_data: bool) -> TrainOpt
     return o
 
 
+_MAX_STEPS = 2**31 - 1
+
+
 def resolve_schedule(o: TrainOptions, n_train: int) -> int:
     """Total optimizer steps from --steps or --epochs (1 epoch by default); allocation defaults
     scaled to it: warm-up 20 % (at least 1 step), final freeze 20 %, about 20 events, b0 = 10 % of
@@ -547,7 +576,10 @@ def resolve_schedule(o: TrainOptions, n_train: int) -> int:
         steps = o.steps
     else:
         epochs = 1.0 if o.epochs is None else o.epochs
-        steps = math.ceil(math.ceil(n_train / o.batch_size) * epochs)
+        total = math.ceil(n_train / o.batch_size) * epochs
+        if total > _MAX_STEPS:  # ceil(inf) raised OverflowError with a traceback
+            raise InputError(f"--epochs {epochs:g} gives {total:.3g} steps, more than {_MAX_STEPS}")
+        steps = math.ceil(total)
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
     if o.method != "lora":

@@ -62,7 +62,9 @@ def test_target_modules_accepts_commas_and_spaces(tiny, tmp_path, capsys):
      "model-without-tokenizer", "adapter-is-a-file", "metrics-is-a-folder", "dropout-1", "r-min-above-r",
      "test-size-negative", "steps-and-epochs-before-data", "device-unknown", "device-absent",
      "precision-unknown", "adalora-one-step", "max-length-above-positions", "encoder-decoder-model",
-     "architectures-not-a-list", "encoder-on-texts-only", "output-dir-empty"],
+     "architectures-not-a-list", "encoder-on-texts-only", "output-dir-empty", "adalora-r-equals-r-max",
+     "epochs-overflow", "steps-huge", "seed-negative", "seed-too-large", "rank-above-every-layer",
+     "lora-rank-above-every-layer"],
 )
 def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, monkeypatch, case):
     model, data = str(tiny["bert"]), str(tiny["data"])
@@ -200,7 +202,28 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, monkeypatch, case):
     elif case == "encoder-on-texts-only":  # would train BERT as a causal LM with a new, frozen head
         data = str(tiny["lm"])
         expect = "has no labels, so --task auto would fine-tune a causal LM, but --model"
+    elif case == "adalora-r-equals-r-max":  # PEFT's budget masking raised from inside training
+        extra = ["--method", "adalora", "--r", "4", "--r-max", "4"]
+        expect = "--method adalora needs --r-max > --r (4): it prunes from --r-max down to --r"
+    elif case == "epochs-overflow":  # ceil(inf): OverflowError with a traceback
+        extra = ["--epochs", "1e308"]
+        expect = "--epochs 1e+308 gives "
+    elif case == "steps-huge":
+        extra = ["--steps", str(2**31)]
+        expect = f"--steps must be <= {2**31 - 1}, got {2**31}"
+    elif case in ("seed-negative", "seed-too-large"):  # torch.manual_seed overflowed with a traceback
+        value = -1 if case == "seed-negative" else 10**23
+        extra = ["--seed", str(value)]
+        expect = f"--seed must be an int in [0, 2**63), got {value}"
+    elif case in ("rank-above-every-layer", "lora-rank-above-every-layer"):  # --r 10**11 ran out of memory
+        extra = ["--r", "100"] + (["--method", "lora"] if case.startswith("lora") else [])
+        expect = ("--r 100 exceeds min(in, out) = 32 of every adapted layer" if case.startswith("lora") else
+                  "--r-max 200 (it defaults to 2 x --r) exceeds min(in, out) = 32 of every adapted layer")
     fast = [a for a in FAST if not (case == "threads-zero" and a in ("--threads", "1"))]
+    if case in ("rank-above-every-layer", "lora-rank-above-every-layer"):
+        fast = [a for a in fast if a not in ("--r", "2")]
+    if case in ("steps-huge", "epochs-overflow"):
+        fast = [a for a in fast if a not in ("--steps", "4")]
     if case in ("epochs-negative", "adalora-one-step"):
         fast = [a for a in fast if a not in ("--steps", "4")]
     argv = ["train", "--model", model, "--data", data, "--output-dir", str(out), *fast, *extra]

@@ -464,3 +464,16 @@ def test_converted_smollm2_files_are_readable_like_any_new_file(tmp_path, monkey
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE(os.stat(path / name).st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("name, sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path, name, sep):
+    # csv's default field limit (131 072 characters) refused a valid file as "malformed CSV"
+    import csv
+
+    long = "good movie " * 20000
+    p = _write(tmp_path, name, f"text{sep}label\n{long}{sep}1\nbad{sep}0\n")
+    before = csv.field_size_limit()
+    ds = load_dataset(str(p))
+    assert ds.texts == [long, "bad"] and ds.labels == [1, 0]
+    assert csv.field_size_limit() == before  # the process-wide limit is put back
