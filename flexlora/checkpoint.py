@@ -823,6 +823,10 @@ def save_checkpoint(
         else:
             collected = _collect_adapter(model, allocator)
             state[_TRAINABLE_KEY] = _trained_values(plain, optimizer)
+            if optimizer is not None and hasattr(optimizer, "param_groups"):
+                # the state is keyed by position: the names let a load refuse an optimizer built
+                # over the same shapes in another order (every layer's q_proj has one shape)
+                state[_OPTIMIZER_NAMES_KEY] = _group_names(plain, optimizer)
         strays = _strays(plain, optimizer)
         if strays:
             warnings.warn(
@@ -845,6 +849,8 @@ def save_checkpoint(
 # on another layout
 _OPTIMIZER_FORMAT_KEY = "optimizer_format"
 _NAMED = "flexlora.named/1"
+# beside a position-keyed optimizer state (no fully_shard): the parameter names of each group
+_OPTIMIZER_NAMES_KEY = "optimizer_param_names"
 
 
 def _gather_sharded_training_state(model: nn.Module, allocator, optimizer):
@@ -908,19 +914,31 @@ def _gather_optimizer(model: nn.Module, optimizer) -> Dict[str, Any]:
 def _check_named_optimizer(model: nn.Module, optimizer, saved, directory: Path) -> None:
     """Raise ValueError, before anything changes, unless ``optimizer`` holds the parameters the
     named state was saved for, group by group, in the same order."""
-    names = {id(p): n for n, p in model.named_parameters()}
     saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(saved_groups, list) or not isinstance(saved.get("state"), dict):
         raise ValueError(f"checkpoint {str(directory)!r}: its optimizer state is corrupt (no param_groups / state)")
-    groups = optimizer.param_groups
-    if len(saved_groups) != len(groups):
+    _check_group_names(_group_names(model, optimizer), [list(sg.get("params", ())) for sg in saved_groups], directory)
+
+
+def _group_names(model: nn.Module, optimizer) -> List[List[str]]:
+    """The model's names of the parameters of each of ``optimizer``'s groups, in order (a
+    parameter that is not the model's: "<not the model's>")."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), _NOT_THE_MODELS) for p in g["params"]] for g in optimizer.param_groups]
+
+
+_NOT_THE_MODELS = "<not the model's>"
+
+
+def _check_group_names(have_groups: List[List[str]], saved_groups: List[List[str]], directory: Path) -> None:
+    """Raise ValueError unless the optimizer given holds, group by group, the parameters the
+    checkpoint's optimizer held, in the same order."""
+    if len(saved_groups) != len(have_groups):
         raise ValueError(
             f"checkpoint {str(directory)!r}: the optimizer state has {len(saved_groups)} parameter groups, "
-            f"the optimizer given has {len(groups)} (build it over the same parameters, in the same groups)"
+            f"the optimizer given has {len(have_groups)} (build it over the same parameters, in the same groups)"
         )
-    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-        have = [names.get(id(p), "<not the model's>") for p in g["params"]]
-        want = list(sg.get("params", ()))
+    for i, (have, want) in enumerate(zip(have_groups, saved_groups)):
         if have != want:
             gone = [n for n in want if n not in have][:3]
             extra = [n for n in have if n not in want][:3]
@@ -1036,6 +1054,8 @@ def load_checkpoint(
         _check_named_optimizer(plain, optimizer, state["optimizer"], directory)
     elif optimizer is not None:
         _check_optimizer_state(optimizer, state["optimizer"], directory, _missing_from(optimizer, extras))
+        if isinstance(state.get(_OPTIMIZER_NAMES_KEY), list) and hasattr(optimizer, "param_groups"):
+            _check_group_names(_group_names(plain, optimizer), state[_OPTIMIZER_NAMES_KEY], directory)
     if scaler is not None:
         _check_scaler_state(scaler, state["scaler"], directory)
     elif optimizer is not None and state.get("scaler"):  # resuming training, the loss scale left behind

@@ -332,6 +332,28 @@ def test_an_optimizer_over_the_parameters_in_another_order_is_refused(tmp_path):
     assert all(torch.equal(a, p) for a, p in zip(before, params))
 
 
+def test_an_optimizer_whose_reordered_parameters_have_the_same_shapes_is_refused(tmp_path):
+    # layer 1's adapters listed before layer 0's: every shape matches position by position, so
+    # the load went through and layer 1's P took layer 0's moments
+    model, opt, sched, alloc = saved_run(tmp_path / "c")
+    model2, _, _, alloc2 = build()
+    named = [(n, p) for n, p in model2.named_parameters() if p.requires_grad]
+    layer0 = [p for n, p in named if ".layers.0." in n]
+    layer1 = [p for n, p in named if ".layers.1." in n]
+    assert [p.shape for p in layer0] == [p.shape for p in layer1] and len(layer0) + len(layer1) == len(named)
+    swapped = torch.optim.AdamW(layer1 + layer0, lr=2e-2, weight_decay=0.01)
+    before = [p.detach().clone() for _, p in named]
+    with pytest.raises(ValueError, match=r"optimizer parameter group 0 holds 12 parameters in the checkpoint, 12 in the "
+                                         r"optimizer given \(same parameters in another order\)"):
+        load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=swapped)
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, named)) and not swapped.state
+    # the same order loads
+    same = torch.optim.AdamW(layer0 + layer1, lr=2e-2, weight_decay=0.01)
+    assert load_checkpoint(tmp_path / "c", model2, allocator=alloc2, optimizer=same) == 2
+    assert torch.equal(same.state[layer1[0]]["exp_avg"], opt.state[[p for n, p in model.named_parameters()
+                                                                     if p.requires_grad][len(layer0)]]["exp_avg"])
+
+
 def test_saving_before_the_allocator_stepped_warns(tmp_path):
     # save_checkpoint(step=2) between opt.step() and alloc.step(2): the resumed run starts at 3 and
     # the step-2 event never happens; only a later gap warning hinted at it
