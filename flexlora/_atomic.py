@@ -21,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Tuple
+from typing import Callable, Iterable, Iterator, Tuple
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -132,9 +132,12 @@ def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tup
         target = target.resolve()
     owned = set(owned_files)
     _check_target(target, conflicts)
+    # A mount point (a container volume) cannot be renamed away, and a folder beside it is on
+    # another filesystem: the new files are staged inside it and renamed in, all or none.
+    in_place = target.is_dir() and os.path.ismount(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
         match_mode(tmp, target)
     except OSError as e:
         raise OSError(f"cannot save to {str(target)!r}: {e.strerror or e}") from e
@@ -143,6 +146,11 @@ def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tup
         for name in owned:  # some writers (safetensors) create 0600 files
             if (tmp / name).is_file() and not (tmp / name).is_symlink():
                 match_mode(tmp / name, target / name)
+        if in_place:
+            move_into(tmp, target, sorted(owned))
+            _fsync_path(target)
+            shutil.rmtree(tmp, ignore_errors=True)  # holds the previous files
+            return
         if target.is_dir():
             for entry in target.iterdir():
                 if entry.name in owned or (tmp / entry.name).exists():
@@ -158,27 +166,37 @@ def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tup
             if f.is_file() and not f.is_symlink():
                 _fsync_path(f)
         _fsync_path(tmp)
-        if target.is_dir() and _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous save
-        elif target.is_dir():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rmdir(backup)
-            os.rename(target, backup)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_path(target.parent)
+        previous = swap_directory(tmp, target)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def move_into(stage, target, names: Iterable[str]) -> None:
+def swap_directory(new: Path, target: Path):
+    """Put folder ``new`` (a sibling of ``target``) in ``target``'s place, atomically where the OS
+    can (see the module docstring). Returns the path that now holds ``target``'s previous
+    contents (for the caller to delete, or to swap back), or None where there was no target."""
+    if target.is_dir() and _exchange(new, target):
+        previous = new  # the exchange left the previous contents under new's name
+    elif target.is_dir():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(previous)
+        os.rename(target, previous)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(previous, target)
+            raise
+    else:
+        os.rename(new, target)
+        previous = None
+    _fsync_path(target.parent)
+    return previous
+
+
+def move_into(stage, target, names: Iterable[str]) -> Callable[[], None]:
     """Move the entries ``names`` of folder ``stage`` into folder ``target`` (same filesystem),
     replacing the entries of those names there; a name ``stage`` lacks is removed from ``target``
     (a stale output of an earlier run must not pass for this run's).
@@ -187,6 +205,8 @@ def move_into(stage, target, names: Iterable[str]) -> None:
     new ones then renamed in; should any rename fail, every rename done is undone, so ``target``
     holds either all the old entries or all the new ones. The old ones are deleted with ``stage``
     by the caller. Each new entry gets the permissions of the one it replaces (see match_mode).
+    Returns a function that undoes the move (puts the old entries back), valid until ``stage``
+    is deleted: for a caller that commits something else after it and must roll back both.
     """
     stage, target = Path(stage), Path(target)
     names = list(dict.fromkeys(names))
@@ -214,3 +234,50 @@ def move_into(stage, target, names: Iterable[str]) -> None:
             os.rename(dst, src)
         raise
     _fsync_path(target)
+
+    def undo() -> None:
+        for src, dst in reversed(done):
+            os.rename(dst, src)
+        _fsync_path(target)
+
+    return undo
+
+
+def replace_directory(target, source) -> Callable[[bool], None]:
+    """Replace the folder ``target`` (through a symlink: the folder it points to, the link kept)
+    whole by a copy of folder ``source``, as :func:`atomic_directory` would, but undoably: returns
+    ``finish(undo)``, to call once: True puts the previous contents back, False deletes them. For
+    a caller that commits something else after this and must roll back both together."""
+    real = Path(target).resolve()
+    source = Path(source)
+    names = sorted({p.name for p in real.iterdir()} | {p.name for p in source.iterdir()})
+    in_place = os.path.ismount(real)  # see atomic_directory
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real if in_place else real.parent))
+    try:
+        for entry in source.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        if in_place:
+            undo_move = move_into(tmp, real, names)  # fsyncs the new files first
+            previous = None
+        else:
+            match_mode(tmp, real)
+            for f in [*tmp.rglob("*"), tmp]:
+                if f.is_dir() or (f.is_file() and not f.is_symlink()):
+                    _fsync_path(f)
+            previous = swap_directory(tmp, real)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def finish(undo: bool) -> None:
+        if undo and in_place:
+            undo_move()
+        elif undo:
+            shutil.rmtree(swap_directory(previous, real), ignore_errors=True)  # returns the new contents
+            return
+        shutil.rmtree(tmp if in_place else previous, ignore_errors=True)
+
+    return finish

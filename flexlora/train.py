@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from ._atomic import atomic_directory, move_into
+from ._atomic import move_into, replace_directory
 from .checkpoint import TRAINING_STATE_NAME
 from .cli import config_flag
 from .layers.wrap import name_matches
@@ -846,13 +846,32 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, ckpt: Path, t_st
     metrics["total_seconds"] = round(earlier + time.perf_counter() - t_start, 2)
     save_outputs(out, model, allocator, o, task, log_rows, metrics, ds)
     if ckpt.is_dir():  # the run is finished: its outputs hold everything the checkpoint did
-        shutil.rmtree(ckpt, ignore_errors=True)
+        _remove_checkpoint(ckpt)
     print_summary(metrics, out)
     return metrics
 
 
 # ------------------------------------------------------------------------------------------------
 # --save-every / --resume
+
+
+def _remove_checkpoint(ckpt: Path) -> None:
+    """Remove a finished run's checkpoint folder. Where checkpoint/ is a symlink (the folder moved
+    to another disk), rmtree refused it silently and the next run took the finished run for an
+    unfinished one: the files save_checkpoint writes are deleted in the folder it points to, then
+    that folder and the link where nothing else is left there."""
+    if not ckpt.is_symlink():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return
+    from .checkpoint import _OWNED
+
+    real = ckpt.resolve()
+    for name in _OWNED:
+        with contextlib.suppress(OSError):
+            (real / name).unlink()
+    with contextlib.suppress(OSError):
+        real.rmdir()  # only when empty: the user's own files there are kept, and the link with them
+        ckpt.unlink()
 
 
 class _LoopState:
@@ -1094,10 +1113,17 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
         names = (ADAPTER_DIR, *OUTPUT_FILES)
         link = out / ADAPTER_DIR
         if link.is_symlink() and link.is_dir():
-            # adapter/ links elsewhere (another disk): replace the folder it points to, keep the link
-            _replace_linked_dir(stage / ADAPTER_DIR, link)
-            names = OUTPUT_FILES
-        move_into(stage, out, names)
+            # adapter/ links elsewhere (another disk): replace the folder it points to, keep the
+            # link; put back should the other outputs then fail to go in (no mix of two runs)
+            undo_adapter = replace_directory(link, stage / ADAPTER_DIR)
+            try:
+                move_into(stage, out, OUTPUT_FILES)
+            except BaseException:
+                undo_adapter(True)
+                raise
+            undo_adapter(False)
+        else:
+            move_into(stage, out, names)
     except OSError as e:
         raise InputError(
             f"--output-dir: saving the outputs into {out} failed ({e.strerror or e}); what was there before is unchanged"
@@ -1110,18 +1136,6 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
         ) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _replace_linked_dir(new: Path, link: Path) -> None:
-    """Replace the contents of the folder ``link`` points to by those of ``new``, atomically (the
-    folder is replaced whole, as an adapter/ that is not a link is)."""
-    old_names = [p.name for p in link.iterdir()]
-    with atomic_directory(link, owned_files=old_names + [p.name for p in new.iterdir()]) as tmp:
-        for entry in new.iterdir():
-            if entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name)
-            else:
-                shutil.copy2(entry, tmp / entry.name)
 
 
 def _write_outputs(stage: Path, model, allocator, o: TrainOptions, task, log_rows, metrics, ds) -> None:

@@ -680,3 +680,45 @@ def test_a_newer_format_says_upgrade_even_with_fields_this_version_cannot_read(t
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version 99, newer than this flexlora.*upgrade flexlora"):
         load_adapter(wrap(base_llama(), adapter_config()), tmp_path / "a")
+
+
+def test_a_save_into_a_mount_point_replaces_its_files_in_place(tmp_path, monkeypatch):
+    # a mount point (a container volume) cannot be renamed away (EBUSY), and a folder staged
+    # beside it is on another filesystem: every save into one failed
+    import errno
+    import os
+
+    target = tmp_path / "volume"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    real_ismount, real_rename = os.path.ismount, os.rename
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).resolve() == target.resolve() or real_ismount(p))
+
+    def rename(src, dst, *a, **k):
+        if target.resolve() in (Path(src).resolve(), Path(dst).resolve()):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", rename)
+    import flexlora._atomic as atomic
+
+    real_exchange = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False if target.resolve() in (Path(a).resolve(), Path(b).resolve())
+                        else real_exchange(a, b))  # renameat2 on a mount point: EBUSY too
+    first = trained_llama(seed=1)
+    save_adapter(first, target)
+    second = trained_llama(seed=2)
+    save_adapter(second, target)
+    assert sorted(p.name for p in target.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME, "notes.txt"])
+    fresh = load_adapter(base_llama(), target)
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(fresh).values(), adapter_state(second).values()))
+    # a save that fails midway leaves the previous one whole, and nothing staged behind
+    before = file_bytes(target)
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(trained_llama(seed=3), target)
+    assert file_bytes(target) == before and sorted(p.name for p in target.iterdir()) == sorted(before)

@@ -386,6 +386,31 @@ def test_symlinked_adapter_folder_is_written_through(tiny, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
+def test_a_failed_save_puts_a_symlinked_adapter_folder_back_too(tiny, tmp_path, capsys, monkeypatch):
+    # the folder adapter/ links to was replaced first; when the other outputs then failed to go
+    # in, it kept the new run's adapter beside the old run's metrics ("unchanged", said the error)
+    import flexlora.train as train_mod
+
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk" / "adapter"
+    elsewhere.mkdir(parents=True)
+    out.mkdir()
+    (out / "adapter").symlink_to(elsewhere, target_is_directory=True)
+    main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]), "--output-dir", str(out), *FAST])
+    before, linked = _files(out), _files(elsewhere)  # rglob does not follow the link: two parts
+    assert "adapter_model.safetensors" in linked and "metrics.json" in before
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "move_into", full)
+    code, lines = _run_bad(capsys, ["train", "--model", str(tiny["bert"]), "--data", str(tiny["data"]),
+                                    "--output-dir", str(out), "--seed", "1", *FAST])
+    assert code == 2 and "what was there before is unchanged" in lines[0], lines
+    assert _files(elsewhere) == linked and _files(out) == before
+    assert (out / "adapter").is_symlink()
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["adapter"]  # no staging folder left
+
+
 def test_help_states_every_default_once(capsys):
     """`flexlora train --help` lists every flag with its default: a value default is printed,
     a None default is described in words, none twice, and --data names every accepted format."""

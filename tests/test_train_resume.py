@@ -329,6 +329,28 @@ def test_resume_after_the_run_finished_says_so(tiny, tmp_path, capsys):
     assert code == 2 and "has finished (its metrics.json is there" in lines[0], lines
 
 
+@pytest.mark.parametrize("notes", [False, True], ids=["only-ours", "with-a-file-of-the-users"])
+def test_a_finished_run_removes_a_symlinked_checkpoint_folder_too(tiny, unfinished, tmp_path, notes):
+    # the checkpoint moved to another disk and linked back, then --resume: rmtree refuses a
+    # symlink (silently, with ignore_errors), so the finished run kept its checkpoint and the
+    # next run was refused as "unfinished" (or --resume retrained its last steps)
+    import shutil
+
+    elsewhere = tmp_path / "other-disk" / "ck"
+    elsewhere.parent.mkdir()
+    shutil.move(str(unfinished / "checkpoint"), str(elsewhere))
+    (unfinished / "checkpoint").symlink_to(elsewhere, target_is_directory=True)
+    if notes:
+        (elsewhere / "notes.txt").write_text("mine")
+    assert main(argv(tiny, unfinished, "--resume")) == 0
+    if notes:  # the user's file keeps the folder and the link; ours are gone
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+        assert (unfinished / "checkpoint").is_symlink()
+    else:
+        assert not elsewhere.exists() and not (unfinished / "checkpoint").is_symlink()
+        assert main(argv(tiny, unfinished)) == 0  # a new run over the finished one is not refused
+
+
 def test_a_peft_run_over_a_flexlora_checkpoint_is_not_told_to_resume(tiny, unfinished, capsys):
     code, lines = run_bad(capsys, argv(tiny, unfinished, "--method", "lora"))
     assert code == 2 and "unfinished FlexLoRA run (step 4 of 10)" in lines[-1] and "--resume" not in lines[-1]
