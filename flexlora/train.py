@@ -680,6 +680,7 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, ckpt: Path, t_st
             )
     if task == "classify" and ds.labels is None:
         raise InputError(f"--task classify needs labels, but {ds.source} has only texts")
+    o.task = task  # resolved: a resume compares what --task auto came to
     if task == "causal-lm" and o.head_lr is not None:
         warnings.warn("--head-lr has no effect on a causal LM (there is no classifier head)", stacklevel=2)
 
@@ -1052,12 +1053,22 @@ def _check_same(what: str, saved: dict, now: dict, ckpt: Path, given_only: bool 
     for name, was in saved.items():
         if given_only and (was is None or now.get(name) is None):
             continue
-        if now.get(name) != was:
+        if given_only and name == "task":
+            continue  # compared once resolved: --task classify is what --task auto came to
+        if now.get(name) != was and not (name == "model" and _same_folder(was, now.get(name))):
             flag = config_flag(name)
             raise InputError(
                 f"--resume: the checkpoint in {ckpt} was saved by a run with {what}{flag} {_shown(was)}, this run "
                 f"has {flag} {_shown(now.get(name))}; give the flags of the run that saved it"
             )
+
+
+def _same_folder(a, b) -> bool:
+    """Whether two --model values name one existing folder (./m/ and m, or through a link)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
@@ -1071,6 +1082,8 @@ def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
         )
     # --steps or --epochs: what counts is the number of steps they come to
     options = {k: v for k, v in saved.get("options", {}).items() if k not in ("steps", "epochs")}
+    if options.get("task") == "auto":  # a checkpoint from before --task was recorded resolved
+        options["task"] = record["options"]["task"]
     _check_same("(derived) ", options, record["options"], ckpt)
     if saved.get("steps") != record["steps"]:
         raise InputError(

@@ -323,6 +323,16 @@ def test_a_default_given_explicitly_or_the_same_step_count_resumes(tiny, unfinis
     assert main(argv(tiny, out, "--resume", "--r-max", "4")) == 0
 
 
+def test_what_auto_came_to_and_another_spelling_of_the_model_folder_resume(tiny, unfinished, capsys):
+    # --task causal-lm is what the saved run's --task auto came to, and ./x/../llama/ is its
+    # --model folder: both were refused as other runs
+    args = argv(tiny, unfinished, "--resume", "--task", "causal-lm")
+    model = args.index("--model") + 1
+    path = tiny["llama"]
+    args[model] = f"{path.parent}/./{path.name}/"
+    assert main(args) == 0
+
+
 def test_resume_after_the_run_finished_says_so(tiny, tmp_path, capsys):
     assert main(argv(tiny, tmp_path / "run", "--save-every", "3")) == 0
     code, lines = run_bad(capsys, argv(tiny, tmp_path / "run", "--resume"))
