@@ -93,7 +93,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _check_target(target: Path, conflicts: Iterable[Tuple[str, str]] = ()) -> None:
+def _check_target(target: Path, conflicts: Iterable[Tuple[str, str]] = (), in_place: bool = False) -> None:
     cwd = Path.cwd().resolve()
     real = target.resolve()  # through symlinked folders above it: the folder a save replaces
     if real == cwd or real in cwd.parents:
@@ -109,6 +109,10 @@ def _check_target(target: Path, conflicts: Iterable[Tuple[str, str]] = ()) -> No
                 f"cannot save to {str(target)!r}: it holds {name} ({owner}), whose weights file has the same "
                 "name as this save's; give another folder"
             )
+    if in_place:  # a mount point: the save writes inside it only (its parent may be read-only)
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot save to {str(target)!r}: the directory is not writable")
+        return
     # the nearest existing folder above the target: the one the save creates its folders in
     parent = next((p for p in target.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
@@ -131,12 +135,13 @@ def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tup
     if target.is_symlink():  # replace the folder the link points to, keep the link
         target = target.resolve()
     owned = set(owned_files)
-    _check_target(target, conflicts)
     # A mount point (a container volume) cannot be renamed away, and a folder beside it is on
     # another filesystem: the new files are staged inside it and renamed in, all or none.
     in_place = target.is_dir() and os.path.ismount(target)
+    _check_target(target, conflicts, in_place)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not in_place:
+            target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
         match_mode(tmp, target)
     except OSError as e:
@@ -259,6 +264,9 @@ def replace_directory(target, source) -> Callable[[bool], None]:
                 shutil.copytree(entry, tmp / entry.name, symlinks=True)
             else:
                 shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        for name in names:  # each file gets the mode of the one it replaces (safetensors: 0600)
+            if (tmp / name).is_file() and not (tmp / name).is_symlink():
+                match_mode(tmp / name, real / name)
         if in_place:
             undo_move = move_into(tmp, real, names)  # fsyncs the new files first
             previous = None

@@ -508,8 +508,8 @@ def check_flags(o: TrainOptions) -> torch.device:
         _check_window(o.steps, o)
     if o.steps is not None and o.steps > _MAX_STEPS:
         raise InputError(f"--steps must be <= {_MAX_STEPS}, got {o.steps}")
-    if not 0 <= o.seed < 2**63:  # what torch.manual_seed and the data split take
-        raise InputError(f"--seed must be an int in [0, 2**63), got {o.seed}")
+    if not -(2**63) <= o.seed < 2**64:  # what torch.manual_seed takes
+        raise InputError(f"--seed must be an int in [-2**63, 2**64), got {o.seed}")
     if o.method != "lora":  # LoRA has one rank: --r-max and --r-min do not apply
         if o.r_max is not None and o.r_max < o.r:
             raise InputError(f"--r-max must be >= --r ({o.r}), got {o.r_max}")
@@ -668,9 +668,10 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, ckpt: Path, t_st
     ds = load_dataset(opts.data, cache)
     o = resolve(opts, len(ds), builtin_data=opts.data == "movie-sentences")
     task = o.task
+    causal_dir = is_causal_lm(arch)
+    auto_task = "classify" if ds.labels is not None and not causal_dir else "causal-lm"  # what auto comes to
     if task == "auto":
-        causal_dir = is_causal_lm(arch)
-        task = "classify" if ds.labels is not None and not causal_dir else "causal-lm"
+        task = auto_task
         if task == "causal-lm" and arch and not causal_dir:
             # e.g. a BERT on texts: its LM head would be new and frozen, its attention bidirectional
             raise InputError(
@@ -697,7 +698,7 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, ckpt: Path, t_st
     record = {"flags": _resume_key(opts), "options": _resume_key(o), "steps": steps,
               "data": _data_digest(train_ds.texts, train_ds.labels)}
     if saved is not None:
-        _check_resume(saved, record, ckpt)
+        _check_resume(saved, record, ckpt, auto_task)
 
     torch.manual_seed(o.seed)
     model, tok = load_model(model_dir, task, ds.num_labels)
@@ -1064,14 +1065,17 @@ def _check_same(what: str, saved: dict, now: dict, ckpt: Path, given_only: bool 
 
 
 def _same_folder(a, b) -> bool:
-    """Whether two --model values name one existing folder (./m/ and m, or through a link)."""
+    """Whether two --model values name one existing folder (./m/ and m, or through a link); a
+    built-in name is never a folder (resolve_model takes the built-in first)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or a in BUILTIN_MODELS or b in BUILTIN_MODELS:
+        return False
     try:
-        return isinstance(a, str) and isinstance(b, str) and Path(a).is_dir() and Path(a).resolve() == Path(b).resolve()
+        return Path(a).is_dir() and Path(a).resolve() == Path(b).resolve()
     except OSError:
         return False
 
 
-def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
+def _check_resume(saved: dict, record: dict, ckpt: Path, auto_task: str) -> None:
     """The resumed run must compute what the saved one did: the same flags (checked first, on
     their own), the same training data, the same derived settings (a default derived from the
     data, such as --test-size, differs only when the data do, so the data are compared first)."""
@@ -1083,7 +1087,7 @@ def _check_resume(saved: dict, record: dict, ckpt: Path) -> None:
     # --steps or --epochs: what counts is the number of steps they come to
     options = {k: v for k, v in saved.get("options", {}).items() if k not in ("steps", "epochs")}
     if options.get("task") == "auto":  # a checkpoint from before --task was recorded resolved
-        options["task"] = record["options"]["task"]
+        options["task"] = auto_task  # what it came to: the model and data are the same
     _check_same("(derived) ", options, record["options"], ckpt)
     if saved.get("steps") != record["steps"]:
         raise InputError(

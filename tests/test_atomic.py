@@ -78,3 +78,31 @@ def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("undo", [False, True], ids=["commit", "undo"])
+def test_replace_directory_commits_or_puts_the_previous_contents_back(tmp_path, monkeypatch, exchange, undo):
+    import flexlora._atomic as atomic
+    from flexlora._atomic import replace_directory
+
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real, source = tmp_path / "disk" / "adapter", tmp_path / "stage"
+    (real / "sub").mkdir(parents=True)
+    (real / "w.bin").write_bytes(b"old")
+    (real / "sub" / "x").write_bytes(b"old x")
+    os.chmod(real / "w.bin", 0o644)
+    source.mkdir()
+    (source / "w.bin").write_bytes(b"new")
+    os.chmod(source / "w.bin", 0o600)  # safetensors writes 0600: the new file takes the old one's mode
+    (source / "cfg.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    old_tree = _tree(real)
+    finish = replace_directory(link, source)
+    assert _tree(real) == {"cfg.json": b"{}", "w.bin": b"new"}  # replaced whole
+    assert stat.S_IMODE(os.stat(real / "w.bin").st_mode) == 0o644
+    finish(undo)
+    assert _tree(real) == (old_tree if undo else {"cfg.json": b"{}", "w.bin": b"new"})
+    assert link.is_symlink() and sorted(p.name for p in real.parent.iterdir()) == ["adapter"]  # nothing left over

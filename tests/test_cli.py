@@ -212,9 +212,9 @@ def test_bad_input_exit_2_one_line(tiny, tmp_path, capsys, monkeypatch, case):
         extra = ["--steps", str(2**31)]
         expect = f"--steps must be <= {2**31 - 1}, got {2**31}"
     elif case in ("seed-negative", "seed-too-large"):  # torch.manual_seed overflowed with a traceback
-        value = -1 if case == "seed-negative" else 10**23
+        value = -(2**63) - 1 if case == "seed-negative" else 2**64
         extra = ["--seed", str(value)]
-        expect = f"--seed must be an int in [0, 2**63), got {value}"
+        expect = f"--seed must be an int in [-2**63, 2**64), got {value}"
     elif case in ("rank-above-every-layer", "lora-rank-above-every-layer"):  # --r 10**11 ran out of memory
         extra = ["--r", "100"] + (["--method", "lora"] if case.startswith("lora") else [])
         expect = ("--r 100 exceeds min(in, out) = 32 of every adapted layer" if case.startswith("lora") else

@@ -438,3 +438,26 @@ def test_a_filesystem_without_locks_leaks_nothing_when_its_warning_is_an_error(t
                     pass
     assert len(os.listdir("/proc/self/fd")) == before, "file descriptors leaked"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_older_checkpoints_task_auto_is_compared_as_what_it_came_to(tmp_path):
+    # before --task was recorded resolved, a checkpoint held "auto": it must still be compared
+    # (as what auto comes to for this model and data), not taken as this run's own --task
+    from flexlora.data import InputError
+    from flexlora.train import _check_resume
+
+    saved = {"data": "d", "steps": 10, "options": {"task": "auto", "model": "m"}}
+    _check_resume(saved, {"data": "d", "steps": 10, "options": {"task": "classify", "model": "m"}}, tmp_path, "classify")
+    with pytest.raises(InputError, match=r"\(derived\) --task classify, this run has --task causal-lm"):
+        _check_resume(saved, {"data": "d", "steps": 10, "options": {"task": "causal-lm", "model": "m"}}, tmp_path,
+                      "classify")
+
+
+def test_a_built_in_model_name_is_never_the_same_folder(tmp_path, monkeypatch):
+    from flexlora.train import _same_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert not _same_folder("minilm", "./minilm/")  # resolve_model takes the built-in first
+    assert _same_folder("mine", "./mine/") and not _same_folder("mine", "./minilm")
