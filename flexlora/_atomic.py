@@ -142,41 +142,67 @@ def atomic_directory(target, owned_files: Iterable[str], conflicts: Iterable[Tup
     try:
         if not in_place:
             target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
-        match_mode(tmp, target)
+        tmp = _stage(target, in_place)
     except OSError as e:
         raise OSError(f"cannot save to {str(target)!r}: {e.strerror or e}") from e
     try:
         yield tmp
-        for name in owned:  # some writers (safetensors) create 0600 files
-            if (tmp / name).is_file() and not (tmp / name).is_symlink():
-                match_mode(tmp / name, target / name)
-        if in_place:
-            move_into(tmp, target, sorted(owned))
-            _fsync_path(target)
-            shutil.rmtree(tmp, ignore_errors=True)  # holds the previous files
-            return
-        if target.is_dir():
-            for entry in target.iterdir():
-                if entry.name in owned or (tmp / entry.name).exists():
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    try:
-                        os.link(entry, tmp / entry.name)
-                    except OSError:
-                        shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        for f in tmp.rglob("*"):
-            if f.is_file() and not f.is_symlink():
-                _fsync_path(f)
-        _fsync_path(tmp)
-        previous = swap_directory(tmp, target)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        finish = _commit(tmp, target, owned, in_place)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finish(False)
+
+
+def _stage(target: Path, in_place: bool) -> Path:
+    """A fresh hidden folder to fill with a new ``target``: beside it (same filesystem, so a
+    rename swaps them), or inside it where ``target`` is a mount point, with target's mode."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
+    match_mode(tmp, target)
+    return tmp
+
+
+def _commit(tmp: Path, target: Path, owned, in_place: bool) -> Callable[[bool], None]:
+    """Put the staged folder ``tmp`` in place of ``target``: each owned file gets the mode of the
+    one it replaces (some writers, safetensors, create 0600 files); entries of ``target`` not
+    owned are carried over; everything is fsynced, then swapped in (in place: the owned entries
+    renamed in, all or none). Returns ``finish(undo)``, to call once: True puts the previous
+    contents back, False deletes them."""
+    for name in owned:
+        if (tmp / name).is_file() and not (tmp / name).is_symlink():
+            match_mode(tmp / name, target / name)
+    if in_place:
+        undo_move = move_into(tmp, target, sorted(owned))  # fsyncs the new files and target
+
+        def finish_in_place(undo: bool) -> None:
+            if undo:
+                undo_move()
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous files (or, undone, the new ones)
+
+        return finish_in_place
+    if target.is_dir():
+        for entry in target.iterdir():
+            if entry.name in owned or (tmp / entry.name).exists():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
+                try:
+                    os.link(entry, tmp / entry.name)
+                except OSError:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+    for f in [*tmp.rglob("*"), tmp]:
+        if f.is_dir() or (f.is_file() and not f.is_symlink()):
+            _fsync_path(f)
+    previous = swap_directory(tmp, target)
+
+    def finish(undo: bool) -> None:
+        if undo and previous is not None:
+            shutil.rmtree(swap_directory(previous, target), ignore_errors=True)  # the new contents
+        elif previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    return finish
 
 
 def swap_directory(new: Path, target: Path):
@@ -255,37 +281,16 @@ def replace_directory(target, source) -> Callable[[bool], None]:
     a caller that commits something else after this and must roll back both together."""
     real = Path(target).resolve()
     source = Path(source)
-    names = sorted({p.name for p in real.iterdir()} | {p.name for p in source.iterdir()})
+    owned = {p.name for p in real.iterdir()} | {p.name for p in source.iterdir()}  # replaced whole
     in_place = os.path.ismount(real)  # see atomic_directory
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real if in_place else real.parent))
+    tmp = _stage(real, in_place)
     try:
         for entry in source.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.copytree(entry, tmp / entry.name, symlinks=True)
             else:
                 shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        for name in names:  # each file gets the mode of the one it replaces (safetensors: 0600)
-            if (tmp / name).is_file() and not (tmp / name).is_symlink():
-                match_mode(tmp / name, real / name)
-        if in_place:
-            undo_move = move_into(tmp, real, names)  # fsyncs the new files first
-            previous = None
-        else:
-            match_mode(tmp, real)
-            for f in [*tmp.rglob("*"), tmp]:
-                if f.is_dir() or (f.is_file() and not f.is_symlink()):
-                    _fsync_path(f)
-            previous = swap_directory(tmp, real)
+        return _commit(tmp, real, owned, in_place)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    def finish(undo: bool) -> None:
-        if undo and in_place:
-            undo_move()
-        elif undo:
-            shutil.rmtree(swap_directory(previous, real), ignore_errors=True)  # returns the new contents
-            return
-        shutil.rmtree(tmp if in_place else previous, ignore_errors=True)
-
-    return finish

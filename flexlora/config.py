@@ -16,6 +16,12 @@ from typing import Any, Sequence, Union
 
 SCHEDULES = ("cubic", "cubic_authors", "constant")
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
+
+
+def scaling_fits_float32(alpha: float, r_init: int) -> bool:
+    """Whether s = alpha / r_init (alpha when r_init = 0) is finite in float32, where the op
+    applies it: inf would make every output NaN (s·0)."""
+    return alpha / max(int(r_init), 1) <= _FLOAT32_MAX
 IMPORTANCE_METRICS = (
     "entropy",
     "nuclear",
@@ -158,7 +164,7 @@ class FlexLoRAConfig:
             + (" (r_min defaults to 1: with r_init=0 set r_min=0 as well)" if self.r_init == 0 else ""),
         )
         need(is_finite_number(self.alpha) and self.alpha > 0, "alpha", "a finite number > 0")
-        need(self.alpha / max(self.r_init, 1) <= _FLOAT32_MAX, "alpha",
+        need(scaling_fits_float32(self.alpha, self.r_init), "alpha",
              f"a number whose alpha / r_init fits in float32 (r_init={self.r_init}; the scaling is applied in float32)")
         need(is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
         need(is_finite_number(self.init_std) and self.init_std > 0, "init_std", "a finite number > 0")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from ._atomic import move_into, replace_directory
-from .checkpoint import TRAINING_STATE_NAME
+from .checkpoint import _OWNED, TRAINING_STATE_NAME
 from .cli import config_flag
 from .layers.wrap import name_matches
 from .data import InputError, TextDataset, load_dataset, split
@@ -252,8 +252,6 @@ def _check_rank_fits(model, opts: TrainOptions, targets: Sequence[str]) -> None:
     """The largest rank asked for (--r, and --r-max but for LoRA) must not exceed min(in, out) of
     every target Linear: such a rank adds nothing a smaller one could not, and a huge one only
     ran out of memory with a traceback."""
-    from .layers.wrap import name_matches
-
     limits = [min(m.in_features, m.out_features) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n and name_matches(n, list(targets))]
     rank, flag = (opts.r, "--r") if opts.method == "lora" or opts.r_max is None else (max(opts.r, opts.r_max), "--r-max")
@@ -865,10 +863,8 @@ def _remove_checkpoint(ckpt: Path) -> None:
     if not ckpt.is_symlink():
         shutil.rmtree(ckpt, ignore_errors=True)
         return
-    from .checkpoint import _OWNED
-
     real = ckpt.resolve()
-    for name in _OWNED:
+    for name in _OWNED:  # what save_checkpoint writes
         with contextlib.suppress(OSError):
             (real / name).unlink()
     with contextlib.suppress(OSError):
@@ -1127,7 +1123,6 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
         raise InputError(f"--output-dir: cannot write to {out} ({e.strerror or e})") from None
     try:
         _write_outputs(stage, model, allocator, o, task, log_rows, metrics, ds)
-        names = (ADAPTER_DIR, *OUTPUT_FILES)
         link = out / ADAPTER_DIR
         if link.is_symlink() and link.is_dir():
             # adapter/ links elsewhere (another disk): replace the folder it points to, keep the
@@ -1140,7 +1135,7 @@ def save_outputs(out: Path, model, allocator, o: TrainOptions, task, log_rows, m
                 raise
             undo_adapter(False)
         else:
-            move_into(stage, out, names)
+            move_into(stage, out, (ADAPTER_DIR, *OUTPUT_FILES))
     except OSError as e:
         raise InputError(
             f"--output-dir: saving the outputs into {out} failed ({e.strerror or e}); what was there before is unchanged"

@@ -644,10 +644,10 @@ class RankAllocator:
             return
         held = set()
         for h in holders:
-            try:
-                held |= {id(p) for group in h.param_groups for p in group["params"]}
-            except (AttributeError, KeyError, TypeError):
+            ids = _held_ids(h)
+            if ids is None:
                 return
+            held |= ids
         named = [(f"{n}.{attr}", getattr(m, attr)) for n, m in zip(self.names, self.modules) for attr in ("P", "lam", "Q")]
         if not any(id(p) in held for _, p in named):
             return
@@ -846,10 +846,7 @@ class RankAllocator:
         requires grad (frozen by another library wrapping the model afterwards). Either way the
         run would train no adapter while the allocator still moved ranks on scores of nothing."""
         adapters = [p for m in self.modules for p in (m.P, m.lam, m.Q)]
-        try:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        except (AttributeError, KeyError, TypeError):
-            held = set()
+        held = _held_ids(optimizer) or set()
         # only an optimizer over this model's own tensors can be judged: DeepSpeed's holds
         # flattened copies, which are none of the model's parameters
         model = self._model()
@@ -960,6 +957,14 @@ def _moment_tensors(opt, p: torch.Tensor) -> List[Tuple[torch.Tensor, Any]]:
             start = starts[key](opt, group) if key in starts and group is not None else 0
             out.append((t, float(start) if torch.is_tensor(start) else start))
     return out
+
+
+def _held_ids(optimizer) -> Optional[set]:
+    """ids of the parameters in ``optimizer``'s groups; None where it has no readable groups."""
+    try:
+        return {id(p) for group in optimizer.param_groups for p in group["params"]}
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def _importance_settings(config: FlexLoRAConfig) -> tuple:

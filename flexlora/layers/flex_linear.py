@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._sharded import copy_whole_
-from ..config import is_finite_number, is_int
+from ..config import is_finite_number, is_int, scaling_fits_float32
 from ..kernels.flex_linear import flex_linear
 
 
@@ -321,8 +321,7 @@ def _check_args(r_max, r_init, alpha, dropout, init_std, adapter_dtype=None) -> 
         raise ValueError(f"FlexLinear: r_init must be an int in [0, r_max={r_max}], got {r_init!r}")
     if not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"FlexLinear: alpha must be a finite number > 0, got {alpha!r}")
-    if alpha / max(int(r_init), 1) > torch.finfo(torch.float32).max:
-        # s = alpha / r_init is applied in float32 (at least): inf makes every output NaN (s·0)
+    if not scaling_fits_float32(alpha, r_init):
         raise ValueError(f"FlexLinear: alpha / r_init must fit in float32, got alpha={alpha!r} with r_init={r_init}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
         raise TypeError(f"FlexLinear: adapter_dtype must be None or a floating-point torch.dtype, got {adapter_dtype!r}")
